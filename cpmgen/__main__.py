@@ -1,0 +1,3 @@
+from cpmgen.cli import main
+
+main()

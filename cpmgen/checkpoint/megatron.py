@@ -1,0 +1,124 @@
+"""Megatron / DeepSpeed checkpoint folders of the CPM-1 releases.
+
+    MODEL_DIR/latest_checkpointed_iteration.txt      "80000" or "release"
+    MODEL_DIR/<iteration>/mp_rank_XX_model_states.pt  one torch.save'd dict per rank, weights under "module"
+
+Rank files are opened with mmap so that reading a checkpoint never holds two copies.
+"""
+
+from __future__ import annotations
+
+import pickle
+import re
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cpmgen.errors import UserError
+
+LATEST_FILE = "latest_checkpointed_iteration.txt"
+RANK_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
+
+
+def rank_file_name(rank: int) -> str:
+    return f"mp_rank_{rank:02d}_model_states.pt"
+
+
+def is_megatron_folder(path: Path) -> bool:
+    return (path / LATEST_FILE).is_file() or any(RANK_FILE.match(p.name) for p in path.iterdir() if p.is_file())
+
+
+@dataclass
+class MegatronFolder:
+    root: Path
+    iteration: str
+    folder: Path  # the iteration folder holding the rank files
+    rank_files: dict[int, Path]  # rank -> file, as found on disk
+    mp: int  # the model-parallel size the checkpoint says it has
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def ranks(self) -> list[Path]:
+        return [self.rank_files[r] for r in range(self.mp)]
+
+
+def load_rank_file(path: Path) -> dict:
+    """torch.load a rank file memory-mapped; any failure becomes a one-line UserError."""
+    def _load(weights_only: bool, mmap: bool):
+        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=weights_only)
+
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: empty file, not a PyTorch checkpoint; re-copy this rank file")
+    mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be memory-mapped
+    try:
+        try:
+            state = _load(True, mmap)
+        except pickle.UnpicklingError as e:
+            if "Weights only load failed" not in str(e):
+                raise
+            # Old Megatron checkpoints pickle numpy RNG states; the user's own file is trusted.
+            state = _load(False, mmap)
+    except UserError:
+        raise
+    except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot read as a PyTorch checkpoint (truncated or not a .pt file: {reason[:160]}); "
+                        "re-copy this rank file") from None
+    if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
+        keys = ", ".join(map(str, list(state)[:6])) if isinstance(state, dict) else type(state).__name__
+        raise UserError(f"{path}: not a Megatron model checkpoint (no 'module' state dict; found {keys})")
+    module = state["module"]
+    bad = [k for k, v in module.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise UserError(f"{path}: 'module' holds non-tensor entries ({bad[0]}); not a Megatron model checkpoint")
+    return state
+
+
+def scan(root: Path) -> MegatronFolder:
+    """Find the iteration folder and rank files. Unusable input raises UserError; missing or
+    extra rank files are recorded as problems (inspect-ckpt reports them, loading refuses)."""
+    if not root.exists():
+        raise UserError(f"{root}: model folder not found; check --model, model.path or $CPMGEN_MODEL")
+    if not root.is_dir():
+        raise UserError(f"{root}: not a folder; --model takes the checkpoint folder")
+    latest = root / LATEST_FILE
+    if latest.is_file():
+        iteration = latest.read_text(encoding="utf-8", errors="replace").strip()
+        if not iteration:
+            raise UserError(f"{latest}: empty; it should hold the iteration number or the word release")
+        folder = root / iteration
+        if not folder.is_dir():
+            raise UserError(f"{root}: iteration folder {iteration}/ named by {LATEST_FILE} is missing")
+    elif any(RANK_FILE.match(p.name) for p in root.iterdir()):
+        iteration, folder = root.name, root  # pointed at the iteration folder itself
+    else:
+        raise UserError(f"{root}: no {LATEST_FILE}; expected a Megatron checkpoint folder (or an HF folder with config.json)")
+    rank_files = {int(m.group(1)): p for p in sorted(folder.iterdir()) if (m := RANK_FILE.match(p.name))}
+    if not rank_files:
+        raise UserError(f"{folder}: no mp_rank_XX_model_states.pt files in the iteration folder")
+    recorded = load_rank_file(rank_files[min(rank_files)]).get("mp_world_size")
+    mp = recorded if isinstance(recorded, int) and recorded > 0 else max(rank_files) + 1
+    problems = []
+    missing = [r for r in range(mp) if r not in rank_files]
+    if missing:
+        problems.append(f"missing rank file(s) {', '.join(rank_file_name(r) for r in missing)} "
+                        f"(checkpoint has model-parallel size {mp})")
+    extra = [r for r in rank_files if r >= mp]
+    if extra:
+        problems.append(f"unexpected rank file(s) {', '.join(rank_file_name(r) for r in extra)} "
+                        f"(mp_world_size is {mp})")
+    return MegatronFolder(root, iteration, folder, rank_files, mp, problems)
+
+
+def open_folder(root: Path) -> MegatronFolder:
+    """scan() that refuses a folder with missing or extra rank files."""
+    ckpt = scan(root)
+    if ckpt.problems:
+        raise UserError(f"{ckpt.folder}: {ckpt.problems[0]}; run cpmgen inspect-ckpt {root}")
+    return ckpt
+
+
+def save_rank_file(path: Path, state: dict) -> None:
+    torch.save(state, path)

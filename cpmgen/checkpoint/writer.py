@@ -1,0 +1,80 @@
+"""Write a checkpoint as a Megatron folder at any model-parallel size (reshard, convert --to megatron).
+
+Tensor by tensor, one rank file at a time: the source stays memory-mapped and only the rank
+being written is held in memory.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from cpmgen.checkpoint import megatron, splits
+from cpmgen.checkpoint.reader import Checkpoint
+from cpmgen.config import ModelArgs
+from cpmgen.errors import UserError
+
+VOCAB_FILES = ("chinese_vocab.model", "vocab.json")
+
+
+def check_mp(ckpt: Checkpoint, args: ModelArgs, mp: int, option: str = "--mp") -> None:
+    if mp < 1:
+        raise UserError(f"{option} {mp}: the model-parallel size must be at least 1")
+    if args.num_heads % mp:
+        raise UserError(f"{option} {mp} does not divide the {args.num_heads} attention heads of {ckpt.path}; "
+                        f"choose a divisor of {args.num_heads}")
+    for name in ckpt.names():
+        problem = splits.check_divisible(name, ckpt.full_shape(name), mp)
+        if problem:
+            raise UserError(f"{option} {mp} cannot split {ckpt.path}: {problem}")
+
+
+def _owned(t: torch.Tensor) -> torch.Tensor:
+    """A slice would be saved with its whole parent storage; give it its own."""
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
+        return t.clone(memory_format=torch.contiguous_format)
+    return t
+
+
+def rank_metadata(ckpt: Checkpoint, mp: int, rank: int) -> dict:
+    """change_mp.py's rule: keep iteration and RNG states, set mp_world_size, other keys None."""
+    if not ckpt.extra or not ckpt.extra[0]:
+        return {"mp_world_size": mp}
+    source = ckpt.extra[min(rank * ckpt.mp // mp, len(ckpt.extra) - 1)]
+    meta = {k: (v if k == "iteration" or "rng" in k else None) for k, v in source.items()}
+    meta["mp_world_size"] = mp
+    return meta
+
+
+def write_megatron(out: Path, ckpt: Checkpoint, args: ModelArgs, mp: int,
+                   advance: Optional[Callable[[int], None]] = None) -> list[Path]:
+    """Write `ckpt` into the (empty, existing) folder `out` at model-parallel size `mp`."""
+    check_mp(ckpt, args, mp)
+    iteration = ckpt.iteration or "release"
+    (out / megatron.LATEST_FILE).write_text(f"{iteration}\n" if iteration != "release" else "release\n")
+    folder = out / iteration
+    folder.mkdir()
+    files = []
+    for rank in range(mp):
+        module = {}
+        for name, tensor in ckpt.rank_tensors(mp, rank):
+            module[name] = _owned(tensor)
+            if advance:
+                advance(1)
+        path = folder / megatron.rank_file_name(rank)
+        megatron.save_rank_file(path, {**rank_metadata(ckpt, mp, rank), "module": module})
+        files.append(path)
+        del module
+    copy_vocab(ckpt.path, out)
+    return files
+
+
+def copy_vocab(source: Path, out: Path) -> None:
+    for name in VOCAB_FILES:
+        if (source / name).is_file():
+            shutil.copyfile(source / name, out / name)
+    if (source / "spiece.model").is_file() and not (out / "chinese_vocab.model").exists():
+        shutil.copyfile(source / "spiece.model", out / "chinese_vocab.model")

@@ -1,0 +1,439 @@
+"""The `cpmgen` command. Each subcommand is a typed function whose docstring is its --help.
+
+Bad input raises UserError anywhere below; `main` prints it on one line and exits 2 (no
+traceback unless --debug or CPMGEN_DEBUG=1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from cpmgen import console
+from cpmgen.config import Settings, load_settings
+from cpmgen.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
+                  help="Run CPM-1 to write lyrics and novels of unlimited length, exactly and fast.")
+
+# Options shared by the commands, declared once.
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model folder (Megatron or HF); default model.path or $CPMGEN_MODEL.", show_default=False)]
+VocabOpt = Annotated[Optional[str], typer.Option("--vocab", help="chinese_vocab.model; default: tokenizer.vocab, or in/beside the model folder.", show_default=False)]
+ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file (sections model, tokenizer, runtime, window, sampling, generate).", show_default=False)]
+SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set model.num_heads=4 (repeatable).", show_default=False)]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda [default: runtime.device, auto]", show_default=False)]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, fp32, bf16 or fp16 [default: runtime.dtype, auto: fp32 on CPU]", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
+StrideOpt = Annotated[Optional[int], typer.Option("--stride", help="Tokens dropped per window slide [default: window.stride].", show_default=False)]
+
+
+def settings_from(config: Optional[str], sets: Optional[list[str]], task: Optional[str] = None, *,
+                  model: Optional[str] = None, vocab: Optional[str] = None, device: Optional[str] = None,
+                  dtype: Optional[str] = None) -> Settings:
+    """Config files and --set first, then the explicit options, which win."""
+    settings = load_settings(config, sets, task)
+    if model is not None:
+        settings.model.path = model
+    if vocab is not None:
+        settings.tokenizer.vocab = vocab
+    if device is not None:
+        settings.runtime.device = device
+    if dtype is not None:
+        settings.runtime.dtype = dtype
+    return settings
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+
+
+def load_for(settings: Settings):
+    """Load the model with a progress bar; the tokenizer is resolved against its folder."""
+    from cpmgen.checkpoint.reader import open_checkpoint
+    from cpmgen.loading import load_model, model_path
+
+    ckpt = open_checkpoint(model_path(settings))
+    with console.progress("loading weights", total=len(ckpt.names())) as advance:
+        return load_model(settings, advance=advance, checkpoint=ckpt)
+
+
+def tokenizer_for(settings: Settings, vocab_size: Optional[int] = None):
+    from cpmgen.tokenizer import CPMTokenizer, find_vocab
+
+    path = find_vocab(None, settings.tokenizer.vocab, settings.model.path)
+    tokenizer = CPMTokenizer(path)
+    if vocab_size is not None and tokenizer.vocab_size != vocab_size:
+        raise UserError(f"{path}: vocab has {tokenizer.vocab_size} pieces but the model {settings.model.path} "
+                        f"has vocab size {vocab_size}; pass the --vocab the model was trained with")
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+@app.command("inspect-ckpt")
+def inspect_ckpt(
+    path: Annotated[Optional[str], typer.Argument(help="Checkpoint folder [default: model.path or $CPMGEN_MODEL].", show_default=False)] = None,
+    check_values: Annotated[bool, typer.Option("--check-values", help="Also scan every tensor for NaN/Inf.")] = False,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+):
+    """Show what a checkpoint folder holds and what is wrong with it.
+
+    Exit 0 when sound, 1 when problems are found, 2 when the folder is unusable."""
+    from cpmgen.inspection import inspect_checkpoint
+    from cpmgen.loading import model_path
+
+    settings = settings_from(config, sets, model=path)
+    report = inspect_checkpoint(model_path(settings), settings.model.num_heads, check_values)
+    if as_json:
+        print_json(report)
+    else:
+        _print_report(report)
+    raise typer.Exit(1 if report["problems"] else 0)
+
+
+def _print_report(report: dict) -> None:
+    from rich.table import Table
+
+    out = console.stdout
+    out.print(f"[bold]{report['path']}[/bold]  format {report['format']}, iteration {report['iteration']}, "
+              f"model-parallel size {report['mp']}")
+    files = Table("rank", "file", "size", box=None, pad_edge=False)
+    for f in report["files"]:
+        files.add_row(str(f["rank"]), f["path"], _size(f["bytes"]))
+    out.print(files)
+    if report["num_layers"] is not None:
+        heads = report["num_heads"] if report["num_heads"] is not None else "? (pass --set model.num_heads=N)"
+        out.print(f"architecture: {report['preset'] or 'custom'}: {report['num_layers']} layers, hidden "
+                  f"{report['hidden_size']}, {heads} heads, vocab {report['vocab_size']}, "
+                  f"{report['max_positions']} positions")
+        out.print(f"parameters: {report['num_params']:,} ({report['dtype']}, {_size(report['bytes'])} on disk)")
+    if report["problems"]:
+        out.print(f"[red]{len(report['problems'])} problem(s):[/red]")
+        for problem in report["problems"]:
+            out.print(f"  - {problem}", markup=False)
+    else:
+        out.print("[green]no problems found[/green]")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _open_for_writing(settings: Settings):
+    from cpmgen.checkpoint.reader import open_checkpoint, resolve_args
+    from cpmgen.loading import model_path
+
+    ckpt = open_checkpoint(model_path(settings))
+    return ckpt, resolve_args(ckpt, settings.model)
+
+
+def _write_megatron_folder(ckpt, args, mp: int, output: Path, force: bool) -> None:
+    from cpmgen.checkpoint.writer import check_mp, write_megatron
+    from cpmgen.fileio import atomic_folder
+
+    check_mp(ckpt, args, mp)
+    if output.resolve() == ckpt.path.resolve():
+        raise UserError(f"{output}: the output would overwrite the source checkpoint; choose another --output")
+    with atomic_folder(output, force=force) as tmp, console.progress(f"writing mp={mp}", len(ckpt.names()) * mp) as advance:
+        write_megatron(tmp, ckpt, args, mp, advance)
+
+
+@app.command()
+def reshard(
+    path: Annotated[Optional[str], typer.Argument(help="Checkpoint folder [default: model.path or $CPMGEN_MODEL].", show_default=False)] = None,
+    mp: Annotated[int, typer.Option("--mp", help="Target model-parallel size: any N dividing heads, hidden and vocab.")] = ...,
+    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder [default: DIR_MP<N> beside DIR].", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+):
+    """Split or merge a checkpoint to another model-parallel size (any N that divides the split dimensions).
+
+    The source is never touched; the output is written to a temporary folder and renamed
+    into place, keeping the iteration and RNG states and setting mp_world_size."""
+    settings = settings_from(config, sets, model=path)
+    ckpt, args = _open_for_writing(settings)
+    target = Path(output) if output else ckpt.path.parent / f"{ckpt.path.name}_MP{mp}"
+    _write_megatron_folder(ckpt, args, mp, target, force)
+    result = {"source": str(ckpt.path), "source_mp": ckpt.mp, "output": str(target), "mp": mp,
+              "files": sorted(str(p) for p in target.rglob("mp_rank_*.pt"))}
+    if as_json:
+        print_json(result)
+    else:
+        console.stdout.print(f"wrote {target} (model-parallel size {ckpt.mp} -> {mp}, {mp} rank file(s))")
+
+
+@app.command()
+def convert(
+    path: Annotated[Optional[str], typer.Argument(help="Checkpoint folder [default: model.path or $CPMGEN_MODEL].", show_default=False)] = None,
+    to: Annotated[str, typer.Option("--to", help="Target format: hf or megatron.")] = ...,
+    output: Annotated[str, typer.Option("--output", "-o", help="Output folder.")] = ...,
+    mp: Annotated[int, typer.Option("--mp", help="Model-parallel size of a megatron output.")] = 1,
+    vocab: VocabOpt = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+):
+    """Export to an HF GPT2LMHeadModel folder (config.json, model.safetensors, spiece.model), or back to Megatron."""
+    from cpmgen.checkpoint.hf import write_hf
+    from cpmgen.fileio import atomic_folder
+    from cpmgen.tokenizer import find_vocab
+
+    settings = settings_from(config, sets, model=path, vocab=vocab)
+    ckpt, args = _open_for_writing(settings)
+    target = Path(output)
+    if to == "megatron":
+        _write_megatron_folder(ckpt, args, mp, target, force)
+    elif to == "hf":
+        try:
+            vocab_path = find_vocab(None, settings.tokenizer.vocab, settings.model.path)
+        except UserError:
+            if settings.tokenizer.vocab:
+                raise
+            vocab_path = None
+            console.warn("no chinese_vocab.model found: the HF folder will have no spiece.model (pass --vocab)")
+        with atomic_folder(target, force=force) as tmp:
+            write_hf(tmp, dict(ckpt.full_tensors()), args, vocab_path)
+    else:
+        raise UserError(f"--to {to}: choose hf or megatron")
+    console.stdout.print(f"wrote {target} ({to})")
+
+
+# ----------------------------------------------------------------------------- text
+
+
+@app.command()
+def tokenize(
+    text: Annotated[Optional[str], typer.Argument(help="Text to tokenize (or --file).", show_default=False)] = None,
+    file: Annotated[Optional[str], typer.Option("--file", "-f", help="Read the text from a UTF-8 file.", show_default=False)] = None,
+    vocab: VocabOpt = None,
+    model: ModelOpt = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+):
+    """Show the ids and pieces of a text, exactly as CPM-1 tokenizes it."""
+    from cpmgen.fileio import read_text_utf8
+
+    settings = settings_from(config, sets, model=model, vocab=vocab)
+    if (text is None) == (file is None):
+        raise UserError("tokenize: give either TEXT or --file FILE")
+    content = read_text_utf8(file, "--file") if file is not None else text
+    tokenizer = tokenizer_for(settings)
+    ids = tokenizer.encode(content)
+    result = {"ids": ids, "pieces": tokenizer.pieces(ids), "decoded": tokenizer.decode(ids)}
+    if as_json:
+        print_json(result)
+    else:
+        console.stdout.print(f"{len(ids)} tokens", markup=False)
+        console.stdout.print(" ".join(f"{i}:{p}" for i, p in zip(ids, result["pieces"])), markup=False)
+
+
+@app.command()
+def score(
+    file: Annotated[str, typer.Argument(help="UTF-8 text file to score ('-' for stdin).")],
+    model: ModelOpt = None,
+    vocab: VocabOpt = None,
+    stride: StrideOpt = None,
+    fast: Annotated[Optional[bool], typer.Option("--fast/--no-fast", help="One forward per window (fast) or per token (exact reference) [default: generate.fast].", show_default=False)] = None,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+):
+    """Log-likelihood and perplexity of a text; longer texts slide the window by --stride, as generation does."""
+    from cpmgen.fileio import read_text_utf8
+    from cpmgen.score import score_ids, summary
+    from cpmgen.window import Window
+
+    settings = settings_from(config, sets, model=model, vocab=vocab, device=device, dtype=dtype)
+    if stride is not None:
+        settings.window.stride = stride
+    text = sys.stdin.read() if file == "-" else read_text_utf8(file)
+    loaded = load_for(settings)
+    tokenizer = tokenizer_for(settings, loaded.args.vocab_size)
+    ids = tokenizer.encode(text)
+    if len(ids) < 2:
+        raise UserError(f"{file}: the text has {len(ids)} token(s); scoring needs at least 2")
+    window = Window(settings.window.size or loaded.args.max_positions - 1, settings.window.stride, settings.window.keep)
+    with console.progress("scoring", total=len(ids) - 1) as advance:
+        logprobs = score_ids(loaded.model, ids, window, settings.generate.fast if fast is None else fast, advance)
+    result = summary(ids, logprobs)
+    if as_json:
+        print_json(result)
+    else:
+        console.stdout.print(f"{len(ids)} tokens, nll {result['nll']:.4f}, perplexity {result['perplexity']:.2f}")
+
+
+# ----------------------------------------------------------------------------- generation
+
+TASK_HELP = {
+    "lyric": """Continue song lyrics: INPUT holds lines ending with <eod>; generated <eod> are line breaks.
+
+    The window drops whole oldest lines (at least --stride tokens) when it is full, so the
+    song goes on for as long as asked, token for token the same with --fast and --no-fast.""",
+    "novel": """Continue a novel: INPUT pieces between <eod> are joined; a generated <eod> ends the story.
+
+    Past the window (1023 tokens) the oldest --stride tokens are dropped and the rest is
+    re-encoded once (fast path) or for every token (--no-fast); both give the same tokens.""",
+}
+
+
+def _task_command(task_name: str):
+    def command(
+        input: Annotated[Optional[str], typer.Argument(help="Prompt file, '-' for stdin; none on a terminal: interactive prompts.", show_default=False)] = None,
+        model: ModelOpt = None,
+        vocab: VocabOpt = None,
+        config: ConfigOpt = None,
+        sets: SetOpt = None,
+        fast: Annotated[Optional[bool], typer.Option("--fast/--no-fast", help="KV cache with one re-encode per slide, or recompute the window per token [default: fast].", show_default=False)] = None,
+        max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="New tokens per sample; 0: no limit [default: generate.max_new_tokens].", show_default=False)] = None,
+        out_seq_length: Annotated[Optional[int], typer.Option("--out-seq-length", help="Total length, prompt + new tokens (older scripts' meaning).", show_default=False)] = None,
+        temperature: Annotated[Optional[float], typer.Option("--temperature", help="[default: 0.9]", show_default=False)] = None,
+        top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens; 0: off [default: 0].", show_default=False)] = None,
+        top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling, in (0, 1] [default: 0.9].", show_default=False)] = None,
+        repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="CTRL penalty on tokens in the window; 1: off.", show_default=False)] = None,
+        greedy: Annotated[Optional[bool], typer.Option("--greedy", help="Always take the most likely token.", show_default=False)] = None,
+        seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed; the same seed gives the same text.", show_default=False)] = None,
+        stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens dropped per window slide [default: 256]: each slide costs one re-encode of the window, so a larger stride is faster but keeps less context right after a slide; see README.", show_default=False)] = None,
+        num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="Continuations generated together in one batch.", show_default=False)] = None,
+        device: DeviceOpt = None,
+        dtype: DtypeOpt = None,
+        as_json: Annotated[Optional[bool], typer.Option("--json", help="Print one JSON object (a list with --num-samples > 1).", show_default=False)] = None,
+        output: Annotated[Optional[str], typer.Option("--output", "-o", help="Also write the text to FILE (atomically).", show_default=False)] = None,
+    ):
+        settings = settings_from(config, sets, task_name, model=model, vocab=vocab, device=device, dtype=dtype)
+        for section, key, value in (
+            ("generate", "fast", fast), ("generate", "max_new_tokens", max_new_tokens),
+            ("generate", "out_seq_length", out_seq_length), ("generate", "num_samples", num_samples),
+            ("generate", "json", as_json), ("generate", "output", output),
+            ("sampling", "temperature", temperature), ("sampling", "top_k", top_k), ("sampling", "top_p", top_p),
+            ("sampling", "repetition_penalty", repetition_penalty), ("sampling", "greedy", greedy),
+            ("sampling", "seed", seed), ("window", "stride", stride),
+        ):
+            if value is not None:
+                setattr(getattr(settings, section), key, value)
+        _run_task(task_name, input, settings)
+
+    command.__doc__ = TASK_HELP[task_name]
+    command.__name__ = task_name
+    app.command(task_name)(command)
+
+
+def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
+    from cpmgen.fileio import read_text_utf8, write_text_atomic
+    from cpmgen.runner import Job, run
+    from cpmgen.sampling import SamplingParams
+    from cpmgen.tasks import TASKS
+    from cpmgen.window import Window
+
+    gen, samp = settings.generate, settings.sampling
+    for option, value in (("--max-new-tokens", gen.max_new_tokens), ("--out-seq-length", gen.out_seq_length)):
+        if value is not None and value < 0:
+            raise UserError(f"{option} {value}: must not be negative")
+    if gen.num_samples < 1:
+        raise UserError(f"--num-samples {gen.num_samples}: must be at least 1")
+    params = SamplingParams(samp.temperature, samp.top_k, samp.top_p, samp.repetition_penalty, samp.greedy)
+    interactive = input is None
+    if interactive and not sys.stdin.isatty():
+        raise UserError(f"{task_name}: give an INPUT file, or '-' to read the prompt from stdin")
+    texts = None if interactive else [sys.stdin.read() if input == "-" else read_text_utf8(input)]
+    task = TASKS[task_name]
+    loaded = load_for(settings)
+    tokenizer = tokenizer_for(settings, loaded.args.vocab_size)
+    window_size = settings.window.size or loaded.args.max_positions - 1
+    if window_size > loaded.args.max_positions:
+        raise UserError(f"window.size {window_size}: the model has only {loaded.args.max_positions} positions")
+    window = Window(window_size, settings.window.stride, settings.window.keep,
+                    tokenizer.eod_id if task.lines else None)
+    prompts = iter(texts) if texts is not None else _interactive_prompts()
+    for text in prompts:
+        prompt_ids = task.prompt_ids(text, tokenizer)
+        if not prompt_ids:
+            where = "stdin" if input in (None, "-") else input
+            if interactive:
+                console.stderr.print("empty prompt; type some text, or stop to quit")
+                continue
+            raise UserError(f"{where}: the prompt is empty; write the opening text (lyric: lines ending with <eod>)")
+        if len(prompt_ids) > window.size:
+            console.warn(f"the prompt has {len(prompt_ids)} tokens, more than the {window.size}-token window; "
+                         "keeping its last part")
+        max_new = gen.max_new_tokens
+        if gen.out_seq_length is not None:
+            max_new = gen.out_seq_length - len(prompt_ids)
+            if max_new < 1:
+                raise UserError(f"--out-seq-length {gen.out_seq_length}: not longer than the prompt "
+                                f"({len(prompt_ids)} tokens); ask for more, or use --max-new-tokens")
+        job = Job(task, window, params, max_new or None, gen.num_samples, gen.fast, samp.seed)
+        view = _make_view(gen.json, job, tokenizer, prompt_ids)
+        result = run(job, loaded.model, tokenizer, prompt_ids, view)
+        view.finish(result.prompt_text, result.texts, result.stats)
+        if gen.json:
+            objects = result.as_json(task_name)
+            print_json(objects[0] if len(objects) == 1 else objects)
+        if gen.output:
+            write_text_atomic(gen.output, _file_text(result))
+        if result.interrupted:
+            raise typer.Exit(130)
+
+
+def _make_view(as_json: bool, job, tokenizer, prompt_ids):
+    from cpmgen.display import make_view
+
+    prompt_text = tokenizer.decode(job.task.display_ids(prompt_ids, tokenizer.eod_id))
+    return make_view(as_json, console.stdout, prompt_text, job.num_samples)
+
+
+def _file_text(result) -> str:
+    if len(result.texts) == 1:
+        return result.prompt_text + result.texts[0] + "\n"
+    return "".join(f"--- sample {i + 1} ---\n{result.prompt_text}{text}\n" for i, text in enumerate(result.texts))
+
+
+def _interactive_prompts():
+    """The older scripts' prompt loop: empty input refused, `stop` or Ctrl-D ends it."""
+    while True:
+        try:
+            text = console.stderr.input("[bold]prompt[/bold] (stop to quit) >>> ")
+        except EOFError:
+            return
+        if text.strip() == "stop":
+            return
+        yield text.replace("\\n", "\n")
+
+
+for _name in TASK_HELP:
+    _task_command(_name)
+
+
+def main() -> None:
+    debug = "--debug" in sys.argv or os.environ.get("CPMGEN_DEBUG") == "1"
+    if "--debug" in sys.argv:
+        sys.argv.remove("--debug")
+    try:
+        app()
+    except UserError as e:
+        if debug:
+            raise
+        console.stderr.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        console.stderr.print("interrupted", markup=False)
+        sys.exit(130)

@@ -1,0 +1,250 @@
+"""Configuration as dataclasses.
+
+`ModelArgs` is the architecture (named presets for the public CPM-1 sizes). `Settings` is
+everything a command can be told: one dataclass per YAML section, so `configs/*.yaml` and
+`--set section.key=value` map onto fields one to one, and an unknown key is an error that
+lists the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from cpmgen.errors import UserError
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    vocab_size: int = 30000
+    max_positions: int = 1024
+    layernorm_eps: float = 1e-5
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def ffn_size(self) -> int:
+        return 4 * self.hidden_size
+
+    @property
+    def num_params(self) -> int:
+        h, v, p, n = self.hidden_size, self.vocab_size, self.max_positions, self.num_layers
+        per_layer = 4 * h + (3 * h * h + 3 * h) + (h * h + h) + (4 * h * h + 4 * h) + (4 * h * h + h)
+        return v * h + p * h + n * per_layer + 2 * h
+
+    @classmethod
+    def from_name(cls, name: str) -> "ModelArgs":
+        if name not in PRESETS:
+            raise UserError(f"unknown model preset {name!r}; choose one of {', '.join(PRESETS)}")
+        return PRESETS[name]
+
+    def preset_name(self) -> Optional[str]:
+        for name, args in PRESETS.items():
+            if args == self:
+                return name
+        return None
+
+
+PRESETS: dict[str, ModelArgs] = {
+    "cpm-small": ModelArgs(num_layers=12, hidden_size=768, num_heads=12),
+    "cpm-medium": ModelArgs(num_layers=24, hidden_size=1024, num_heads=16),
+    "cpm-large": ModelArgs(num_layers=32, hidden_size=2560, num_heads=32),
+}
+
+# The head count is not visible in the weights; the public releases fix it per hidden size.
+HEADS_BY_HIDDEN = {args.hidden_size: args.num_heads for args in PRESETS.values()}
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+@dataclass
+class ModelSection:
+    path: Optional[str] = None
+    """Model folder (Megatron or HF format); also --model or $CPMGEN_MODEL."""
+    preset: Optional[str] = None
+    """Expected preset (cpm-small, cpm-medium, cpm-large); checked against the weights."""
+    num_layers: Optional[int] = None
+    hidden_size: Optional[int] = None
+    num_heads: Optional[int] = None
+    vocab_size: Optional[int] = None
+    max_positions: Optional[int] = None
+
+
+@dataclass
+class TokenizerSection:
+    vocab: Optional[str] = None
+    """Path of chinese_vocab.model; default: in or beside the model folder."""
+
+
+@dataclass
+class RuntimeSection:
+    device: str = "auto"
+    dtype: str = "auto"
+    mp: int = 1
+    debug: bool = False
+
+
+@dataclass
+class WindowSection:
+    size: Optional[int] = None
+    """Most tokens the model sees; default max_positions - 1 (1023), as the older scripts."""
+    stride: int = 256
+    """Tokens dropped per slide (lyric: whole lines freeing at least this many)."""
+    keep: int = 0
+    """First prompt tokens that stay at the start of the window through every slide."""
+
+
+@dataclass
+class SamplingSection:
+    temperature: float = 0.9
+    top_k: int = 0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    greedy: bool = False
+    seed: Optional[int] = None
+
+
+@dataclass
+class GenerateSection:
+    fast: bool = True
+    max_new_tokens: int = 256
+    """New tokens per sample; 0: no limit (until end of text or Ctrl-C)."""
+    out_seq_length: Optional[int] = None
+    """Older scripts' meaning: total length, prompt plus new tokens (overrides max_new_tokens)."""
+    num_samples: int = 1
+    output: Optional[str] = None
+    """Also write the text (prompt and continuation) to this file, atomically."""
+    json: bool = False
+
+
+@dataclass
+class Settings:
+    model: ModelSection = field(default_factory=ModelSection)
+    tokenizer: TokenizerSection = field(default_factory=TokenizerSection)
+    runtime: RuntimeSection = field(default_factory=RuntimeSection)
+    window: WindowSection = field(default_factory=WindowSection)
+    sampling: SamplingSection = field(default_factory=SamplingSection)
+    generate: GenerateSection = field(default_factory=GenerateSection)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _sections() -> dict[str, type]:
+    hints = typing.get_type_hints(Settings)
+    return {f.name: hints[f.name] for f in dataclasses.fields(Settings)}
+
+
+def _coerce(value: Any, annotation: Any, where: str) -> Any:
+    """Check a YAML/--set value against a field's type, converting int -> float where natural."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if value is None:
+            return None
+        annotation = args[0]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    name = getattr(annotation, "__name__", str(annotation))
+    raise UserError(f"{where}: expected {name}, got {value!r}")
+
+
+def apply_values(settings: Settings, values: dict, source: str) -> None:
+    """Apply a nested {section: {key: value}} mapping; unknown sections or keys are errors."""
+    if not isinstance(values, dict):
+        raise UserError(f"{source}: expected a mapping of sections (model:, window:, ...), got {type(values).__name__}")
+    sections = _sections()
+    for section, entries in values.items():
+        if section not in sections:
+            raise UserError(f"{source}: unknown section {section!r}; valid sections: {', '.join(sections)}")
+        if entries is None:
+            continue
+        if not isinstance(entries, dict):
+            raise UserError(f"{source}: section {section!r} must be a mapping of keys")
+        target = getattr(settings, section)
+        hints = typing.get_type_hints(type(target))
+        for key, value in entries.items():
+            if key not in hints:
+                valid = ", ".join(f"{section}.{k}" for k in hints)
+                raise UserError(f"{source}: unknown key {section}.{key}; valid keys: {valid}")
+            setattr(target, key, _coerce(value, hints[key], f"{source}: {section}.{key}"))
+
+
+def parse_set(assignment: str) -> dict:
+    """'window.stride=8' -> {'window': {'stride': 8}} (the value is read as YAML)."""
+    if "=" not in assignment or "." not in assignment.split("=", 1)[0]:
+        raise UserError(f"--set {assignment!r}: expected section.key=value, e.g. --set window.stride=8")
+    key, raw = assignment.split("=", 1)
+    section, name = key.strip().split(".", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return {section: {name: value}}
+
+
+def user_config_path() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "cpmgen" / "config.yaml"
+
+
+def load_yaml(path: Path, option: str = "--config") -> dict:
+    if not path.is_file():
+        raise UserError(f"{path}: config file not found; check {option}")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: not a valid YAML config ({first})") from None
+    return values or {}
+
+
+def load_settings(config: Optional[str] = None, sets: Optional[list[str]] = None, task: Optional[str] = None) -> Settings:
+    """Defaults < task config (configs/<task>.yaml semantics) < user config < --config < --set.
+
+    The user config ($CPMGEN_CONFIG or ~/.config/cpmgen/config.yaml) is where a model folder
+    is configured once so that commands need no --model."""
+    settings = Settings()
+    if task is not None:
+        apply_values(settings, TASK_DEFAULTS[task], f"{task} defaults")
+    env_config = os.environ.get("CPMGEN_CONFIG")
+    user = Path(env_config) if env_config else user_config_path()
+    if env_config or user.is_file():
+        apply_values(settings, load_yaml(user, "CPMGEN_CONFIG"), str(user))
+    if config:
+        apply_values(settings, load_yaml(Path(config)), config)
+    for assignment in sets or []:
+        apply_values(settings, parse_set(assignment), f"--set {assignment}")
+    if settings.model.path is None and os.environ.get("CPMGEN_MODEL"):
+        settings.model.path = os.environ["CPMGEN_MODEL"]
+    return settings
+
+
+# What differs per task from the dataclass defaults; configs/<task>.yaml spells the full
+# result out (a test keeps the two in step).
+TASK_DEFAULTS: dict[str, dict] = {
+    "lyric": {"generate": {"max_new_tokens": 128}, "sampling": {"temperature": 0.9, "top_p": 0.9}},
+    "novel": {"generate": {"max_new_tokens": 512}, "sampling": {"temperature": 0.9, "top_p": 0.9}},
+}

@@ -1,0 +1,116 @@
+"""Showing generation as it happens.
+
+On a terminal: a rich live view. Finished lines scroll up as plain text; the line being
+written and a status bar (tokens, tokens/s, window slides) stay live at the bottom. With
+several samples, the live view shows the tail of each and the full texts follow at the end.
+Not a terminal: the text of a single sample is streamed as plain text, flushed per token.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Optional
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.text import Text
+
+from cpmgen.generate import Stats
+
+
+def status_line(stats: Stats, done: bool = False) -> str:
+    state = "done" if done else "generating"
+    return (f"{state}: {stats.new_tokens} tokens, {stats.tokens_per_s:.1f} tokens/s, "
+            f"{stats.slides} window slide(s), {stats.prefill_tokens} tokens encoded")
+
+
+class PlainStream:
+    """Text straight to stdout; only a single sample streams (several are printed at the end)."""
+
+    def __init__(self, prompt_text: str, num_samples: int, out=None):
+        self.out = out or sys.stdout
+        self.streaming = num_samples == 1
+        if self.streaming:
+            self.out.write(prompt_text)
+            self.out.flush()
+
+    def update(self, row: int, chunk: str, stats: Stats) -> None:
+        if self.streaming and chunk:
+            self.out.write(chunk)
+            self.out.flush()
+
+    def finish(self, prompt_text: str, texts: list[str], stats: Stats) -> None:
+        if self.streaming:
+            self.out.write("\n")
+        else:
+            for i, text in enumerate(texts):
+                self.out.write(f"--- sample {i + 1} ---\n{prompt_text}{text}\n")
+        self.out.flush()
+
+
+class LiveView:
+    TAIL_LINES = 4
+
+    def __init__(self, console: Console, prompt_text: str, num_samples: int):
+        self.console = console
+        self.num_samples = num_samples
+        self.pending = [""] * num_samples  # text not yet scrolled up (single sample) / the tail (several)
+        self.stats = Stats()
+        self.live = Live(self._render(), console=console, refresh_per_second=8, transient=True)
+        self.live.start()
+        if num_samples == 1:
+            self._scroll(prompt_text, style="dim")
+
+    def _scroll(self, text: str, style: str = "") -> None:
+        """Print every finished line above the live region; keep the open line live."""
+        self.pending[0] += text
+        if "\n" in self.pending[0]:
+            done, self.pending[0] = self.pending[0].rsplit("\n", 1)
+            self.live.console.print(Text(done, style=style))
+
+    def _render(self):
+        parts = []
+        for i, text in enumerate(self.pending):
+            tail = "\n".join(text.splitlines()[-self.TAIL_LINES:]) if self.num_samples > 1 else text[-2000:]
+            if self.num_samples > 1:
+                parts.append(Text(f"sample {i + 1}", style="bold"))
+            parts.append(Text(tail))
+        parts.append(Text(status_line(self.stats), style="cyan"))
+        return Group(*parts)
+
+    def update(self, row: int, chunk: str, stats: Stats) -> None:
+        self.stats = stats
+        if self.num_samples == 1:
+            self._scroll(chunk)
+        else:
+            self.pending[row] += chunk
+        self.live.update(self._render())
+
+    def finish(self, prompt_text: str, texts: list[str], stats: Stats) -> None:
+        self.live.stop()
+        if self.num_samples == 1:
+            self.console.print(Text(self.pending[0]))
+        else:
+            for i, text in enumerate(texts):
+                self.console.print(Text(f"--- sample {i + 1} ---", style="bold"))
+                self.console.print(Text(prompt_text, style="dim"), Text(text), sep="")
+        self.console.print(Text(status_line(stats, done=True), style="cyan"))
+
+
+class Silent:
+    """--json: nothing until the end."""
+
+    def update(self, row: int, chunk: str, stats: Stats) -> None:
+        pass
+
+    def finish(self, prompt_text: str, texts: list[str], stats: Stats) -> None:
+        pass
+
+
+def make_view(as_json: bool, console: Console, prompt_text: str, num_samples: int,
+              out: Optional[object] = None):
+    if as_json:
+        return Silent()
+    if console.is_terminal:
+        return LiveView(console, prompt_text, num_samples)
+    return PlainStream(prompt_text, num_samples, out)

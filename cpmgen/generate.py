@@ -1,0 +1,117 @@
+"""The generation loop: a window of tokens per sample, one token per step, forever if asked.
+
+Slow path: every step recomputes each sample's whole window (the older scripts' exact rule).
+Fast path: a KV cache. Each sample's window is encoded once (prefill); then each step feeds
+only the new token at the next position. When a window slides (window.py), the kept tokens
+get new positions, so that sample is re-encoded into its cache rows in one prefill and
+decoding continues. Both paths compute the next-token logits from the same window contents
+at the same positions and sample through the same generator, so they emit the same tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+
+from cpmgen.model import CPMModel, KVCache
+from cpmgen.sampling import SamplingParams, sample
+from cpmgen.window import Window
+
+
+@dataclass
+class Stats:
+    new_tokens: int = 0
+    seconds: float = 0.0
+    slides: int = 0
+    prefill_tokens: int = 0
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return {"new_tokens": self.new_tokens, "seconds": round(self.seconds, 4),
+                "tokens_per_s": round(self.tokens_per_s, 3), "slides": self.slides,
+                "prefill_tokens": self.prefill_tokens}
+
+
+def prefill(model: CPMModel, window_ids: list[int], kv_cache: KVCache, row: int) -> torch.Tensor:
+    """Encode one sample's window at positions 0..n-1 into its cache row; return next-token logits [vocab]."""
+    device = kv_cache.k.device
+    tokens = torch.tensor([window_ids], device=device)
+    logits = model(tokens, torch.arange(len(window_ids), device=device), kv_cache.rows(slice(row, row + 1)),
+                   last_only=True)
+    return logits[0, -1]
+
+
+def decode_one_token(model: CPMModel, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+    """tokens [batch], input_pos [batch]: each sample's new token at its own next position -> logits [batch, vocab]."""
+    return model(tokens[:, None], input_pos[:, None], kv_cache)[:, -1]
+
+
+def recompute(model: CPMModel, window_ids: list[int]) -> torch.Tensor:
+    """The slow path: the whole window at positions 0..n-1, no cache; next-token logits [vocab]."""
+    device = model.word_embeddings.weight.device
+    tokens = torch.tensor([window_ids], device=device)
+    return model(tokens, torch.arange(len(window_ids), device=device), last_only=True)[0, -1]
+
+
+def fit_prompt(prompt: list[int], window: Window) -> list[int]:
+    """A prompt longer than the window keeps its first `keep` tokens and its last part."""
+    if len(prompt) <= window.size:
+        return list(prompt)
+    return prompt[:window.keep] + prompt[len(prompt) - (window.size - window.keep):]
+
+
+@torch.inference_mode()
+def generate(model: CPMModel, prompt: list[int], window: Window, params: SamplingParams,
+             max_new_tokens: Optional[int], num_samples: int = 1, fast: bool = True,
+             generator: Optional[torch.Generator] = None, stats: Optional[Stats] = None) -> Iterator[list[int]]:
+    """Yield the next token of every sample, step after step (max_new_tokens None: without end).
+
+    The caller decides when a sample is finished (end of text, stop strings) and stops
+    iterating when all are; `stats` is updated in place so it is right at any interruption."""
+    stats = stats if stats is not None else Stats()
+    if window.size > model.args.max_positions:
+        raise ValueError(f"window of {window.size} tokens exceeds the model's {model.args.max_positions} positions")
+    device = model.word_embeddings.weight.device
+    windows = [fit_prompt(prompt, window) for _ in range(num_samples)]
+    start = time.perf_counter()
+    kv_cache = None
+    if fast:
+        kv_cache = model.new_kv_cache(num_samples, window.size)
+        first = prefill(model, windows[0], kv_cache, 0)  # all samples share the prompt: encode once
+        kv_cache.k[:, 1:] = kv_cache.k[:, :1]
+        kv_cache.v[:, 1:] = kv_cache.v[:, :1]
+        logits = first.expand(num_samples, -1)
+        stats.prefill_tokens += len(windows[0])
+    step = 0
+    while max_new_tokens is None or step < max_new_tokens:
+        if not fast:
+            logits = torch.stack([recompute(model, w) for w in windows])
+        tokens = sample(logits, params, generator, windows)
+        new = tokens.tolist()
+        step += 1
+        stats.new_tokens = step
+        stats.seconds = time.perf_counter() - start
+        yield new
+        slid = []
+        for row, token in enumerate(new):
+            windows[row].append(token)
+            if window.overflows(len(windows[row])):
+                windows[row] = window.slide(windows[row])
+                slid.append(row)
+        stats.slides += len(slid)
+        if fast:
+            if len(slid) < num_samples:
+                # A slid sample's token goes in at some free slot here; its re-encode below overwrites it.
+                positions = torch.tensor([len(w) - 1 for w in windows], device=device)
+                logits = decode_one_token(model, tokens, positions, kv_cache)
+            if slid:
+                logits = logits.clone() if len(slid) < num_samples else torch.empty_like(logits)
+                for row in slid:
+                    logits[row] = prefill(model, windows[row], kv_cache, row)
+                    stats.prefill_tokens += len(windows[row])

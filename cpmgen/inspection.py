@@ -1,0 +1,40 @@
+"""What is in a checkpoint folder, and what is wrong with it (cpmgen inspect-ckpt)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from cpmgen.checkpoint.reader import architecture, open_checkpoint, value_problems
+from cpmgen.errors import UserError
+
+
+def inspect_checkpoint(path: Path, num_heads: Optional[int] = None, check_values: bool = False) -> dict:
+    ckpt = open_checkpoint(path, strict=False)
+    report: dict = {
+        "path": str(path),
+        "format": ckpt.format,
+        "iteration": ckpt.iteration,
+        "mp": ckpt.mp,
+        "files": [{"rank": rank, "path": str(f), "bytes": f.stat().st_size} for rank, f in enumerate(ckpt.files)],
+        "num_layers": None, "hidden_size": None, "num_heads": None, "vocab_size": None, "max_positions": None,
+        "preset": None, "num_params": None,
+        "dtype": str(ckpt.dtype()).replace("torch.", "") if "word_embeddings.weight" in ckpt.shards[0] else None,
+        "bytes": sum(f.stat().st_size for f in ckpt.files),
+        "problems": list(ckpt.problems),
+    }
+    if ckpt.format == "megatron":
+        for rank, f in zip(range(ckpt.mp), ckpt.files):
+            report["files"][rank]["rank"] = int(f.name.split("_")[2])
+    if not ckpt.problems:
+        try:
+            args = architecture(ckpt, num_heads)
+            report["num_heads"] = args.num_heads
+            report["preset"] = args.preset_name()
+        except UserError:  # an unknown hidden size: the shapes are still worth reporting
+            args = architecture(ckpt, num_heads=1)
+        report.update(num_layers=args.num_layers, hidden_size=args.hidden_size, vocab_size=args.vocab_size,
+                      max_positions=args.max_positions, num_params=args.num_params)
+        if check_values:
+            report["problems"] += value_problems(ckpt)
+    return report

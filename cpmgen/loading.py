@@ -1,0 +1,76 @@
+"""From settings to a ready model: device and dtype, checkpoint, architecture, weights."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+
+from cpmgen.checkpoint.reader import Checkpoint, open_checkpoint, resolve_args
+from cpmgen.config import ModelArgs, Settings
+from cpmgen.errors import UserError
+from cpmgen.model import CPMModel
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
+        raise UserError(f"--device {name}: choose auto, cpu or cuda")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.float32
+    if name not in DTYPES:
+        raise UserError(f"--dtype {name}: choose auto, fp32, bf16 or fp16")
+    return DTYPES[name]
+
+
+def model_path(settings: Settings) -> Path:
+    if not settings.model.path:
+        raise UserError("no model folder: pass --model DIR, set model.path in a config, or export CPMGEN_MODEL=DIR")
+    return Path(settings.model.path).expanduser()
+
+
+@dataclass
+class Loaded:
+    model: CPMModel
+    args: ModelArgs
+    checkpoint: Checkpoint
+    device: torch.device
+    dtype: torch.dtype
+
+
+def load_model(settings: Settings, mp: int = 1, rank: int = 0,
+               advance: Optional[Callable[[int], None]] = None,
+               checkpoint: Optional[Checkpoint] = None) -> Loaded:
+    """Build the model and load rank `rank`'s weights at model-parallel size `mp` (1: the whole model)."""
+    device = resolve_device(settings.runtime.device)
+    dtype = resolve_dtype(settings.runtime.dtype, device)
+    ckpt = checkpoint or open_checkpoint(model_path(settings))
+    args = resolve_args(ckpt, settings.model)
+    with torch.device("meta"):
+        model = CPMModel(args)
+    state = {}
+    for name, tensor in ckpt.rank_tensors(mp, rank) if mp > 1 else ckpt.full_tensors():
+        state[name] = tensor.to(device=device, dtype=dtype)
+        if advance:
+            advance(1)
+    if mp == 1:
+        model.load_state_dict(state, assign=True)
+    else:
+        from cpmgen.parallel import apply_tensor_parallel  # noqa: F401 - the mp issue owns this path
+
+        raise UserError("--mp > 1 is not available yet")
+    model.requires_grad_(False)
+    return Loaded(model.eval(), args, ckpt, device, dtype)

@@ -1,0 +1,157 @@
+"""CPM-1: the Megatron GPT-2 of the public releases, in plain PyTorch.
+
+Pre-LayerNorm blocks, fused QKV, tanh GELU, masked scores set to -10000 (not -inf), learned
+absolute positions, output layer tied to the word embedding. Module names follow the
+Megatron checkpoints, so an mp=1 `module` state dict loads as it is.
+
+Positions are explicit: every forward takes the position id of each input token. With a
+`KVCache`, a token at position p writes its keys/values into cache slot p and attends to
+slots 0..p, so the cache always holds the window's tokens at the positions they were
+encoded with; a window slide is a re-encode of the kept tokens at new positions
+(see window.py), never a shift of cached entries.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cpmgen.config import ModelArgs
+
+MASKED_SCORE = -10000.0  # Megatron's value for masked attention scores
+
+
+class KVCache:
+    """Keys and values of every layer in preallocated buffers [layers, batch, heads, slots, head_dim].
+
+    Allocated once and written in place; `rows` gives a view of some batch rows (sharing
+    the buffers) so one sample can be re-encoded without touching the others."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
+
+    @classmethod
+    def allocate(cls, num_layers: int, batch_size: int, num_heads: int, slots: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+        shape = (num_layers, batch_size, num_heads, slots, head_dim)
+        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+
+    @property
+    def slots(self) -> int:
+        return self.k.shape[3]
+
+    def rows(self, index: slice) -> "KVCache":
+        return KVCache(self.k[:, index], self.v[:, index])
+
+    def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
+        """Write k, v [batch, heads, T, head_dim] at slots input_pos [batch, T]; return slots 0..length-1."""
+        k_cache, v_cache = self.k[layer], self.v[layer]
+        if bool((input_pos == input_pos[:1]).all()):
+            k_cache.index_copy_(2, input_pos[0], k)
+            v_cache.index_copy_(2, input_pos[0], v)
+        else:
+            index = input_pos[:, None, :, None].expand_as(k)
+            k_cache.scatter_(2, index, k)
+            v_cache.scatter_(2, index, v)
+        return k_cache[:, :, :length], v_cache[:, :, :length]
+
+
+class Attention(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.num_heads = args.num_heads
+        self.head_dim = args.head_dim
+        self.query_key_value = nn.Linear(args.hidden_size, 3 * args.hidden_size)
+        self.dense = nn.Linear(args.hidden_size, args.hidden_size)
+
+    def forward(self, x, input_pos, mask, kv_cache: Optional[KVCache], layer: int, kv_len: int):
+        batch, seq, _ = x.shape
+        # Fused rows are [q; k; v], each num_heads * head_dim wide (per rank under tensor parallel).
+        q, k, v = self.query_key_value(x).split(self.num_heads * self.head_dim, dim=-1)
+        q, k, v = (t.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if kv_cache is not None:
+            k, v = kv_cache.update(layer, input_pos, k, v, kv_len)
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        scores = scores.masked_fill(~mask, MASKED_SCORE)
+        probs = torch.softmax(scores, dim=-1)
+        out = torch.matmul(probs, v).transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim)
+        return self.dense(out)
+
+
+class MLP(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.dense_h_to_4h = nn.Linear(args.hidden_size, args.ffn_size)
+        self.dense_4h_to_h = nn.Linear(args.ffn_size, args.hidden_size)
+
+    def forward(self, x):
+        return self.dense_4h_to_h(F.gelu(self.dense_h_to_4h(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layernorm_eps)
+        self.attention = Attention(args)
+        self.post_attention_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layernorm_eps)
+        self.mlp = MLP(args)
+
+    def forward(self, x, input_pos, mask, kv_cache, layer, kv_len):
+        h = x + self.attention(self.input_layernorm(x), input_pos, mask, kv_cache, layer, kv_len)
+        return h + self.mlp(self.post_attention_layernorm(h))
+
+
+class Transformer(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
+        self.final_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layernorm_eps)
+
+
+class CPMModel(nn.Module):
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.word_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
+        self.position_embeddings = nn.Embedding(args.max_positions, args.hidden_size)
+        self.transformer = Transformer(args)
+
+    def new_kv_cache(self, batch_size: int, slots: Optional[int] = None) -> KVCache:
+        attention = self.transformer.layers[0].attention
+        weight = self.word_embeddings.weight
+        return KVCache.allocate(len(self.transformer.layers), batch_size, attention.num_heads,
+                                slots or self.args.max_positions, attention.head_dim, weight.dtype, weight.device)
+
+    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.word_embeddings.weight)
+
+    def forward(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_cache: Optional[KVCache] = None,
+                last_only: bool = False) -> torch.Tensor:
+        """ids [batch, T]; input_pos [T] or [batch, T]: the position id of each token.
+
+        Without a cache the tokens attend to each other causally by position. With a cache
+        they are written at slots input_pos and attend to the cached slots 0..position.
+        Returns logits [batch, T, vocab] (or [batch, 1, vocab] with last_only)."""
+        batch, seq = ids.shape
+        input_pos = input_pos.expand(batch, seq) if input_pos.dim() == 1 else input_pos
+        top = int(input_pos.max())
+        if top >= self.args.max_positions or int(input_pos.min()) < 0:
+            raise ValueError(f"position {top} outside the model's 0..{self.args.max_positions - 1}")
+        if kv_cache is not None:
+            if top >= kv_cache.slots:
+                raise ValueError(f"position {top} does not fit a KV cache of {kv_cache.slots} slots")
+            kv_len = top + 1
+            key_pos = torch.arange(kv_len, device=ids.device).expand(batch, kv_len)
+        else:
+            kv_len, key_pos = seq, input_pos
+        mask = (key_pos[:, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [batch, 1, T, keys]
+        x = self.word_embeddings(ids) + self.position_embeddings(input_pos)
+        for i, layer in enumerate(self.transformer.layers):
+            x = layer(x, input_pos, mask, kv_cache, i, kv_len)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.transformer.final_layernorm(x))

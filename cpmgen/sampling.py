@@ -1,0 +1,75 @@
+"""Turning logits into the next token: repetition penalty, temperature, top-k then top-p
+(as the older CPM scripts), greedy or seeded sampling.
+
+Sampling draws through an explicit torch.Generator with a fixed amount of randomness per
+step (one exponential variate per vocab entry), so two paths that compute the same logits
+draw the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from cpmgen.errors import UserError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.9
+    top_k: int = 0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    greedy: bool = False
+
+    def __post_init__(self):
+        if not self.temperature > 0:
+            raise UserError(f"--temperature {self.temperature}: must be greater than 0 (use --greedy for argmax)")
+        if self.top_k < 0:
+            raise UserError(f"--top-k {self.top_k}: must be 0 (off) or a positive number of tokens")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p {self.top_p}: must be in (0, 1]; 1 turns nucleus sampling off")
+        if not self.repetition_penalty > 0:
+            raise UserError(f"--repetition-penalty {self.repetition_penalty}: must be greater than 0 (1 is off)")
+
+
+def apply_repetition_penalty(logits: torch.Tensor, contexts: Sequence[Sequence[int]], penalty: float) -> torch.Tensor:
+    """CTRL's penalty on every token already in the window: positive logits divided, negative multiplied."""
+    if penalty == 1.0:
+        return logits
+    logits = logits.clone()
+    for row, context in enumerate(contexts):
+        seen = torch.tensor(sorted(set(context)), dtype=torch.long, device=logits.device)
+        values = logits[row, seen]
+        logits[row, seen] = torch.where(values > 0, values / penalty, values * penalty)
+    return logits
+
+
+def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
+    """Set to -inf what top-k, then top-p (the smallest set whose probability exceeds p), excludes."""
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
+        remove = cumulative > top_p
+        remove[..., 1:] = remove[..., :-1].clone()  # keep the token that crosses p
+        remove[..., 0] = False
+        logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
+    return logits
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator],
+           contexts: Sequence[Sequence[int]]) -> torch.Tensor:
+    """logits [batch, vocab] -> next token ids [batch]."""
+    logits = apply_repetition_penalty(logits.float(), contexts, params.repetition_penalty)
+    if params.greedy:
+        return logits.argmax(dim=-1)
+    logits = top_k_top_p_filter(logits / params.temperature, params.top_k, params.top_p)
+    probs = torch.softmax(logits, dim=-1)
+    # argmax(p / E) with E ~ Exp(1) draws from p (the exponential-race form of sampling).
+    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
+    return (probs / race).argmax(dim=-1)
