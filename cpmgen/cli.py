@@ -270,7 +270,7 @@ def score(
     ids = tokenizer.encode(text)
     if len(ids) < 2:
         raise UserError(f"{file}: the text has {len(ids)} token(s); scoring needs at least 2")
-    window = Window(settings.window.size or loaded.args.max_positions - 1, settings.window.stride, settings.window.keep)
+    window = Window.from_settings(settings.window, loaded.args.max_positions)
     with console.progress("scoring", total=len(ids) - 1) as advance:
         logprobs = score_ids(loaded.model, ids, window, settings.generate.fast if fast is None else fast, advance)
     result = summary(ids, logprobs)
@@ -310,7 +310,7 @@ def _task_command(task_name: str):
         repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="CTRL penalty on tokens in the window; 1: off.", show_default=False)] = None,
         greedy: Annotated[Optional[bool], typer.Option("--greedy", help="Always take the most likely token.", show_default=False)] = None,
         seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed; the same seed gives the same text.", show_default=False)] = None,
-        stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens dropped per window slide [default: 256]: each slide costs one re-encode of the window, so a larger stride is faster but keeps less context right after a slide; see README.", show_default=False)] = None,
+        stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens dropped per window slide [default: a quarter of the window, 255]: each slide costs one re-encode of the window, so a larger stride is faster but keeps less context right after a slide; see README.", show_default=False)] = None,
         num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="Continuations generated together in one batch.", show_default=False)] = None,
         device: DeviceOpt = None,
         dtype: DtypeOpt = None,
@@ -356,11 +356,7 @@ def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
     task = TASKS[task_name]
     loaded = load_for(settings)
     tokenizer = tokenizer_for(settings, loaded.args.vocab_size)
-    window_size = settings.window.size or loaded.args.max_positions - 1
-    if window_size > loaded.args.max_positions:
-        raise UserError(f"window.size {window_size}: the model has only {loaded.args.max_positions} positions")
-    window = Window(window_size, settings.window.stride, settings.window.keep,
-                    tokenizer.eod_id if task.lines else None)
+    window = Window.from_settings(settings.window, loaded.args.max_positions, tokenizer.eod_id if task.lines else None)
     prompts = iter(texts) if texts is not None else _interactive_prompts()
     for text in prompts:
         prompt_ids = task.prompt_ids(text, tokenizer)

@@ -51,10 +51,9 @@ class Loaded:
     dtype: torch.dtype
 
 
-def load_model(settings: Settings, mp: int = 1, rank: int = 0,
-               advance: Optional[Callable[[int], None]] = None,
+def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = None,
                checkpoint: Optional[Checkpoint] = None) -> Loaded:
-    """Build the model and load rank `rank`'s weights at model-parallel size `mp` (1: the whole model)."""
+    """Build the model and load its weights, merging model-parallel ranks tensor by tensor."""
     device = resolve_device(settings.runtime.device)
     dtype = resolve_dtype(settings.runtime.dtype, device)
     ckpt = checkpoint or open_checkpoint(model_path(settings))
@@ -62,15 +61,10 @@ def load_model(settings: Settings, mp: int = 1, rank: int = 0,
     with torch.device("meta"):
         model = CPMModel(args)
     state = {}
-    for name, tensor in ckpt.rank_tensors(mp, rank) if mp > 1 else ckpt.full_tensors():
+    for name, tensor in ckpt.full_tensors():
         state[name] = tensor.to(device=device, dtype=dtype)
         if advance:
             advance(1)
-    if mp == 1:
-        model.load_state_dict(state, assign=True)
-    else:
-        from cpmgen.parallel import apply_tensor_parallel  # noqa: F401 - the mp issue owns this path
-
-        raise UserError("--mp > 1 is not available yet")
+    model.load_state_dict(state, assign=True)
     model.requires_grad_(False)
     return Loaded(model.eval(), args, ckpt, device, dtype)

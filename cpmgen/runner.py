@@ -7,7 +7,10 @@ everything generated so far.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -52,6 +55,27 @@ class Result:
                 for ids, text, reason in zip(self.samples, self.texts, self.stop_reasons)]
 
 
+@contextlib.contextmanager
+def stop_on_ctrl_c():
+    """The first Ctrl-C asks the loop to stop after the current token (so the step finishes and
+    everything so far is kept); a second one interrupts at once."""
+    requested = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield requested
+        return
+
+    def handler(signum, frame):
+        if requested.is_set():
+            raise KeyboardInterrupt
+        requested.set()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def run(job: Job, model: CPMModel, tokenizer: CPMTokenizer, prompt_ids: list[int], view) -> Result:
     seed = job.seed if job.seed is not None else int.from_bytes(os.urandom(4), "little")
     generator = torch.Generator(model.word_embeddings.weight.device).manual_seed(seed)
@@ -59,10 +83,17 @@ def run(job: Job, model: CPMModel, tokenizer: CPMTokenizer, prompt_ids: list[int
     samples: list[list[int]] = [[] for _ in range(job.num_samples)]
     reasons: list[Optional[str]] = [None] * job.num_samples
     decoders = [StreamDecoder(tokenizer) for _ in range(job.num_samples)]
+    shown = [0] * job.num_samples
     stats = Stats()
+
+    def show(row: int) -> None:
+        # Catches up from `shown`, so a Ctrl-C between append and display loses nothing.
+        new_ids, shown[row] = samples[row][shown[row]:], len(samples[row])
+        view.update(row, decoders[row].push(job.task.display_ids(new_ids, eod)), stats)
+
     steps = generate(model, prompt_ids, job.window, job.params, job.max_new_tokens, job.num_samples, job.fast,
                      generator, stats)
-    try:
+    with stop_on_ctrl_c() as interrupted:
         for tokens in steps:
             for row, token in enumerate(tokens):
                 if reasons[row] is not None:
@@ -71,18 +102,16 @@ def run(job: Job, model: CPMModel, tokenizer: CPMTokenizer, prompt_ids: list[int
                     reasons[row] = "eod"
                     continue
                 samples[row].append(token)
-                view.update(row, decoders[row].push(job.task.display_ids([token], eod)), stats)
+                show(row)
+            if interrupted.is_set():
+                reasons = [r or "interrupt" for r in reasons]
             if all(r is not None for r in reasons):
                 break
-    except KeyboardInterrupt:
-        reasons = [r or "interrupt" for r in reasons]
-    finally:
         steps.close()
     reasons = [r or "length" for r in reasons]
     for row, decoder in enumerate(decoders):
-        tail = decoder.flush()
-        if tail:
-            view.update(row, tail, stats)
+        show(row)
+        view.update(row, decoder.flush(), stats)
     texts = [tokenizer.decode(job.task.display_ids(s, eod)) for s in samples]
     prompt_text = tokenizer.decode(job.task.display_ids(prompt_ids, eod))
     return Result(prompt_ids, samples, reasons, stats, seed, texts, prompt_text)

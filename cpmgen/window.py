@@ -22,6 +22,13 @@ from typing import Optional, Sequence
 from cpmgen.errors import UserError
 
 
+DEFAULT_STRIDE_FRACTION = 4  # see config.WindowSection.stride and README "Choosing the stride"
+
+
+def default_stride(size: int) -> int:
+    return max(1, size // DEFAULT_STRIDE_FRACTION)
+
+
 @dataclass(frozen=True)
 class Window:
     size: int
@@ -37,6 +44,15 @@ class Window:
         if not 1 <= self.stride <= self.size - self.keep:
             raise UserError(f"--stride {self.stride}: must be between 1 and window.size - keep "
                             f"({self.size - self.keep})")
+
+    @classmethod
+    def from_settings(cls, section, max_positions: int, line_end: Optional[int] = None) -> "Window":
+        """The window of a `window:` config section for a model with `max_positions`."""
+        size = section.size or max_positions - 1
+        if size > max_positions:
+            raise UserError(f"window.size {size}: the model has only {max_positions} positions")
+        stride = default_stride(size) if section.stride is None else section.stride
+        return cls(size, stride, section.keep, line_end)
 
     def overflows(self, length: int) -> bool:
         return length > self.size

@@ -1,0 +1,130 @@
+"""Generation: the fast path equals the slow path token for token, far past the window."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpmgen.config import ModelArgs
+from cpmgen.generate import Stats, generate, recompute
+from cpmgen.model import CPMModel
+from cpmgen.sampling import SamplingParams, sample
+from cpmgen.synthetic import random_state_dict
+from cpmgen.window import Window
+
+EOD = 7
+MAX_POS = 64
+
+
+def make_model(vocab_size: int, seed: int = 0) -> CPMModel:
+    args = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=vocab_size, max_positions=MAX_POS)
+    model = CPMModel(args)
+    model.load_state_dict(random_state_dict(args, seed))
+    return model.eval().requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def novel_model():
+    return make_model(300)
+
+
+@pytest.fixture(scope="module")
+def lyric_model():
+    # A 16-token vocab makes <eod> common, so windows hold many lines of a few tokens.
+    return make_model(16, seed=1)
+
+
+def run(model, prompt, window, params, n, fast, samples=1, seed=1234):
+    stats = Stats()
+    steps = generate(model, prompt, window, params, n, samples, fast, torch.Generator().manual_seed(seed), stats)
+    return list(steps), stats
+
+
+GREEDY = SamplingParams(greedy=True)
+SAMPLED = SamplingParams(temperature=1.0, top_k=0, top_p=0.95)
+
+
+@pytest.mark.parametrize("stride", [1, 8, 32])
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_novel_fast_equals_slow_past_many_slides(novel_model, stride, params):
+    window = Window(MAX_POS - 1, stride)
+    prompt = list(range(20, 40))
+    new = 3 * MAX_POS + 2 * stride + 10
+    fast, fast_stats = run(novel_model, prompt, window, params, new, fast=True)
+    slow, slow_stats = run(novel_model, prompt, window, params, new, fast=False)
+    assert fast == slow
+    assert fast_stats.slides >= 3 and fast_stats.slides == slow_stats.slides
+
+
+@pytest.mark.parametrize("stride", [1, 8, 32])
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_lyric_fast_equals_slow_past_many_slides(lyric_model, stride, params):
+    window = Window(MAX_POS - 1, stride, line_end=EOD)
+    prompt = [11, 12, EOD, 13, 14, 15, EOD]
+    fast, stats = run(lyric_model, prompt, window, params, 4 * MAX_POS, fast=True, samples=3)
+    slow, _ = run(lyric_model, prompt, window, params, 4 * MAX_POS, fast=False, samples=3)
+    assert fast == slow
+    assert stats.slides >= 3 * 3
+    if params is SAMPLED:
+        assert sum(row.count(EOD) for row in fast) > 20  # lines really were dropped whole
+
+
+def test_keep_holds_the_first_tokens_and_fast_equals_slow(novel_model):
+    window = Window(MAX_POS - 1, 8, keep=5)
+    prompt = list(range(50, 70))
+    fast, _ = run(novel_model, prompt, window, SAMPLED, 3 * MAX_POS, fast=True, samples=2)
+    slow, _ = run(novel_model, prompt, window, SAMPLED, 3 * MAX_POS, fast=False, samples=2)
+    assert fast == slow
+
+
+def older_slide_by_one(model, prompt, n, params, generator):
+    """The older generate_novel.py rule, written directly: once the text reaches the model's
+    positions, the model sees its last max_positions - 1 tokens at positions 0..max_positions - 2."""
+    tokens = list(prompt)
+    out = []
+    for _ in range(n):
+        context = tokens[-(model.args.max_positions - 1):]
+        logits = model(torch.tensor([context]), torch.arange(len(context)))[0, -1]
+        token = int(sample(logits[None], params, generator, [context])[0])
+        tokens.append(token)
+        out.append([token])
+    return out
+
+
+@pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
+def test_stride_one_slow_novel_is_the_older_rule(novel_model, params):
+    prompt = list(range(30, 45))
+    window = Window(MAX_POS - 1, 1)
+    slow, _ = run(novel_model, prompt, window, params, 2 * MAX_POS, fast=False, seed=7)
+    with torch.inference_mode():
+        older = older_slide_by_one(novel_model, prompt, 2 * MAX_POS, params, torch.Generator().manual_seed(7))
+    assert slow == older
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_positions_stay_in_range(novel_model, monkeypatch, fast):
+    seen = []
+    forward = CPMModel.forward
+
+    def recording(self, ids, input_pos, *args, **kwargs):
+        seen.append(int(input_pos.max()))
+        return forward(self, ids, input_pos, *args, **kwargs)
+
+    monkeypatch.setattr(CPMModel, "forward", recording)
+    run(novel_model, list(range(10)), Window(MAX_POS - 1, 8), GREEDY, 3 * MAX_POS, fast=fast)
+    assert max(seen) == MAX_POS - 2  # the window is max_positions - 1 tokens: positions 0..62
+
+
+def test_prompt_longer_than_window_keeps_its_last_part(novel_model):
+    window = Window(MAX_POS - 1, 8)
+    prompt = list(range(100, 100 + 2 * MAX_POS))
+    fast, _ = run(novel_model, prompt, window, GREEDY, 20, fast=True)
+    direct, _ = run(novel_model, prompt[-(MAX_POS - 1):], window, GREEDY, 20, fast=False)
+    assert fast == direct
+
+
+def test_recompute_matches_last_logits(novel_model):
+    ids = list(range(5, 25))
+    with torch.inference_mode():
+        full = novel_model(torch.tensor([ids]), torch.arange(len(ids)))[0, -1]
+        torch.testing.assert_close(recompute(novel_model, ids), full)
