@@ -167,7 +167,8 @@ def reshard(
     into place, keeping the iteration and RNG states and setting mp_world_size."""
     settings = settings_from(config, sets, model=path)
     ckpt, args = _open_for_writing(settings)
-    target = Path(output) if output else ckpt.path.parent / f"{ckpt.path.name}_MP{mp}"
+    source = ckpt.path.resolve()
+    target = Path(output) if output else source.parent / f"{source.name}_MP{mp}"
     _write_megatron_folder(ckpt, args, mp, target, force)
     result = {"source": str(ckpt.path), "source_mp": ckpt.mp, "output": str(target), "mp": mp,
               "files": sorted(str(p) for p in target.rglob("mp_rank_*.pt"))}
@@ -428,8 +429,3 @@ def main() -> None:
             raise
         console.stderr.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        console.stderr.print("interrupted", markup=False)
-        sys.exit(130)

@@ -6,6 +6,7 @@ import contextlib
 from typing import Callable, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 stderr = Console(stderr=True, highlight=False)
@@ -23,4 +24,4 @@ def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
 
 
 def warn(message: str) -> None:
-    stderr.print(f"[yellow]warning:[/yellow] {message}", markup=True, highlight=False)
+    stderr.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)

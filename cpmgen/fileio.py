@@ -41,6 +41,7 @@ def atomic_folder(target: str | os.PathLike, force: bool = False, option: str = 
     if not target.parent.exists():
         raise UserError(f"{target}: folder {target.parent} does not exist; create it or choose another {option}")
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; give the folder the usual mode
     try:
         yield tmp
         if target.exists():

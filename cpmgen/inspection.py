@@ -19,7 +19,7 @@ def inspect_checkpoint(path: Path, num_heads: Optional[int] = None, check_values
         "files": [{"rank": rank, "path": str(f), "bytes": f.stat().st_size} for rank, f in enumerate(ckpt.files)],
         "num_layers": None, "hidden_size": None, "num_heads": None, "vocab_size": None, "max_positions": None,
         "preset": None, "num_params": None,
-        "dtype": str(ckpt.dtype()).replace("torch.", "") if "word_embeddings.weight" in ckpt.shards[0] else None,
+        "dtype": str(ckpt.dtype()).replace("torch.", "") if ckpt.shards and "word_embeddings.weight" in ckpt.shards[0] else None,
         "bytes": sum(f.stat().st_size for f in ckpt.files),
         "problems": list(ckpt.problems),
     }

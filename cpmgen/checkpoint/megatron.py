@@ -63,8 +63,8 @@ def load_rank_file(path: Path) -> dict:
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: cannot read as a PyTorch checkpoint (truncated or not a .pt file: {reason[:160]}); "
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{path}: cannot read as a PyTorch checkpoint (truncated or not a .pt file: {reason}); "
                         "re-copy this rank file") from None
     if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
         keys = ", ".join(map(str, list(state)[:6])) if isinstance(state, dict) else type(state).__name__

@@ -1,0 +1,206 @@
+"""Megatron checkpoints in the library: the split rules, reading any mp size, architecture, logits.
+
+The split rules are checked against the reference table (cpm1-reference.md), written out
+independently in conftest's `reference_shard`, not against cpmgen's own table.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpmgen.checkpoint import megatron, splits
+from cpmgen.checkpoint.reader import architecture, open_checkpoint
+from cpmgen.checkpoint.writer import write_megatron
+from cpmgen.config import ModelArgs, Settings
+from cpmgen.errors import UserError
+from cpmgen.loading import load_model
+from cpmgen.model import CPMModel
+from cpmgen.synthetic import random_state_dict
+
+ARGS = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=300, max_positions=64)
+
+# The reference table, name by name (layer tensors for layer 0; layer 1 is the same).
+EXPECTED_KINDS = {
+    "word_embeddings.weight": splits.ROWS,
+    "position_embeddings.weight": splits.REPLICATED,
+    "transformer.layers.0.input_layernorm.weight": splits.REPLICATED,
+    "transformer.layers.0.input_layernorm.bias": splits.REPLICATED,
+    "transformer.layers.0.attention.query_key_value.weight": splits.QKV_ROWS,
+    "transformer.layers.0.attention.query_key_value.bias": splits.QKV_ROWS,
+    "transformer.layers.0.attention.dense.weight": splits.COLUMNS,
+    "transformer.layers.0.attention.dense.bias": splits.REPLICATED,
+    "transformer.layers.0.post_attention_layernorm.weight": splits.REPLICATED,
+    "transformer.layers.0.post_attention_layernorm.bias": splits.REPLICATED,
+    "transformer.layers.0.mlp.dense_h_to_4h.weight": splits.ROWS,
+    "transformer.layers.0.mlp.dense_h_to_4h.bias": splits.ROWS,
+    "transformer.layers.0.mlp.dense_4h_to_h.weight": splits.COLUMNS,
+    "transformer.layers.0.mlp.dense_4h_to_h.bias": splits.REPLICATED,
+    "transformer.final_layernorm.weight": splits.REPLICATED,
+    "transformer.final_layernorm.bias": splits.REPLICATED,
+}
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, torch.Tensor]:
+    return random_state_dict(ARGS, seed=1)
+
+
+def settings_for(path, num_heads: int = 4) -> Settings:
+    settings = Settings()
+    settings.model.path = str(path)
+    settings.model.num_heads = num_heads
+    settings.runtime.device = "cpu"
+    settings.runtime.dtype = "fp32"
+    return settings
+
+
+def test_state_dict_names_are_the_reference_names(state):
+    layer0 = {n for n in state if not n.startswith("transformer.layers.1.")}
+    assert layer0 == set(EXPECTED_KINDS)
+    assert len(state) == 2 * 12 + 4
+
+
+def test_split_kind_follows_reference_table(state):
+    for name in state:
+        assert splits.split_kind(name) == EXPECTED_KINDS[name.replace("layers.1.", "layers.0.")], name
+    assert splits.split_dim("transformer.layers.1.attention.dense.weight") == 1
+    assert splits.split_dim("transformer.layers.1.mlp.dense_4h_to_h.weight") == 1
+    assert splits.split_dim("word_embeddings.weight") == 0
+    assert splits.split_dim("transformer.final_layernorm.bias") is None
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("mp", [1, 2, 4])
+def test_merge_of_shards_is_bitwise_for_every_tensor(state, reference_shard, mp, dtype):
+    kinds = set()
+    for name, full in state.items():
+        full = full.to(dtype)
+        shards = [splits.shard(name, full, mp, rank) for rank in range(mp)]
+        for rank, piece in enumerate(shards):
+            expected = reference_shard(name, full, mp, rank)
+            assert piece.dtype == dtype and torch.equal(piece, expected), (name, rank)
+        merged = splits.merge(name, [s.clone() for s in shards])
+        assert merged.dtype == dtype and merged.shape == full.shape, name
+        assert torch.equal(merged, full), name
+        kinds.add(splits.split_kind(name))
+    assert kinds == {splits.REPLICATED, splits.ROWS, splits.COLUMNS, splits.QKV_ROWS}
+
+
+@pytest.mark.parametrize("mp", [2, 4])
+def test_qkv_rank_rows_are_q_k_v_slices_not_a_contiguous_split(mp):
+    """Rank r's fused rows are [q_r; k_r; v_r], each h/mp rows (reference: QKV layout)."""
+    h = 8
+    labels = torch.cat([1000 + torch.arange(h), 2000 + torch.arange(h), 3000 + torch.arange(h)])  # q, k, v rows
+    weight = labels[:, None].float().repeat(1, h)  # [3h, h]: every row holds its label
+    bias = labels.float()  # [3h]
+    n = h // mp
+    for name, full in (("transformer.layers.0.attention.query_key_value.weight", weight),
+                       ("transformer.layers.0.attention.query_key_value.bias", bias)):
+        shards = [splits.shard(name, full, mp, r) for r in range(mp)]
+        for r, piece in enumerate(shards):
+            rows = piece[:, 0] if piece.dim() == 2 else piece
+            want = [base + i for base in (1000, 2000, 3000) for i in range(r * n, (r + 1) * n)]
+            assert rows.tolist() == want, (name, r)
+            assert piece.shape[0] == 3 * n
+            assert not torch.equal(piece, full.chunk(mp, dim=0)[r])  # not a plain row split
+        assert torch.equal(splits.merge(name, shards), full)
+        # merging interleaves: a plain concatenation of the shards is not the full tensor
+        assert not torch.equal(torch.cat(shards, dim=0), full)
+
+
+def test_check_divisible_messages():
+    assert splits.check_divisible("word_embeddings.weight", (300, 64), 4) is None
+    assert splits.check_divisible("word_embeddings.weight", (302, 64), 4) == \
+        "word_embeddings.weight dimension 302 is not divisible by 4"
+    # QKV: the divisible size is h, not 3h
+    assert splits.check_divisible("transformer.layers.0.attention.query_key_value.weight", (3 * 64, 64), 3) == \
+        "transformer.layers.0.attention.query_key_value.weight dimension 64 is not divisible by 3"
+    assert splits.check_divisible("position_embeddings.weight", (7, 64), 4) is None
+
+
+@pytest.mark.parametrize("mp", [2, 4])
+def test_synthetic_rank_files_use_reference_layout(write_ckpt, reference_shard, load_rank_files, state, mp):
+    path = write_ckpt(mp=mp, args=ARGS, iteration=80000, state=state)
+    assert (path / megatron.LATEST_FILE).read_text().strip() == "80000"
+    assert sorted(p.name for p in (path / "80000").iterdir()) == [megatron.rank_file_name(r) for r in range(mp)]
+    for rank, saved in enumerate(load_rank_files(path / "80000")):
+        assert saved["mp_world_size"] == mp and saved["iteration"] == 80000
+        assert set(saved["module"]) == set(state)
+        for name, full in state.items():
+            assert torch.equal(saved["module"][name], reference_shard(name, full, mp, rank)), (name, rank)
+
+
+@pytest.mark.parametrize("mp", [1, 2, 4])
+def test_open_checkpoint_merges_any_mp_bitwise(write_ckpt, reference_shard, state, mp):
+    path = write_ckpt(mp=mp, args=ARGS, iteration=1234, state=state)
+    ckpt = open_checkpoint(path)
+    assert (ckpt.format, ckpt.iteration, ckpt.mp, ckpt.problems) == ("megatron", "1234", mp, [])
+    assert ckpt.files == [path / "1234" / megatron.rank_file_name(r) for r in range(mp)]
+    full = dict(ckpt.full_tensors())
+    assert list(full) == list(state)
+    for name, tensor in state.items():
+        assert ckpt.full_shape(name) == tuple(tensor.shape)
+        assert torch.equal(full[name], tensor), name
+    for target in (1, 2, 4):
+        for rank in range(target):
+            for name, tensor in ckpt.rank_tensors(target, rank):
+                assert torch.equal(tensor, reference_shard(name, state[name], target, rank)), (name, target, rank)
+
+
+def test_open_checkpoint_at_the_iteration_folder(write_ckpt, state):
+    path = write_ckpt(mp=2, args=ARGS, state=state)
+    ckpt = open_checkpoint(path / "release")
+    assert (ckpt.iteration, ckpt.mp) == ("release", 2)
+    assert all(torch.equal(t, state[n]) for n, t in ckpt.full_tensors())
+
+
+def test_architecture_inferred_from_shapes(write_ckpt):
+    path = write_ckpt(mp=2)
+    ckpt = open_checkpoint(path)
+    assert architecture(ckpt, 4) == ARGS
+    with pytest.raises(UserError) as e:
+        architecture(ckpt)
+    assert str(e.value) == (f"{path}: cannot infer the number of attention heads for hidden size 64 "
+                            "(not a public CPM-1 size); pass --set model.num_heads=N")
+
+
+def test_fp16_checkpoint_keeps_dtype(write_ckpt):
+    path = write_ckpt(mp=2, dtype=torch.float16, seed=3)
+    expected = random_state_dict(ARGS, seed=3, dtype=torch.float16)
+    ckpt = open_checkpoint(path)
+    assert ckpt.dtype() == torch.float16
+    for name, tensor in ckpt.full_tensors():
+        assert tensor.dtype == torch.float16 and torch.equal(tensor, expected[name]), name
+
+
+def _logits(loaded, ids):
+    with torch.no_grad():
+        return loaded.model(ids, torch.arange(ids.shape[1]))
+
+
+def test_mp2_and_merged_mp1_give_the_same_logits(write_ckpt, tmp_path, state):
+    mp2 = write_ckpt("mp2", mp=2, args=ARGS, state=state)
+    ckpt = open_checkpoint(mp2)
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    write_megatron(merged, ckpt, ARGS, 1)
+    ids = torch.randint(0, ARGS.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+
+    a = load_model(settings_for(mp2))
+    b = load_model(settings_for(merged))
+    assert (a.args, b.args) == (ARGS, ARGS)
+    assert b.checkpoint.mp == 1 and a.checkpoint.mp == 2
+    logits_a, logits_b = _logits(a, ids), _logits(b, ids)
+    assert logits_a.shape == (2, 24, ARGS.vocab_size)
+    assert torch.equal(logits_a, logits_b)
+
+    # and both are the model of the original state dict
+    reference = CPMModel(ARGS).eval()
+    reference.load_state_dict(state)
+    with torch.no_grad():
+        assert torch.equal(reference(ids, torch.arange(24)), logits_a)
+
+    # a different checkpoint gives different logits (the comparison can fail)
+    other = load_model(settings_for(write_ckpt("other", mp=2, args=ARGS, seed=7)))
+    assert not torch.allclose(_logits(other, ids), logits_a)
