@@ -2,16 +2,14 @@
 
 `train_test_vocab(path)` trains, in about a second, a sentencepiece model with the special
 pieces at the CPM-1 ids (see cpmgen.tokenizer.SPECIAL_PIECES), on CORPUS prepared exactly
-as CPMTokenizer.encode prepares text (jieba words, spaces/newlines mapped, space-joined).
+as CPMTokenizer.encode prepares text (jieba words, spaces/newlines mapped, space-joined);
+the training itself is cpmgen.vocab.train_cpm_vocab, shared with tools/train_tiny.py.
 No pytest dependency.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import os
-import tempfile
 from pathlib import Path
 
 CORPUS = """\
@@ -99,56 +97,12 @@ Oh yeah 唱到天亮
 """
 
 
-def _prepared_lines() -> list[str]:
-    from cpmgen.tokenizer import prepare
-
-    # each line keeps its "\n" so the vocab learns U+2583 in context, as encode() sees it
-    return [prepare(line) for line in CORPUS.splitlines(keepends=True) if line.strip()]
-
-
 def train_test_vocab(path: str | os.PathLike, vocab_size: int = 1000, byte_fallback: bool = False) -> Path:
     """Train a tiny CPM-shaped sentencepiece vocab on CORPUS and write it to `path`.
 
     Ids 0..10 are `<unk> <s> </s> ▃ <sep> <pad> <mask> <eod> ▁ <unused9> ▂`, as in
     chinese_vocab.model. Deterministic; about a second."""
-    import sentencepiece as spm
+    from cpmgen.vocab import train_cpm_vocab
 
-    from cpmgen.tokenizer import NEWLINE, SPACE, SPECIAL_PIECES, WORD_SEP
-
-    path = Path(path)
-    out = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(_prepared_lines()),
-        model_writer=out,
-        model_type="bpe",
-        vocab_size=vocab_size,
-        hard_vocab_limit=False,
-        character_coverage=1.0,
-        byte_fallback=byte_fallback,
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        user_defined_symbols=[NEWLINE, "<sep>", "<pad>", "<mask>", "<eod>", WORD_SEP, "<unused9>", SPACE],
-        num_threads=1,
-        minloglevel=2,  # no trainer log on stderr
-    )
-    data = out.getvalue()
-
-    sp = spm.SentencePieceProcessor()
-    sp.LoadFromSerializedProto(data)
-    for i, piece in SPECIAL_PIECES.items():
-        if sp.id_to_piece(i) != piece:  # pragma: no cover - guards a sentencepiece change
-            raise RuntimeError(f"test vocab: id {i} is {sp.id_to_piece(i)!r}, expected {piece!r}")
-
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
-
+    # each line keeps its "\n" so the vocab learns U+2583 in context, as encode() sees it
+    return train_cpm_vocab(CORPUS.splitlines(keepends=True), path, vocab_size, byte_fallback=byte_fallback)

@@ -102,6 +102,9 @@ class CliResult:
     stdout: str
     stderr: str
 
+    def __iter__(self):  # code, out, err = cpmgen_cli(...)
+        return iter((self.code, self.stdout, self.stderr))
+
 
 @_pytest.fixture
 def cpmgen_cli(cpmgen_env, monkeypatch, capsys):

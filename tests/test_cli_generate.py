@@ -11,7 +11,6 @@ import time
 
 import pytest
 
-from cpmgen.cli import main
 from cpmgen.config import ModelArgs
 from cpmgen.synthetic import write_megatron_checkpoint
 from cpmgen.testing import train_test_vocab
@@ -34,28 +33,14 @@ def prompt_file(tmp_path):
     return path
 
 
-def cli(capsys, monkeypatch, *argv):
-    """Run `cpmgen ARGV` in process; return (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["cpmgen", *map(str, argv)])
-    monkeypatch.delenv("CPMGEN_MODEL", raising=False)
-    monkeypatch.setenv("CPMGEN_CONFIG", os.devnull)
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code or 0
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 @pytest.mark.parametrize("task", ["lyric", "novel"])
-def test_json_fast_equals_no_fast_past_the_window(capsys, monkeypatch, model_dir, prompt_file, task):
+def test_json_fast_equals_no_fast_past_the_window(cpmgen_cli, model_dir, prompt_file, task):
     common = [task, prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", "5", "--stride", "8",
               "--max-new-tokens", "150"]
-    code, out, _ = cli(capsys, monkeypatch, *common)
+    code, out, _ = cpmgen_cli(*common)
     assert code == 0
     fast = json.loads(out)
-    code, out, _ = cli(capsys, monkeypatch, *common, "--no-fast")
+    code, out, _ = cpmgen_cli(*common, "--no-fast")
     slow = json.loads(out)
     assert fast["ids"] == slow["ids"] and fast["text"] == slow["text"]
     assert set(fast) >= {"task", "prompt_ids", "ids", "text", "stats"}
@@ -65,27 +50,27 @@ def test_json_fast_equals_no_fast_past_the_window(capsys, monkeypatch, model_dir
         assert len(fast["ids"]) == 150 and fast["stats"]["slides"] >= 3
 
 
-def test_num_samples_gives_a_list(capsys, monkeypatch, model_dir, prompt_file):
-    code, out, _ = cli(capsys, monkeypatch, "lyric", prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", "1",
+def test_num_samples_gives_a_list(cpmgen_cli, model_dir, prompt_file):
+    code, out, _ = cpmgen_cli("lyric", prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", "1",
                        "--num-samples", "3", "--max-new-tokens", "20")
     samples = json.loads(out)
     assert code == 0 and isinstance(samples, list) and len(samples) == 3
     assert len({tuple(s["ids"]) for s in samples}) > 1
 
 
-def test_out_seq_length_is_the_total_length(capsys, monkeypatch, model_dir, prompt_file):
-    code, out, _ = cli(capsys, monkeypatch, "lyric", prompt_file, "-m", model_dir, *HEADS, "--json", "--greedy",
+def test_out_seq_length_is_the_total_length(cpmgen_cli, model_dir, prompt_file):
+    code, out, _ = cpmgen_cli("lyric", prompt_file, "-m", model_dir, *HEADS, "--json", "--greedy",
                        "--out-seq-length", "40")
     result = json.loads(out)
     assert len(result["prompt_ids"]) + len(result["ids"]) == 40
 
 
-def test_streamed_text_equals_the_full_decode(capsys, monkeypatch, model_dir, prompt_file, tmp_path):
+def test_streamed_text_equals_the_full_decode(cpmgen_cli, model_dir, prompt_file, tmp_path):
     """Not a terminal: plain streamed text, which must equal the decoded ids in the JSON and the --output file."""
     common = ["novel", prompt_file, "-m", model_dir, *HEADS, "--seed", "9", "--max-new-tokens", "80"]
-    code, streamed, _ = cli(capsys, monkeypatch, *common, "--output", tmp_path / "out.txt")
+    code, streamed, _ = cpmgen_cli(*common, "--output", tmp_path / "out.txt")
     assert code == 0
-    code, out, _ = cli(capsys, monkeypatch, *common, "--json")
+    code, out, _ = cpmgen_cli(*common, "--json")
     result = json.loads(out)
     from cpmgen.tokenizer import CPMTokenizer
 
@@ -96,25 +81,21 @@ def test_streamed_text_equals_the_full_decode(capsys, monkeypatch, model_dir, pr
     assert (tmp_path / "out.txt").read_text(encoding="utf-8") == streamed
 
 
-def test_stdin_input(capsys, monkeypatch, model_dir):
+def test_stdin_input(cpmgen_cli, monkeypatch, model_dir):
     import io
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("从前有一座山"))
-    code, out, _ = cli(capsys, monkeypatch, "novel", "-", "-m", model_dir, *HEADS, "--json", "--greedy",
+    code, out, _ = cpmgen_cli("novel", "-", "-m", model_dir, *HEADS, "--json", "--greedy",
                        "--max-new-tokens", "5")
     assert code == 0 and len(json.loads(out)["ids"]) <= 5
 
 
-def test_config_file_and_model_from_environment(capsys, monkeypatch, model_dir, prompt_file, tmp_path):
+def test_config_file_and_model_from_environment(cpmgen_cli, monkeypatch, model_dir, prompt_file, tmp_path):
     config = tmp_path / "novel.yaml"
     config.write_text("model:\n  num_heads: 4\ngenerate:\n  max_new_tokens: 7\n  json: true\nsampling:\n  greedy: true\n")
-    monkeypatch.setattr(sys, "argv", ["cpmgen", "novel", str(prompt_file), "--config", str(config)])
     monkeypatch.setenv("CPMGEN_MODEL", str(model_dir))
-    monkeypatch.setenv("CPMGEN_CONFIG", os.devnull)
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr().out
-    assert e.value.code in (0, None)
+    code, out, _ = cpmgen_cli("novel", prompt_file, "--config", config)
+    assert code == 0
     result = json.loads(out)
     assert result["stop_reason"] == "eod" or len(result["ids"]) == 7
 
@@ -132,44 +113,44 @@ BAD = [
 
 
 @pytest.mark.parametrize("extra, message", BAD)
-def test_bad_options(capsys, monkeypatch, model_dir, prompt_file, extra, message):
-    code, out, err = cli(capsys, monkeypatch, "novel", prompt_file, "-m", model_dir, *HEADS, *extra)
+def test_bad_options(cpmgen_cli, model_dir, prompt_file, extra, message):
+    code, out, err = cpmgen_cli("novel", prompt_file, "-m", model_dir, *HEADS, *extra)
     assert code == 2
     assert err.strip() == message
     assert out == ""
 
 
-def test_empty_input(capsys, monkeypatch, model_dir, tmp_path):
+def test_empty_input(cpmgen_cli, model_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text(" <eod>\n<eod>", encoding="utf-8")
-    code, _, err = cli(capsys, monkeypatch, "lyric", empty, "-m", model_dir, *HEADS)
+    code, _, err = cpmgen_cli("lyric", empty, "-m", model_dir, *HEADS)
     assert code == 2
     assert err.strip() == f"error: {empty}: the prompt is empty; write the opening text (lyric: lines ending with <eod>)"
 
 
-def test_non_utf8_input(capsys, monkeypatch, model_dir, tmp_path):
+def test_non_utf8_input(cpmgen_cli, model_dir, tmp_path):
     gbk = tmp_path / "gbk.txt"
     gbk.write_bytes("春天的风".encode("gbk"))
     output = tmp_path / "out.txt"
-    code, _, err = cli(capsys, monkeypatch, "novel", gbk, "-m", model_dir, *HEADS, "--output", output)
+    code, _, err = cpmgen_cli("novel", gbk, "-m", model_dir, *HEADS, "--output", output)
     assert code == 2
     assert err.strip() == (f"error: {gbk}: input file is not valid UTF-8 (byte 0); convert it, "
                            "e.g. iconv -f GBK -t UTF-8")
     assert not output.exists()
 
 
-def test_missing_model_path(capsys, monkeypatch, prompt_file):
-    code, _, err = cli(capsys, monkeypatch, "novel", prompt_file)
+def test_missing_model_path(cpmgen_cli, prompt_file):
+    code, _, err = cpmgen_cli("novel", prompt_file)
     assert code == 2
     assert err.strip() == "error: no model folder: pass --model DIR, set model.path in a config, or export CPMGEN_MODEL=DIR"
 
 
-def test_ctrl_c_keeps_what_was_generated(model_dir, prompt_file, tmp_path):
-    """Unlimited generation, interrupted: exit 130, the text so far printed and saved."""
+def test_ctrl_c_keeps_what_was_generated(cpmgen_env, model_dir, prompt_file, tmp_path):
+    """Unlimited generation, interrupted: exit 130, the text so far printed and saved.
+    (lyric: a generated <eod> is a line break, so nothing but Ctrl-C ends it)"""
     output = tmp_path / "story.txt"
-    env = {**os.environ, "CPMGEN_CONFIG": os.devnull}
-    env.pop("CPMGEN_MODEL", None)
-    proc = subprocess.Popen([sys.executable, "-m", "cpmgen", "novel", str(prompt_file), "-m", str(model_dir), *HEADS,
+    env = dict(os.environ)  # cpmgen_env has cleared CPMGEN_* and any user config
+    proc = subprocess.Popen([sys.executable, "-m", "cpmgen", "lyric", str(prompt_file), "-m", str(model_dir), *HEADS,
                              "--max-new-tokens", "0", "--output", str(output), "--seed", "2", "--stride", "16",
                              "--temperature", "3"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
