@@ -1,0 +1,122 @@
+"""`cpmgen tokenize` and `cpmgen score`, the vocab checks, and the shipped task configs."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cpmgen.config import ModelArgs, Settings, load_settings
+from cpmgen.loading import load_model
+from cpmgen.score import score_ids
+from cpmgen.synthetic import write_megatron_checkpoint
+from cpmgen.testing import CORPUS, train_test_vocab
+from cpmgen.tokenizer import CPMTokenizer
+from cpmgen.window import Window
+
+ARGS = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=800, max_positions=32)
+HEADS = ["--set", "model.num_heads=4"]
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    folder = write_megatron_checkpoint(tmp_path_factory.mktemp("text") / "tiny", ARGS, mp=2, seed=5)
+    train_test_vocab(folder / "chinese_vocab.model", vocab_size=ARGS.vocab_size)
+    return folder
+
+
+@pytest.fixture
+def story(tmp_path):
+    path = tmp_path / "story.txt"
+    path.write_text(CORPUS[:400], encoding="utf-8")
+    return path
+
+
+def test_tokenize_json(cpmgen_cli, model_dir):
+    code, out, _ = cpmgen_cli("tokenize", "今天 天气\n很好", "-m", model_dir, "--json")
+    result = json.loads(out)
+    tokenizer = CPMTokenizer(model_dir / "chinese_vocab.model")
+    assert code == 0
+    assert result["ids"] == tokenizer.encode("今天 天气\n很好")
+    assert result["pieces"] == tokenizer.pieces(result["ids"])
+    assert result["decoded"] == tokenizer.decode(result["ids"])
+
+
+def test_tokenize_file_and_explicit_vocab(cpmgen_cli, model_dir, story):
+    code, out, _ = cpmgen_cli("tokenize", "--file", story, "--vocab", model_dir / "chinese_vocab.model", "--json")
+    assert code == 0
+    assert json.loads(out)["ids"] == CPMTokenizer(model_dir / "chinese_vocab.model").encode(story.read_text())
+
+
+def test_tokenize_without_vocab(cpmgen_cli, tmp_path):
+    code, _, err = cpmgen_cli("tokenize", "你好")
+    assert code == 2
+    assert err.strip() == ("error: no vocab file: pass --vocab PATH to chinese_vocab.model (from the bpe_3w_new/ "
+                           "folder of the CPM-1-Generate repository)")
+
+
+def test_score_json_matches_the_model(cpmgen_cli, model_dir, story):
+    code, out, _ = cpmgen_cli("score", story, "-m", model_dir, *HEADS, "--json", "--stride", "8")
+    assert code == 0
+    result = json.loads(out)
+    assert set(result) == {"ids", "logprobs", "nll", "perplexity"}
+    ids = result["ids"]
+    assert len(ids) > 3 * ARGS.max_positions  # several window slides
+    assert len(result["logprobs"]) == len(ids) - 1
+    assert result["nll"] == pytest.approx(-sum(result["logprobs"]) / len(result["logprobs"]))
+    assert result["perplexity"] == pytest.approx(math.exp(result["nll"]))
+    # logprobs[i] is log p(ids[i+1] | the window), checked directly for a token inside the first window
+    settings = Settings()
+    settings.model.path, settings.model.num_heads = str(model_dir), 4
+    model = load_model(settings).model
+    with torch.inference_mode():
+        logits = model(torch.tensor([ids[:10]]), torch.arange(10))[0, -1]
+    assert result["logprobs"][9] == pytest.approx(float(torch.log_softmax(logits, -1)[ids[10]]), abs=1e-4)
+
+
+def test_score_fast_equals_slow(model_dir, story):
+    settings = Settings()
+    settings.model.path, settings.model.num_heads = str(model_dir), 4
+    model = load_model(settings).model
+    ids = CPMTokenizer(model_dir / "chinese_vocab.model").encode(story.read_text())[:150]
+    for stride in (1, 8, 31):
+        window = Window(ARGS.max_positions - 1, stride)
+        fast, slow = score_ids(model, ids, window, fast=True), score_ids(model, ids, window, fast=False)
+        torch.testing.assert_close(torch.tensor(fast), torch.tensor(slow), atol=1e-4, rtol=0)
+
+
+def test_vocab_size_must_match_the_model(cpmgen_cli, model_dir, story, tmp_path):
+    other = train_test_vocab(tmp_path / "other.model", vocab_size=600)
+    code, out, err = cpmgen_cli("score", story, "-m", model_dir, *HEADS, "--vocab", other)
+    assert code == 2 and out == ""
+    assert err.strip() == (f"error: {other}: vocab has 600 pieces but the model {model_dir} has vocab size 800; "
+                           "pass the --vocab the model was trained with")
+
+
+def test_score_too_short(cpmgen_cli, model_dir, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("", encoding="utf-8")
+    code, _, err = cpmgen_cli("score", short, "-m", model_dir, *HEADS)
+    assert code == 2
+    assert err.strip() == f"error: {short}: the text has 0 token(s); scoring needs at least 2"
+
+
+@pytest.mark.parametrize("task", ["lyric", "novel"])
+def test_shipped_configs_are_the_defaults(cpmgen_env, task):
+    shipped = yaml.safe_load((ROOT / "configs" / f"{task}.yaml").read_text(encoding="utf-8"))
+    assert shipped == load_settings(task=task).to_dict()
+
+
+def test_user_config_gives_the_model_path(cpmgen_env, monkeypatch, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("model:\n  path: /models/cpm-large\n")
+    monkeypatch.setenv("CPMGEN_CONFIG", str(config))
+    assert load_settings().model.path == "/models/cpm-large"
+    monkeypatch.setenv("CPMGEN_MODEL", "/elsewhere")
+    assert load_settings().model.path == "/models/cpm-large"  # a configured path wins over the environment
+    assert load_settings(sets=["model.path=/x"]).model.path == "/x"
