@@ -30,6 +30,7 @@ SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a c
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda [default: runtime.device, auto]", show_default=False)]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, fp32, bf16 or fp16 [default: runtime.dtype, auto: fp32 on CPU]", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
+MpOpt = Annotated[Optional[int], typer.Option("--mp", help="Model-parallel ranks: relaunches through torchrun with N local ranks (gloo on CPU, NCCL on GPU) [default: runtime.mp, 1].", show_default=False)]
 StrideOpt = Annotated[Optional[int], typer.Option("--stride", help="Tokens dropped per window slide [default: window.stride].", show_default=False)]
 
 
@@ -50,17 +51,45 @@ def settings_from(config: Optional[str], sets: Optional[list[str]], task: Option
 
 
 def print_json(obj) -> None:
-    sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    if main_rank():
+        sys.stdout.write(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
-def load_for(settings: Settings):
-    """Load the model with a progress bar; the tokenizer is resolved against its folder."""
+def main_rank() -> bool:
+    """Rank 0 of a model-parallel run (or the only process) owns stdout, --json and --output."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def model_parallel(settings: Settings) -> tuple[int, int]:
+    """(rank, world) of this process. With --mp N > 1 outside torchrun, the command relaunches
+    itself through torchrun with N local ranks and exits with their exit code."""
+    from cpmgen import parallel
+    from cpmgen.loading import resolve_device
+
+    world = parallel.world_size(settings.runtime.mp)
+    if world == 1:
+        return 0, 1
+    if not parallel.under_torchrun():
+        from cpmgen.checkpoint.reader import open_checkpoint, resolve_args
+        from cpmgen.loading import model_path
+
+        # Fail here, once, on what every rank would fail on; opening is cheap (memory-mapped).
+        parallel.check_split(resolve_args(open_checkpoint(model_path(settings)), settings.model), world)
+        raise typer.Exit(parallel.launch(world, sys.argv[1:], os.environ.get("CPMGEN_DEBUG") == "1"))
+    rank, world = parallel.init(resolve_device(settings.runtime.device).type)
+    if rank != 0:
+        console.silence()
+    return rank, world
+
+
+def load_for(settings: Settings, rank: int = 0, world: int = 1):
+    """Load the model (this rank's shard under --mp) with a progress bar."""
     from cpmgen.checkpoint.reader import open_checkpoint
     from cpmgen.loading import load_model, model_path
 
-    ckpt = open_checkpoint(model_path(settings))
+    ckpt = open_checkpoint(model_path(settings), rank=rank, world=world)
     with console.progress("loading weights", total=len(ckpt.names())) as advance:
-        return load_model(settings, advance=advance, checkpoint=ckpt)
+        return load_model(settings, advance=advance, checkpoint=ckpt, rank=rank, world=world)
 
 
 def tokenizer_for(settings: Settings, vocab_size: Optional[int] = None):
@@ -256,6 +285,7 @@ def score(
     sets: SetOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    mp: MpOpt = None,
 ):
     """Log-likelihood and perplexity of a text; longer texts slide the window by --stride, as generation does."""
     from cpmgen.fileio import read_text_utf8
@@ -265,8 +295,10 @@ def score(
     settings = settings_from(config, sets, model=model, vocab=vocab, device=device, dtype=dtype)
     if stride is not None:
         settings.window.stride = stride
+    if mp is not None:
+        settings.runtime.mp = mp
     text = sys.stdin.read() if file == "-" else read_text_utf8(file)
-    loaded = load_for(settings)
+    loaded = load_for(settings, *model_parallel(settings))
     tokenizer = tokenizer_for(settings, loaded.args.vocab_size)
     ids = tokenizer.encode(text)
     if len(ids) < 2:
@@ -315,6 +347,7 @@ def _task_command(task_name: str):
         num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="Continuations generated together in one batch.", show_default=False)] = None,
         device: DeviceOpt = None,
         dtype: DtypeOpt = None,
+        mp: MpOpt = None,
         as_json: Annotated[Optional[bool], typer.Option("--json", help="Print one JSON object (a list with --num-samples > 1).", show_default=False)] = None,
         output: Annotated[Optional[str], typer.Option("--output", "-o", help="Also write the text to FILE (atomically).", show_default=False)] = None,
     ):
@@ -325,7 +358,7 @@ def _task_command(task_name: str):
             ("generate", "json", as_json), ("generate", "output", output),
             ("sampling", "temperature", temperature), ("sampling", "top_k", top_k), ("sampling", "top_p", top_p),
             ("sampling", "repetition_penalty", repetition_penalty), ("sampling", "greedy", greedy),
-            ("sampling", "seed", seed), ("window", "stride", stride),
+            ("sampling", "seed", seed), ("window", "stride", stride), ("runtime", "mp", mp),
         ):
             if value is not None:
                 setattr(getattr(settings, section), key, value)
@@ -351,14 +384,21 @@ def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
         raise UserError(f"--num-samples {gen.num_samples}: must be at least 1")
     params = SamplingParams(samp.temperature, samp.top_k, samp.top_p, samp.repetition_penalty, samp.greedy)
     interactive = input is None
-    if interactive and not sys.stdin.isatty():
-        raise UserError(f"{task_name}: give an INPUT file, or '-' to read the prompt from stdin")
-    texts = None if interactive else [sys.stdin.read() if input == "-" else read_text_utf8(input)]
+    rank, world = model_parallel(settings)
+    if rank == 0:  # the other ranks receive rank 0's prompts
+        if interactive and not sys.stdin.isatty():
+            raise UserError(f"{task_name}: give an INPUT file, or '-' to read the prompt from stdin")
+        texts = _interactive_prompts() if interactive else iter([sys.stdin.read() if input == "-" else read_text_utf8(input)])
     task = TASKS[task_name]
-    loaded = load_for(settings)
+    loaded = load_for(settings, rank, world)
     tokenizer = tokenizer_for(settings, loaded.args.vocab_size)
     window = Window.from_settings(settings.window, loaded.args.max_positions, tokenizer.eod_id if task.lines else None)
-    prompts = iter(texts) if texts is not None else _interactive_prompts()
+    if world > 1:
+        from cpmgen.parallel import any_rank, shared_items
+
+        prompts, agree = shared_items(texts if rank == 0 else None), any_rank
+    else:
+        prompts, agree = texts, bool
     for text in prompts:
         prompt_ids = task.prompt_ids(text, tokenizer)
         if not prompt_ids:
@@ -377,13 +417,13 @@ def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
                 raise UserError(f"--out-seq-length {gen.out_seq_length}: not longer than the prompt "
                                 f"({len(prompt_ids)} tokens); ask for more, or use --max-new-tokens")
         job = Job(task, window, params, max_new or None, gen.num_samples, gen.fast, samp.seed)
-        view = _make_view(gen.json, job, tokenizer, prompt_ids)
-        result = run(job, loaded.model, tokenizer, prompt_ids, view)
+        view = _make_view(gen.json or rank != 0, job, tokenizer, prompt_ids)
+        result = run(job, loaded.model, tokenizer, prompt_ids, view, agree)
         view.finish(result.prompt_text, result.texts, result.stats)
         if gen.json:
             objects = result.as_json(task_name)
             print_json(objects[0] if len(objects) == 1 else objects)
-        if gen.output:
+        if gen.output and rank == 0:
             write_text_atomic(gen.output, _file_text(result))
         if result.interrupted:
             raise typer.Exit(130)
@@ -419,13 +459,28 @@ for _name in TASK_HELP:
 
 
 def main() -> None:
-    debug = "--debug" in sys.argv or os.environ.get("CPMGEN_DEBUG") == "1"
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
+        os.environ["CPMGEN_DEBUG"] = "1"  # model-parallel ranks inherit it
+    debug = os.environ.get("CPMGEN_DEBUG") == "1"
     try:
         app()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     except UserError as e:
         if debug:
             raise
-        console.stderr.print(f"error: {e}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
+        sys.stderr.write(f"error: {e}\n")
+        code = e.exit_code
+    except Exception as e:  # noqa: BLE001 - a rank's crash (e.g. out of memory) as one line, not a traceback per rank
+        if debug or "RANK" not in os.environ:
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        sys.stderr.write(f"error: rank {os.environ['RANK']}: {type(e).__name__}: {reason}\n")
+        code = 1
+    if "RANK" in os.environ:
+        from cpmgen.parallel import shutdown
+
+        shutdown(code)
+    sys.exit(code)

@@ -92,6 +92,8 @@ class TokenizerSection:
 class RuntimeSection:
     device: str = "auto"
     dtype: str = "auto"
+    mp: Optional[int] = None
+    """Model-parallel ranks (tensor parallel through torchrun); default 1, or torchrun's WORLD_SIZE."""
 
 
 @dataclass
@@ -100,7 +102,8 @@ class WindowSection:
     """Most tokens the model sees; default max_positions - 1 (1023), as the older scripts."""
     stride: Optional[int] = None
     """Tokens dropped per slide (lyric: whole lines freeing at least this many); default a
-    quarter of the window (255 of 1023): one re-encode per 255 tokens costs ~10% of decode speed."""
+    quarter of the window (255 of 1023): the window keeps 768+ tokens and re-encoding takes
+    about a fifth of the time (benchmarks/, README "Choosing the stride")."""
     keep: int = 0
     """First prompt tokens that stay at the start of the window through every slide."""
 

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-stderr = Console(stderr=True, highlight=False)
+# Under `--mp N` the ranks' stderr is a pipe to the launching process, which ends on a terminal.
+stderr = Console(stderr=True, highlight=False, force_terminal=True if os.environ.get("CPMGEN_STDERR_TTY") else None)
 stdout = Console(highlight=False, soft_wrap=True)
+
+
+def silence() -> None:
+    """Model-parallel ranks other than 0 show nothing but errors (printed by cli.main)."""
+    stderr.quiet = True
+    stdout.quiet = True
 
 
 @contextlib.contextmanager

@@ -98,6 +98,8 @@ def generate(model: CPMModel, prompt: list[int], window: Window, params: Samplin
         stats.new_tokens = step
         stats.seconds = time.perf_counter() - start
         yield new
+        if max_new_tokens is not None and step >= max_new_tokens:
+            return  # no forward for a token nobody will take
         slid = []
         for row, token in enumerate(new):
             windows[row].append(token)

@@ -52,16 +52,25 @@ class Loaded:
 
 
 def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = None,
-               checkpoint: Optional[Checkpoint] = None) -> Loaded:
-    """Build the model and load its weights, merging model-parallel ranks tensor by tensor."""
+               checkpoint: Optional[Checkpoint] = None, rank: int = 0, world: int = 1) -> Loaded:
+    """Build the model and load its weights: all of them, merged tensor by tensor from any
+    model-parallel size (world 1), or rank `rank`'s shard at model-parallel size `world`,
+    sliced in memory from a checkpoint stored at any size (memory-mapped: a rank reads only
+    the bytes of its own slices)."""
     device = resolve_device(settings.runtime.device)
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
     dtype = resolve_dtype(settings.runtime.dtype, device)
     ckpt = checkpoint or open_checkpoint(model_path(settings))
     args = resolve_args(ckpt, settings.model)
     with torch.device("meta"):
         model = CPMModel(args)
+    if world > 1:
+        from cpmgen.parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, rank, world)
     state = {}
-    for name, tensor in ckpt.full_tensors():
+    for name, tensor in ckpt.full_tensors() if world == 1 else ckpt.rank_tensors(world, rank):
         state[name] = tensor.to(device=device, dtype=dtype)
         if advance:
             advance(1)

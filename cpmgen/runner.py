@@ -12,7 +12,7 @@ import os
 import signal
 import threading
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 
@@ -69,14 +69,18 @@ def stop_on_ctrl_c():
             raise KeyboardInterrupt
         requested.set()
 
-    previous = signal.signal(signal.SIGINT, handler)
+    # SIGTERM too: torchrun answers a Ctrl-C by terminating its ranks, with a grace period.
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield requested
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
-def run(job: Job, model: CPMModel, tokenizer: CPMTokenizer, prompt_ids: list[int], view) -> Result:
+def run(job: Job, model: CPMModel, tokenizer: CPMTokenizer, prompt_ids: list[int], view,
+        agree: Callable[[bool], bool] = bool) -> Result:
+    """`agree(flag)` makes model-parallel ranks stop at the same step: true on all when true on any."""
     seed = job.seed if job.seed is not None else int.from_bytes(os.urandom(4), "little")
     generator = torch.Generator(model.word_embeddings.weight.device).manual_seed(seed)
     eod = tokenizer.eod_id
@@ -103,7 +107,7 @@ def run(job: Job, model: CPMModel, tokenizer: CPMTokenizer, prompt_ids: list[int
                     continue
                 samples[row].append(token)
                 show(row)
-            if interrupted.is_set():
+            if agree(interrupted.is_set()):
                 reasons = [r or "interrupt" for r in reasons]
             if all(r is not None for r in reasons):
                 break

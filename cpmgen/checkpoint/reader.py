@@ -31,11 +31,14 @@ class Checkpoint:
     extra: list[dict]  # per rank, the non-module keys of a Megatron file
     problems: list[str] = field(default_factory=list)
     hf_config: Optional[dict] = None
+    own_rank: Optional[int] = None  # only this rank's file is open (a model-parallel run at the stored size)
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         dim = splits.split_dim(name)
         shape = list(self.shards[0][name].shape)
-        if dim is not None:
+        if dim is not None and self.own_rank is not None:
+            shape[dim] *= self.mp
+        elif dim is not None:
             shape[dim] = sum(s[name].shape[dim] for s in self.shards if name in s)
         return tuple(shape)
 
@@ -46,6 +49,8 @@ class Checkpoint:
         return self.shards[0]["word_embeddings.weight"].dtype
 
     def full_tensor(self, name: str) -> torch.Tensor:
+        if self.own_rank is not None:
+            raise RuntimeError(f"only rank {self.own_rank}'s file of {self.path} is open")
         return splits.merge(name, [s[name] for s in self.shards])
 
     def full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -57,14 +62,18 @@ class Checkpoint:
         """Rank `rank`'s tensors at model-parallel size `mp`, whatever size the checkpoint has."""
         for name in self.names():
             if mp == self.mp:
-                yield name, self.shards[rank][name]
+                yield name, self.shards[0 if self.own_rank == rank else rank][name]
             else:
                 yield name, splits.shard(name, self.full_tensor(name), mp, rank)
 
 
-def open_checkpoint(path: str | Path, strict: bool = True) -> Checkpoint:
-    """Detect the format and open every rank. With strict, structural problems are UserErrors;
-    otherwise they are collected in `problems` (inspect-ckpt)."""
+def open_checkpoint(path: str | Path, strict: bool = True, rank: Optional[int] = None,
+                    world: Optional[int] = None) -> Checkpoint:
+    """Detect the format and open every rank file (memory-mapped). With strict, structural
+    problems are UserErrors; otherwise they are collected in `problems` (inspect-ckpt).
+
+    For rank `rank` of a model-parallel run of size `world` equal to the checkpoint's, only
+    that rank's file is opened."""
     path = Path(path)
     if path.is_dir() and hf.is_hf_folder(path) and not (path / megatron.LATEST_FILE).exists():
         config = hf.read_hf_config(path)
@@ -75,11 +84,12 @@ def open_checkpoint(path: str | Path, strict: bool = True) -> Checkpoint:
         folder = megatron.scan(path)
         if strict and folder.problems:
             raise UserError(f"{folder.folder}: {folder.problems[0]}; run cpmgen inspect-ckpt {path}")
-        present = [r for r in range(folder.mp) if r in folder.rank_files]
+        own = rank if world is not None and world > 1 and world == folder.mp and not folder.problems else None
+        present = [own] if own is not None else [r for r in range(folder.mp) if r in folder.rank_files]
         states = [megatron.load_rank_file(folder.rank_files[r]) for r in present]
         ckpt = Checkpoint("megatron", path, folder.iteration, folder.mp, [folder.rank_files[r] for r in present],
                           [s["module"] for s in states], [{k: v for k, v in s.items() if k != "module"} for s in states],
-                          problems=list(folder.problems))
+                          problems=list(folder.problems), own_rank=own)
         if folder.problems:  # shapes cannot be merged over missing ranks
             return ckpt
     ckpt.problems += _structure_problems(ckpt)
@@ -129,9 +139,18 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
+def _megatron_heads(ckpt: Checkpoint) -> Optional[int]:
+    """`num_attention_heads` from the training arguments Megatron stores in a rank file under
+    `args` (an argparse Namespace; a plain dict is accepted too), if any."""
+    args = ckpt.extra[0].get("args") if ckpt.extra else None
+    value = args.get("num_attention_heads") if isinstance(args, dict) else getattr(args, "num_attention_heads", None)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 def architecture(ckpt: Checkpoint, num_heads: Optional[int] = None) -> ModelArgs:
-    """Layers, hidden size, vocab and positions from the shapes; heads from the HF config,
-    the given value, or the preset of a known hidden size."""
+    """Layers, hidden size, vocab and positions from the shapes; heads from the given value,
+    the HF config, the Megatron training args stored in the rank file, or the preset of a
+    known hidden size."""
     vocab, hidden = ckpt.full_shape("word_embeddings.weight")
     positions = ckpt.full_shape("position_embeddings.weight")[0]
     layers = {int(m.group(1)) for name in ckpt.names() if (m := LAYER.match(name))}
@@ -140,6 +159,8 @@ def architecture(ckpt: Checkpoint, num_heads: Optional[int] = None) -> ModelArgs
     if ckpt.hf_config:
         num_heads = num_heads or ckpt.hf_config["num_heads"]
         eps = ckpt.hf_config.get("layernorm_eps", eps)
+    if num_heads is None:
+        num_heads = _megatron_heads(ckpt)
     if num_heads is None:
         num_heads = HEADS_BY_HIDDEN.get(hidden)
     if num_heads is None:

@@ -1,0 +1,340 @@
+"""Generation benchmark: CPM-Small-sized random weights, CPU, fp32, greedy, batch 1.
+
+Measures in one run, through the real loading and generation code:
+
+1. in-window decode: fast path, short prompt, no slide (the prompt's prefill timed apart);
+   also decode at a nearly full window (long context, still no slide);
+2. unlimited: fast path over `--windows` windows of generation at the default stride
+   (Window.from_settings(WindowSection()), as the CLI);
+3. stride sweep: fast path in the steady state (starting from a full window, so every
+   `stride` tokens cost one re-encode of the size+1-stride kept tokens), same token count
+   for every stride;
+4. slow path at a full window: generate(fast=False, stride=1) with a 1023-token window,
+   which recomputes all 1023 tokens for every new token (the older scripts' rule);
+5. prefill (re-encode) throughput for a full window;
+
+and prints one JSON object on stdout (a table and progress on stderr).
+
+The checkpoint is written once with cpmgen.synthetic.write_megatron_checkpoint into
+$CPMGEN_BENCH_CACHE, else $XDG_CACHE_HOME/cpmgen-bench, else ~/.cache/cpmgen-bench, and reused.
+
+    .venv/bin/python benchmarks/bench_generate.py            # full run (several minutes)
+    .venv/bin/python benchmarks/bench_generate.py --quick    # about 2 minutes
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+import cpmgen.generate
+from cpmgen.config import PRESETS, Settings, WindowSection
+from cpmgen.generate import Stats, generate
+from cpmgen.loading import load_model
+from cpmgen.sampling import SamplingParams
+from cpmgen.synthetic import write_megatron_checkpoint
+from cpmgen.window import Window
+
+PRESET = "cpm-small"
+PROMPT_TOKENS = 32
+GREEDY = SamplingParams(greedy=True)
+console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller counts (about 2 minutes at 1 thread)")
+    parser.add_argument("--new-tokens", type=int, help="in-window decode tokens (default 256, quick 64)")
+    parser.add_argument("--windows", type=int, help="windows of unlimited generation (default 4, quick 1)")
+    parser.add_argument("--strides", help="comma-separated sweep strides (default 64,128,256,512; quick 128,256,512)")
+    parser.add_argument("--sweep-tokens", type=int,
+                        help="new tokens per sweep stride, rounded up to whole strides (default 1024, quick 256)")
+    parser.add_argument("--slow-tokens", type=int, help="slow-path tokens at a full window (default 3, quick 2)")
+    parser.add_argument("--prefill-reps", type=int, help="timed full-window prefills (default 3, quick 1)")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads first (default: leave as is)")
+    args = parser.parse_args(argv)
+    defaults = dict(new_tokens=(64, 256), windows=(1, 4), strides=("128,256,512", "64,128,256,512"),
+                    sweep_tokens=(256, 1024), slow_tokens=(2, 3), prefill_reps=(1, 3))
+    for name, (quick, full) in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
+    args.strides = [int(s) for s in str(args.strides).split(",") if s.strip()]
+    return args
+
+
+def cache_dir() -> Path:
+    if os.environ.get("CPMGEN_BENCH_CACHE"):
+        return Path(os.environ["CPMGEN_BENCH_CACHE"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cpmgen-bench"
+
+
+def ensure_checkpoint(folder: Path) -> Path:
+    """The random CPM-Small checkpoint, written once (to a temporary folder, then renamed)."""
+    if (folder / "latest_checkpointed_iteration.txt").is_file():
+        return folder
+    console.print(f"writing a random {PRESET} checkpoint to {folder} ...")
+    partial = folder.with_name(folder.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    write_megatron_checkpoint(partial, PRESETS[PRESET], seed=0)
+    partial.rename(folder)
+    return folder
+
+
+def load(folder: Path):
+    settings = Settings()
+    settings.model.path = str(folder)
+    settings.model.preset = PRESET
+    settings.runtime.device = "cpu"
+    settings.runtime.dtype = "fp32"
+    return load_model(settings).model
+
+
+def random_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+# ----------------------------------------------------------------------------- timing helpers
+
+
+@contextmanager
+def timed_prefills():
+    """Time every call of cpmgen.generate.prefill (the prompt's encoding and each re-encode)."""
+    durations: list[float] = []
+    original = cpmgen.generate.prefill
+
+    def timed(*args, **kwargs):
+        start = time.perf_counter()
+        result = original(*args, **kwargs)
+        durations.append(time.perf_counter() - start)
+        return result
+
+    cpmgen.generate.prefill = timed
+    try:
+        yield durations
+    finally:
+        cpmgen.generate.prefill = original
+
+
+def run_generate(model, prompt: list[int], window: Window, count: int, fast: bool = True) -> dict:
+    """Take `count` tokens from generate(); Stats plus the time to the first token and the time after it.
+
+    The loop stops right at the last token wanted (generate() would otherwise run one more step
+    when resumed), so every timed forward pass produced a token that was used."""
+    stats = Stats()
+    start = time.perf_counter()
+    first = end = None
+    with timed_prefills() as prefills:
+        for taken, _ in enumerate(generate(model, prompt, window, GREEDY, None, fast=fast, stats=stats), 1):
+            end = time.perf_counter()
+            if first is None:
+                first = end
+            if taken == count:
+                break
+    return {"stats": stats, "first_token_s": first - start, "after_first_s": end - first,
+            "prefill_s": list(prefills)}
+
+
+def rate(tokens: float, seconds: float) -> float:
+    return round(tokens / seconds, 3) if seconds > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- measurements
+
+
+def warm_up(model, size: int, stride: int) -> None:
+    """Touch every weight page and the allocator paths once (checkpoint tensors are memory-mapped)."""
+    run_generate(model, random_ids(PROMPT_TOKENS, model.args.vocab_size, 99), Window(size, stride), 32)
+
+
+def measure_in_window(model, size: int, stride: int, prompt_tokens: int, new_tokens: int, seed: int) -> dict:
+    """Fast-path decode without a slide: the first token comes from the prompt's prefill, the
+    `new_tokens` after it each cost one decode step."""
+    prompt = random_ids(prompt_tokens, model.args.vocab_size, seed)
+    if prompt_tokens + new_tokens + 1 > size:
+        raise SystemExit(f"--new-tokens {new_tokens}: an in-window run must fit the {size}-token window")
+    result = run_generate(model, prompt, Window(size, stride), new_tokens + 1)
+    return {"prompt_tokens": prompt_tokens, "decode_tokens": new_tokens,
+            "context_tokens": [prompt_tokens, prompt_tokens + new_tokens],
+            "prompt_prefill_s": round(result["first_token_s"], 4),
+            "decode_s": round(result["after_first_s"], 4),
+            "tokens_per_s": rate(new_tokens, result["after_first_s"])}
+
+
+def slide_figures(result: dict, size: int, stride: int, tokens: int, seconds: float) -> dict:
+    stats: Stats = result["stats"]
+    reencode_s = sum(result["prefill_s"][1:])  # the first prefill call encodes the prompt
+    return {"stride": stride, "kept_after_slide": size + 1 - stride, "new_tokens": tokens,
+            "slides": stats.slides, "prefill_tokens": stats.prefill_tokens, "seconds": round(seconds, 3),
+            "tokens_per_s": rate(tokens, seconds), "prompt_prefill_s": round(result["prefill_s"][0], 4),
+            "reencode_s": round(reencode_s, 3), "reencode_share": round(reencode_s / seconds, 4),
+            "reencode_per_slide_s": round(reencode_s / stats.slides, 3) if stats.slides else None,
+            "decode_tokens_per_s": rate(tokens, seconds - reencode_s)}
+
+
+def measure_unlimited(model, size: int, stride: int, prompt: list[int], new_tokens: int) -> dict:
+    """Fast path from a short prompt over many windows; the whole run is timed, re-encodes
+    (every prefill call after the prompt's) measured apart."""
+    result = run_generate(model, prompt, Window(size, stride), new_tokens)
+    seconds = result["first_token_s"] + result["after_first_s"]
+    return {"prompt_tokens": len(prompt), **slide_figures(result, size, stride, new_tokens, seconds)}
+
+
+def measure_steady(model, size: int, stride: int, new_tokens: int) -> dict:
+    """Fast path in the steady state: the prompt fills the window, so the first token is followed
+    by a slide, and every `stride` tokens after it by another. Timed after the first token:
+    new_tokens (rounded up to whole strides) tokens, new_tokens / stride re-encodes of
+    size + 1 - stride tokens each."""
+    new_tokens = -(-new_tokens // stride) * stride
+    prompt = random_ids(size, model.args.vocab_size, 6)
+    result = run_generate(model, prompt, Window(size, stride), new_tokens + 1)
+    return {"prompt_tokens": size, **slide_figures(result, size, stride, new_tokens, result["after_first_s"])}
+
+
+def measure_slow(model, size: int, tokens: int) -> dict:
+    """The slow path at a full window: stride 1 keeps the window at `size` tokens, so every
+    step recomputes all of them."""
+    prompt = random_ids(size, model.args.vocab_size, 2)
+    result = run_generate(model, prompt, Window(size, 1), tokens, fast=False)
+    seconds = result["first_token_s"] + result["after_first_s"]
+    return {"window_tokens": size, "new_tokens": tokens, "seconds": round(seconds, 3),
+            "tokens_per_s": rate(tokens, seconds)}
+
+
+def measure_prefill(model, size: int, reps: int) -> dict:
+    """cpmgen.generate.prefill of a full window into a KV cache (what each slide costs)."""
+    ids = random_ids(size, model.args.vocab_size, 3)
+    cache = model.new_kv_cache(1, size)
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps):
+            start = time.perf_counter()
+            cpmgen.generate.prefill(model, ids, cache, 0)
+            times.append(time.perf_counter() - start)
+    best = statistics.median(times)
+    return {"tokens": size, "seconds": [round(t, 3) for t in times], "median_s": round(best, 3),
+            "tokens_per_s": rate(size, best)}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def add_ratios(result: dict) -> None:
+    in_window = result["in_window"]["tokens_per_s"]
+    prefill_tps = result["prefill"]["tokens_per_s"]
+    result["unlimited"]["over_in_window"] = round(result["unlimited"]["tokens_per_s"] / in_window, 3)
+    for row in result["stride_sweep"]:
+        row["over_in_window"] = round(row["tokens_per_s"] / in_window, 3)
+        # the same share predicted from the full-window prefill rate (a check on the measured one)
+        row["reencode_share_est"] = round(row["slides"] * row["kept_after_slide"] / prefill_tps / row["seconds"], 4)
+    result["ratios"] = {
+        "fast_over_slow": round(in_window / result["slow_full_window"]["tokens_per_s"], 2),
+        "unlimited_over_in_window": result["unlimited"]["over_in_window"],
+        "in_window_long_over_short": round(result["in_window_long_context"]["tokens_per_s"] / in_window, 3),
+        "reencode_share_by_stride": {str(r["stride"]): r["reencode_share"] for r in result["stride_sweep"]},
+        "steady_over_in_window_by_stride": {str(r["stride"]): r["over_in_window"] for r in result["stride_sweep"]},
+    }
+
+
+def print_table(result: dict) -> None:
+    in_window = result["in_window"]["tokens_per_s"]
+    table = Table(title=f"cpmgen {PRESET} fp32 CPU, {result['env']['torch_threads']} torch threads")
+    for column in ("run", "stride", "tokens", "slides", "seconds", "tokens/s", "x in-window", "re-encode share"):
+        table.add_column(column, justify="left" if column == "run" else "right")
+
+    def row(name, stride, tokens, slides, seconds, tps, share="-"):
+        table.add_row(name, str(stride), str(tokens), str(slides), str(seconds), str(tps),
+                      str(round(tps / in_window, 3)), str(share))
+
+    for key, name in (("in_window", "fast, in window, short context"),
+                      ("in_window_long_context", "fast, in window, long context")):
+        w = result[key]
+        row(name, "-", w["decode_tokens"], 0, w["decode_s"], w["tokens_per_s"])
+    u = result["unlimited"]
+    row(f"fast, {result['config']['windows']} windows from a short prompt", u["stride"], u["new_tokens"],
+        u["slides"], u["seconds"], u["tokens_per_s"], u["reencode_share"])
+    for r in result["stride_sweep"]:
+        row("fast, steady state (from a full window)", r["stride"], r["new_tokens"], r["slides"], r["seconds"],
+            r["tokens_per_s"], r["reencode_share"])
+    s = result["slow_full_window"]
+    row("slow, full window", 1, s["new_tokens"], "-", s["seconds"], s["tokens_per_s"])
+    p = result["prefill"]
+    table.add_row("prefill (re-encode) of a full window", "-", str(p["tokens"]), "-", str(p["median_s"]),
+                  str(p["tokens_per_s"]), "-", "-")
+    console.print(table)
+
+
+def environment() -> dict:
+    return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
+            "torch_interop_threads": torch.get_num_interop_threads(), "cpu_count": os.cpu_count(),
+            "python": platform.python_version(), "machine": platform.machine(),
+            "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
+            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
+            "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+    env = environment()
+    folder = ensure_checkpoint(cache_dir() / f"{PRESET}-seed0")
+    model = load(folder)
+    default = Window.from_settings(WindowSection(), model.args.max_positions)  # what the CLI uses by default
+    size, default_stride = default.size, default.stride
+    result = {"benchmark": "cpmgen generate", "model": PRESET, "params": model.args.num_params,
+              "device": "cpu", "dtype": "fp32", "sampling": "greedy", "batch": 1, "env": env,
+              "config": {"window": size, "default_stride": default_stride, "quick": args.quick,
+                         "new_tokens": args.new_tokens, "windows": args.windows, "strides": args.strides,
+                         "sweep_tokens": args.sweep_tokens, "checkpoint": str(folder)}}
+
+    def step(name: str) -> None:
+        console.print(f"[{time.perf_counter() - started:6.1f}s] {name}")
+
+    step("warm-up")
+    warm_up(model, size, default_stride)
+    step(f"in-window decode, {args.new_tokens} tokens after a {PROMPT_TOKENS}-token prompt")
+    result["in_window"] = measure_in_window(model, size, default_stride, PROMPT_TOKENS, args.new_tokens, seed=1)
+    long_tokens = min(args.new_tokens, 128)
+    step(f"in-window decode at a nearly full window, {long_tokens} tokens")
+    result["in_window_long_context"] = measure_in_window(model, size, default_stride, size - long_tokens - 1,
+                                                         long_tokens, seed=4)
+    step(f"prefill of {size} tokens x {args.prefill_reps}")
+    result["prefill"] = measure_prefill(model, size, args.prefill_reps)
+    step(f"slow path at a full window, {args.slow_tokens} tokens")
+    result["slow_full_window"] = measure_slow(model, size, args.slow_tokens)
+    step(f"unlimited: {args.windows} windows ({args.windows * size} tokens) at stride {default_stride}")
+    prompt = random_ids(PROMPT_TOKENS, model.args.vocab_size, 5)
+    result["unlimited"] = measure_unlimited(model, size, default_stride, prompt, args.windows * size)
+    result["stride_sweep"] = []
+    for stride in args.strides:
+        step(f"steady state from a full window: {args.sweep_tokens}+ tokens at stride {stride}")
+        result["stride_sweep"].append(measure_steady(model, size, stride, args.sweep_tokens))
+    add_ratios(result)
+    env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
+    result["total_seconds"] = round(time.perf_counter() - started, 1)
+    step("done")
+    print_table(result)
+    json.dump(result, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,231 @@
+"""Tensor parallelism as Megatron splits CPM-1, applied to a model from outside.
+
+`apply_tensor_parallel(model, rank, world)` rewrites a (meta-device) CPMModel so that each
+rank holds exactly its Megatron shard: column-parallel QKV and h_to_4h (their outputs stay
+split, so attention heads and the GELU run locally), row-parallel attention dense and
+4h_to_h (partial products all-reduced, then the bias added once), a vocab-parallel word
+embedding (each rank looks up its vocab range, the sum is all-reduced) and gathered logits.
+The KV cache follows the local head count, so it is sharded by heads. The model code itself
+knows nothing of this.
+
+`launch` and `init` connect a command to torchrun: the command relaunches itself through
+torch.distributed.run with N local ranks, or joins the group it already runs in.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import types
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+from cpmgen.config import ModelArgs
+from cpmgen.errors import UserError
+from cpmgen.model import CPMModel
+
+TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_r @ W_r^T) + b: each rank holds the input columns of its shard."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.empty(out_features))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight)
+        dist.all_reduce(out)
+        return out + self.bias
+
+
+class VocabParallelEmbedding(nn.Module):
+    """Rank r holds rows [start, start + rows); other ids look up zeros; the sum is all-reduced."""
+
+    def __init__(self, rows: int, dim: int, start: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(rows, dim))
+        self.start = start
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        local = ids - self.start
+        outside = (local < 0) | (local >= self.weight.shape[0])
+        out = F.embedding(local.masked_fill(outside, 0), self.weight).masked_fill(outside[..., None], 0.0)
+        dist.all_reduce(out)
+        return out
+
+
+def _gathered_lm_head(self: CPMModel, x: torch.Tensor) -> torch.Tensor:
+    """Each rank's logits cover its vocab slice; every rank gets all of them, in rank order."""
+    local = F.linear(x, self.word_embeddings.weight).contiguous()
+    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, local)
+    return torch.cat(parts, dim=-1)
+
+
+def check_split(args: ModelArgs, world: int) -> None:
+    for size, what in ((args.num_heads, "attention heads"), (args.vocab_size, "vocab entries"),
+                       (args.ffn_size, "MLP units")):
+        if size % world:
+            raise UserError(f"--mp {world} does not divide the model's {size} {what}; choose a divisor")
+
+
+def apply_tensor_parallel(model: CPMModel, rank: int, world: int) -> CPMModel:
+    """Give every split layer its rank-local shape (Megatron's split of the reference); load the
+    rank's tensors afterwards with load_state_dict(assign=True)."""
+    args = model.args
+    check_split(args, world)
+    hidden, device = args.hidden_size, model.word_embeddings.weight.device
+    with torch.device(device):
+        for block in model.transformer.layers:
+            attention, mlp = block.attention, block.mlp
+            attention.num_heads = args.num_heads // world
+            attention.query_key_value = nn.Linear(hidden, 3 * hidden // world)
+            attention.dense = RowParallelLinear(hidden // world, hidden)
+            mlp.dense_h_to_4h = nn.Linear(hidden, args.ffn_size // world)
+            mlp.dense_4h_to_h = RowParallelLinear(args.ffn_size // world, hidden)
+        rows = args.vocab_size // world
+        model.word_embeddings = VocabParallelEmbedding(rows, hidden, rank * rows)
+    model.lm_head = types.MethodType(_gathered_lm_head, model)
+    return model
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def under_torchrun() -> bool:
+    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def world_size(requested: Optional[int]) -> int:
+    """The model-parallel size: --mp / runtime.mp, or torchrun's WORLD_SIZE when it launched us."""
+    if under_torchrun():
+        world = int(os.environ["WORLD_SIZE"])
+        if requested not in (None, world):
+            raise UserError(f"--mp {requested}: torchrun started {world} processes; pass --mp {world} or drop --mp")
+        return world
+    if requested is not None and requested < 1:
+        raise UserError(f"--mp {requested}: the model-parallel size must be at least 1")
+    return requested or 1
+
+
+def init(device_type: str) -> tuple[int, int]:
+    """Join torchrun's process group: NCCL with one GPU per rank on CUDA, gloo on CPU."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    if not dist.is_initialized():
+        if device_type == "cuda":
+            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    return rank, world
+
+
+def shutdown(code: int) -> None:
+    """End a rank. After success (or a Ctrl-C, where all ranks stop at the same step) the ranks
+    leave the group together; after a failure the others may be stuck in a collective, so this
+    rank leaves at once and torchrun stops the rest. Either way the process ends with os._exit
+    once its output is flushed: gloo's threads can abort ("terminate called without an active
+    exception") in the interpreter's teardown, which would turn a finished run into a failure."""
+    if dist.is_initialized() and code in (0, 130):
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def any_rank(flag: bool) -> bool:
+    """True on every rank when it is true on any (Ctrl-C lands on the ranks at different steps)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([int(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
+def shared_items(items):
+    """Rank 0's items (prompts read from a file, stdin or the terminal), received by every rank."""
+    source = iter(items) if items is not None else None
+    while True:
+        box = [next(source, None) if source is not None else None]
+        dist.broadcast_object_list(box, src=0)
+        if box[0] is None:
+            return
+        yield box[0]
+
+
+# torchrun's own log lines and its failure report: the ranks' one-line errors say it better.
+_NOISE = re.compile(rb"^([WEI]\d{4} \d\d:\d\d:\d\d|\*{5,}|\s*$)")
+
+
+def launch(mp: int, argv: list[str], debug: bool) -> int:
+    """Run `python -m cpmgen ARGV` as `mp` local ranks through torchrun; return the exit code.
+
+    Rank 0's stdout is the terminal's. The ranks' stderr passes through as it comes, without
+    torchrun's log lines and the traceback it prints when a rank fails; a rank's one-line
+    error is shown once even when every rank reports it."""
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // mp)))
+    if sys.stderr.isatty():
+        env["CPMGEN_STDERR_TTY"] = "1"  # the ranks' stderr is a pipe to here, but ends on a terminal
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={mp}",
+               "--monitor-interval=0.2", "-m", "cpmgen", *argv]
+    if debug:
+        return subprocess.call(command, env=env)
+    proc = subprocess.Popen(command, env=env, stderr=subprocess.PIPE)
+    relay, interrupted = _StderrRelay(), False
+    while True:
+        try:
+            chunk = os.read(proc.stderr.fileno(), 65536)
+        except KeyboardInterrupt:  # the ranks got the same Ctrl-C: they stop after the current token
+            interrupted = True
+            continue
+        if not chunk:
+            break
+        relay.feed(chunk)
+    code = proc.wait()
+    relay.close()
+    if interrupted:
+        return 130
+    if code and not relay.errors:
+        sys.stderr.write(f"error: a model-parallel rank failed (exit {code}); rerun with --debug to see its output\n")
+    return 2 if code and relay.errors else code
+
+
+class _StderrRelay:
+    def __init__(self):
+        self.pending = b""
+        self.errors: set[bytes] = set()
+        self.failed = False  # after a traceback only the ranks' error lines are worth showing
+
+    def feed(self, chunk: bytes) -> None:
+        self.pending += chunk
+        *lines, self.pending = self.pending.split(b"\n")
+        for line in lines:
+            self._line(line + b"\n")
+        if self.pending and not self.failed and not _NOISE.match(self.pending) and b"error: " not in self.pending:
+            sys.stderr.buffer.write(self.pending)  # a prompt or progress bar without a newline yet
+            sys.stderr.flush()
+            self.pending = b""
+
+    def _line(self, line: bytes) -> None:
+        if line.startswith(b"error: "):
+            if line not in self.errors:
+                self.errors.add(line)
+                sys.stderr.buffer.write(line)
+        elif line.startswith(b"Traceback"):
+            self.failed = True
+        elif not self.failed and not _NOISE.match(line):
+            sys.stderr.buffer.write(line)
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.pending:
+            self._line(self.pending)
