@@ -280,6 +280,8 @@ def score(
     vocab: VocabOpt = None,
     stride: StrideOpt = None,
     fast: Annotated[Optional[bool], typer.Option("--fast/--no-fast", help="One forward per window (fast) or per token (exact reference) [default: generate.fast].", show_default=False)] = None,
+    keep: Annotated[Optional[int], typer.Option("--keep", help="The first N tokens stay at the start of the window through every slide.", show_default=False)] = None,
+    report: Annotated[bool, typer.Option("--window-report", help="Also show perplexity by position: tokens 0..W, W..2W, ...")] = False,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -289,7 +291,7 @@ def score(
 ):
     """Log-likelihood and perplexity of a text; longer texts slide the window by --stride, as generation does."""
     from cpmgen.fileio import read_text_utf8
-    from cpmgen.score import score_ids, summary
+    from cpmgen.score import score_ids, summary, window_report
     from cpmgen.window import Window
 
     settings = settings_from(config, sets, model=model, vocab=vocab, device=device, dtype=dtype)
@@ -297,6 +299,8 @@ def score(
         settings.window.stride = stride
     if mp is not None:
         settings.runtime.mp = mp
+    if keep is not None:
+        settings.window.keep = keep
     text = sys.stdin.read() if file == "-" else read_text_utf8(file)
     loaded = load_for(settings, *model_parallel(settings))
     tokenizer = tokenizer_for(settings, loaded.args.vocab_size)
@@ -307,10 +311,20 @@ def score(
     with console.progress("scoring", total=len(ids) - 1) as advance:
         logprobs = score_ids(loaded.model, ids, window, settings.generate.fast if fast is None else fast, advance)
     result = summary(ids, logprobs)
+    if report:
+        result["window_report"] = window_report(logprobs, window.size)
     if as_json:
         print_json(result)
-    else:
-        console.stdout.print(f"{len(ids)} tokens, nll {result['nll']:.4f}, perplexity {result['perplexity']:.2f}")
+        return
+    console.stdout.print(f"{len(ids)} tokens, nll {result['nll']:.4f}, perplexity {result['perplexity']:.2f}")
+    if report:
+        from rich.table import Table
+
+        table = Table("tokens", "count", "nll", "perplexity", box=None)
+        for bucket in result["window_report"]:
+            table.add_row(f"{bucket['start']}..{bucket['end']}", str(bucket["tokens"]), f"{bucket['nll']:.4f}",
+                          f"{bucket['perplexity']:.2f}")
+        console.stdout.print(table)
 
 
 # ----------------------------------------------------------------------------- generation
@@ -341,9 +355,14 @@ def _task_command(task_name: str):
         top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens; 0: off [default: 0].", show_default=False)] = None,
         top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling, in (0, 1] [default: 0.9].", show_default=False)] = None,
         repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="CTRL penalty on tokens in the window; 1: off.", show_default=False)] = None,
+        frequency_penalty: Annotated[Optional[float], typer.Option("--frequency-penalty", help="Subtract this times each token's count in the window from its logit.", show_default=False)] = None,
+        presence_penalty: Annotated[Optional[float], typer.Option("--presence-penalty", help="Subtract this from the logit of every token present in the window.", show_default=False)] = None,
         greedy: Annotated[Optional[bool], typer.Option("--greedy", help="Always take the most likely token.", show_default=False)] = None,
         seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed; the same seed gives the same text.", show_default=False)] = None,
         stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens dropped per window slide [default: a quarter of the window, 255]: each slide costs one re-encode of the window, so a larger stride is faster but keeps less context right after a slide; see README.", show_default=False)] = None,
+        keep: Annotated[Optional[int], typer.Option("--keep", help="The first N prompt tokens (a title, the first line) stay at the start of the window through every slide.", show_default=False)] = None,
+        stop: Annotated[Optional[list[str]], typer.Option("--stop", help="End a sample once its text contains TEXT (repeatable; kept in the text).", show_default=False)] = None,
+        lines: Annotated[Optional[int], typer.Option("--lines", help="lyric: end after N generated lines.", show_default=False)] = None,
         num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="Continuations generated together in one batch.", show_default=False)] = None,
         device: DeviceOpt = None,
         dtype: DtypeOpt = None,
@@ -358,6 +377,8 @@ def _task_command(task_name: str):
             ("generate", "json", as_json), ("generate", "output", output),
             ("sampling", "temperature", temperature), ("sampling", "top_k", top_k), ("sampling", "top_p", top_p),
             ("sampling", "repetition_penalty", repetition_penalty), ("sampling", "greedy", greedy),
+            ("sampling", "frequency_penalty", frequency_penalty), ("sampling", "presence_penalty", presence_penalty),
+            ("window", "keep", keep), ("generate", "stop", stop), ("generate", "lines", lines),
             ("sampling", "seed", seed), ("window", "stride", stride), ("runtime", "mp", mp),
         ):
             if value is not None:
@@ -382,7 +403,13 @@ def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
             raise UserError(f"{option} {value}: must not be negative")
     if gen.num_samples < 1:
         raise UserError(f"--num-samples {gen.num_samples}: must be at least 1")
-    params = SamplingParams(samp.temperature, samp.top_k, samp.top_p, samp.repetition_penalty, samp.greedy)
+    params = SamplingParams(samp.temperature, samp.top_k, samp.top_p, samp.repetition_penalty,
+                            samp.frequency_penalty, samp.presence_penalty, samp.greedy)
+    if gen.lines is not None and (task_name != "lyric" or gen.lines < 1):
+        raise UserError(f"--lines {gen.lines}: only lyric has lines, and it needs at least 1" if task_name == "lyric"
+                        else "--lines: only lyric counts lines; use --max-new-tokens or --stop for novel")
+    if any(not s for s in gen.stop):
+        raise UserError("--stop '': a stop text must not be empty")
     interactive = input is None
     rank, world = model_parallel(settings)
     if rank == 0:  # the other ranks receive rank 0's prompts
@@ -407,6 +434,8 @@ def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
                 console.stderr.print("empty prompt; type some text, or stop to quit")
                 continue
             raise UserError(f"{where}: the prompt is empty; write the opening text (lyric: lines ending with <eod>)")
+        if window.keep > len(prompt_ids):
+            raise UserError(f"--keep {window.keep}: the prompt has only {len(prompt_ids)} tokens; keep at most that many")
         if len(prompt_ids) > window.size:
             console.warn(f"the prompt has {len(prompt_ids)} tokens, more than the {window.size}-token window; "
                          "keeping its last part")
@@ -416,7 +445,8 @@ def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
             if max_new < 1:
                 raise UserError(f"--out-seq-length {gen.out_seq_length}: not longer than the prompt "
                                 f"({len(prompt_ids)} tokens); ask for more, or use --max-new-tokens")
-        job = Job(task, window, params, max_new or None, gen.num_samples, gen.fast, samp.seed)
+        job = Job(task, window, params, max_new or None, gen.num_samples, gen.fast, samp.seed, tuple(gen.stop),
+                  gen.lines)
         view = _make_view(gen.json or rank != 0, job, tokenizer, prompt_ids)
         result = run(job, loaded.model, tokenizer, prompt_ids, view, agree)
         view.finish(result.prompt_text, result.texts, result.stats)

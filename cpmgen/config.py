@@ -114,6 +114,8 @@ class SamplingSection:
     top_k: int = 0
     top_p: float = 0.9
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     greedy: bool = False
     seed: Optional[int] = None
 
@@ -126,6 +128,10 @@ class GenerateSection:
     out_seq_length: Optional[int] = None
     """Older scripts' meaning: total length, prompt plus new tokens (overrides max_new_tokens)."""
     num_samples: int = 1
+    stop: list[str] = field(default_factory=list)
+    """A sample ends once its text contains one of these strings."""
+    lines: Optional[int] = None
+    """lyric: a sample ends after this many generated lines."""
     output: Optional[str] = None
     """Also write the text (prompt and continuation) to this file, atomically."""
     json: bool = False
@@ -152,6 +158,9 @@ def _sections() -> dict[str, type]:
 def _coerce(value: Any, annotation: Any, where: str) -> Any:
     """Check a YAML/--set value against a field's type, converting int -> float where natural."""
     origin = typing.get_origin(annotation)
+    if origin is list:
+        items = value if isinstance(value, list) else [value]
+        return [_coerce(item, typing.get_args(annotation)[0], where) for item in items]
     if origin is typing.Union:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if value is None:

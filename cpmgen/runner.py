@@ -33,6 +33,8 @@ class Job:
     num_samples: int = 1
     fast: bool = True
     seed: Optional[int] = None
+    stop: tuple[str, ...] = ()  # a sample ends once its text contains one of these (kept in the text)
+    max_lines: Optional[int] = None  # lyric: a sample ends after this many generated lines
 
 
 @dataclass
@@ -90,10 +92,17 @@ def run(job: Job, model: CPMModel, tokenizer: CPMTokenizer, prompt_ids: list[int
     shown = [0] * job.num_samples
     stats = Stats()
 
+    shown_text = [""] * job.num_samples
+    lines = [0] * job.num_samples
+    longest_stop = max(map(len, job.stop), default=0)
+
     def show(row: int) -> None:
         # Catches up from `shown`, so a Ctrl-C between append and display loses nothing.
         new_ids, shown[row] = samples[row][shown[row]:], len(samples[row])
-        view.update(row, decoders[row].push(job.task.display_ids(new_ids, eod)), stats)
+        chunk = decoders[row].push(job.task.display_ids(new_ids, eod))
+        view.update(row, chunk, stats)
+        # only the end of the text can hold a stop string that this chunk completed
+        shown_text[row] = (shown_text[row] + chunk)[-(longest_stop + len(chunk)):]
 
     steps = generate(model, prompt_ids, job.window, job.params, job.max_new_tokens, job.num_samples, job.fast,
                      generator, stats)
@@ -107,6 +116,12 @@ def run(job: Job, model: CPMModel, tokenizer: CPMTokenizer, prompt_ids: list[int
                     continue
                 samples[row].append(token)
                 show(row)
+                if any(s in shown_text[row] for s in job.stop):
+                    reasons[row] = "stop"
+                elif token == eod and job.max_lines is not None:
+                    lines[row] += 1
+                    if lines[row] >= job.max_lines:
+                        reasons[row] = "length"
             if agree(interrupted.is_set()):
                 reasons = [r or "interrupt" for r in reasons]
             if all(r is not None for r in reasons):

@@ -22,6 +22,8 @@ class SamplingParams:
     top_k: int = 0
     top_p: float = 0.9
     repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
     greedy: bool = False
 
     def __post_init__(self):
@@ -47,6 +49,17 @@ def apply_repetition_penalty(logits: torch.Tensor, contexts: Sequence[Sequence[i
     return logits
 
 
+def apply_count_penalties(logits: torch.Tensor, contexts: Sequence[Sequence[int]], frequency: float,
+                          presence: float) -> torch.Tensor:
+    """As in the common LLM APIs, over the tokens in the window: subtract frequency * count
+    and presence * (count > 0) from each token's logit."""
+    if frequency == 0.0 and presence == 0.0:
+        return logits
+    counts = torch.stack([torch.bincount(torch.tensor(list(c), dtype=torch.long), minlength=logits.shape[-1])
+                          for c in contexts]).to(logits.device, logits.dtype)
+    return logits - torch.where(counts > 0, frequency * counts + presence, 0.0)
+
+
 def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set to -inf what top-k, then top-p (the smallest set whose probability exceeds p), excludes."""
     if top_k > 0:
@@ -66,6 +79,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
            contexts: Sequence[Sequence[int]]) -> torch.Tensor:
     """logits [batch, vocab] -> next token ids [batch]."""
     logits = apply_repetition_penalty(logits.float(), contexts, params.repetition_penalty)
+    logits = apply_count_penalties(logits, contexts, params.frequency_penalty, params.presence_penalty)
     if params.greedy:
         return logits.argmax(dim=-1)
     logits = top_k_top_p_filter(logits / params.temperature, params.top_k, params.top_p)

@@ -56,6 +56,23 @@ def score_ids(model: CPMModel, ids: list[int], window: Window, fast: bool = True
     return logprobs
 
 
+def _nll(logprobs: list[float]) -> float:
+    return -sum(logprobs) / len(logprobs) if logprobs else 0.0
+
+
 def summary(ids: list[int], logprobs: list[float]) -> dict:
-    nll = -sum(logprobs) / len(logprobs) if logprobs else 0.0
+    nll = _nll(logprobs)
     return {"ids": ids, "logprobs": logprobs, "nll": nll, "perplexity": math.exp(nll)}
+
+
+def window_report(logprobs: list[float], size: int) -> list[dict]:
+    """Perplexity by position of the predicted token in the text: tokens 0..W, W..2W, ...
+    (logprobs[i] predicts token i + 1), so a user sees whether quality holds past the window."""
+    buckets = []
+    for start in range(0, len(logprobs) + 1, size):
+        part = logprobs[max(start - 1, 0):start + size - 1]
+        if part:
+            nll = _nll(part)
+            buckets.append({"start": start, "end": start + size, "tokens": len(part), "nll": nll,
+                            "perplexity": math.exp(nll)})
+    return buckets

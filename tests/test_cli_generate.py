@@ -165,3 +165,42 @@ def test_ctrl_c_keeps_what_was_generated(cpmgen_env, model_dir, prompt_file, tmp
     streamed = (first + rest).decode("utf-8")
     assert output.read_text(encoding="utf-8") == streamed
     assert len(first + rest) > 300
+
+
+def test_stop_string_ends_on_the_token_that_completes_it(cpmgen_cli, model_dir, prompt_file):
+    from cpmgen.tokenizer import CPMTokenizer
+
+    tokenizer = CPMTokenizer(model_dir / "chinese_vocab.model")
+    common = ["novel", prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", "3", "--max-new-tokens", "60"]
+    code, out, _ = cpmgen_cli(*common)
+    free = json.loads(out)
+    # choose as stop text the decoded text of generated tokens 10..11: the run must end on token 11
+    stop = tokenizer.decode(free["ids"][10:12])
+    assert stop and stop not in tokenizer.decode(free["ids"][:11])
+    code, out, _ = cpmgen_cli(*common, "--stop", stop, "--stop", "never-generated-text")
+    stopped = json.loads(out)
+    assert code == 0 and stopped["stop_reason"] == "stop"
+    assert stopped["ids"] == free["ids"][:12]
+    assert stopped["text"].endswith(stop)
+
+
+def test_lyric_lines_stops_after_n_lines(cpmgen_cli, model_dir, prompt_file):
+    code, out, _ = cpmgen_cli("lyric", prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", "1",
+                              "--temperature", "2", "--lines", "2", "--max-new-tokens", "0")
+    result = json.loads(out)
+    assert code == 0 and result["stop_reason"] == "length"
+    assert result["ids"].count(7) == 2 and result["ids"][-1] == 7
+    assert result["text"].count("\n") == 2 + result["ids"].count(3)  # id 3 is the newline piece
+
+
+def test_keep_longer_than_the_prompt(cpmgen_cli, model_dir, prompt_file):
+    code, _, err = cpmgen_cli("novel", prompt_file, "-m", model_dir, *HEADS, "--keep", "40")
+    assert code == 2 and err.startswith("error: --keep 40: the prompt has only ")
+
+
+def test_keep_fast_equals_slow_via_the_cli(cpmgen_cli, model_dir, prompt_file):
+    common = ["lyric", prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", "8", "--stride", "8", "--keep", "6",
+              "--max-new-tokens", "150"]
+    fast = json.loads(cpmgen_cli(*common).stdout)
+    slow = json.loads(cpmgen_cli(*common, "--no-fast").stdout)
+    assert fast["ids"] == slow["ids"] and fast["stats"]["slides"] >= 3

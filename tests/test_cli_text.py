@@ -120,3 +120,15 @@ def test_user_config_gives_the_model_path(cpmgen_env, monkeypatch, tmp_path):
     monkeypatch.setenv("CPMGEN_MODEL", "/elsewhere")
     assert load_settings().model.path == "/models/cpm-large"  # a configured path wins over the environment
     assert load_settings(sets=["model.path=/x"]).model.path == "/x"
+
+
+def test_window_report_buckets_by_position(cpmgen_cli, model_dir, story):
+    code, out, _ = cpmgen_cli("score", story, "-m", model_dir, *HEADS, "--json", "--stride", "8", "--window-report",
+                              "--keep", "4")
+    result = json.loads(out)
+    buckets = result["window_report"]
+    size = ARGS.max_positions - 1
+    assert [b["start"] for b in buckets] == list(range(0, len(result["ids"]), size))
+    assert sum(b["tokens"] for b in buckets) == len(result["logprobs"])
+    first = result["logprobs"][:size - 1]
+    assert buckets[0]["nll"] == pytest.approx(-sum(first) / len(first))

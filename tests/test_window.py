@@ -103,3 +103,24 @@ def test_bad_sampling(kwargs, message):
     with pytest.raises(UserError) as e:
         SamplingParams(**kwargs)
     assert str(e.value) == message
+
+
+def test_frequency_and_presence_penalties():
+    from cpmgen.sampling import apply_count_penalties
+
+    logits = torch.zeros(2, 4)
+    out = apply_count_penalties(logits, [[1, 1, 1, 2], []], frequency=0.5, presence=2.0)
+    assert out.tolist() == [[0.0, -3.5, -2.5, 0.0], [0.0, 0.0, 0.0, 0.0]]
+    assert apply_count_penalties(logits, [[1]], 0.0, 0.0) is logits
+
+
+def test_penalties_shift_the_sampled_distribution():
+    logits = torch.zeros(20000, 3)
+    contexts = [[0, 0]] * 20000
+    params = SamplingParams(temperature=1.0, top_p=1.0, presence_penalty=float("inf"))
+    drawn = sample(logits, params, torch.Generator().manual_seed(0), contexts)
+    assert 0 not in drawn.tolist()  # a present token is never drawn again
+    params = SamplingParams(temperature=1.0, top_p=1.0, frequency_penalty=0.5)  # token 0: logit -1
+    freq = torch.bincount(sample(logits, params, torch.Generator().manual_seed(0), contexts), minlength=3) / 20000
+    expected = torch.softmax(torch.tensor([-1.0, 0.0, 0.0]), dim=0)
+    torch.testing.assert_close(freq, expected, atol=0.02, rtol=0)
