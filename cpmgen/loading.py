@@ -72,6 +72,8 @@ def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = No
     state = {}
     for name, tensor in ckpt.full_tensors() if world == 1 else ckpt.rank_tensors(world, rank):
         state[name] = tensor.to(device=device, dtype=dtype)
+        if state[name].data_ptr() != tensor.data_ptr():
+            ckpt.release(name)  # converted or moved: the mapped pages are no longer needed
         if advance:
             advance(1)
     model.load_state_dict(state, assign=True)

@@ -8,8 +8,11 @@ Rank files are opened with mmap so that reading a checkpoint never holds two cop
 
 from __future__ import annotations
 
+import ctypes
+import mmap
 import pickle
 import re
+import sys
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,22 +47,26 @@ class MegatronFolder:
         return [self.rank_files[r] for r in range(self.mp)]
 
 
+def is_mappable(path: Path) -> bool:
+    return zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be memory-mapped
+
+
 def load_rank_file(path: Path) -> dict:
     """torch.load a rank file memory-mapped; any failure becomes a one-line UserError."""
-    def _load(weights_only: bool, mmap: bool):
-        return torch.load(path, map_location="cpu", mmap=mmap, weights_only=weights_only)
+    def _load(weights_only: bool, mapped: bool):
+        return torch.load(path, map_location="cpu", mmap=mapped, weights_only=weights_only)
 
     if path.stat().st_size == 0:
         raise UserError(f"{path}: empty file, not a PyTorch checkpoint; re-copy this rank file")
-    mmap = zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be memory-mapped
+    mapped = is_mappable(path)
     try:
         try:
-            state = _load(True, mmap)
+            state = _load(True, mapped)
         except pickle.UnpicklingError as e:
             if "Weights only load failed" not in str(e):
                 raise
             # Old Megatron checkpoints pickle numpy RNG states; the user's own file is trusted.
-            state = _load(False, mmap)
+            state = _load(False, mapped)
     except UserError:
         raise
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
@@ -118,6 +125,27 @@ def open_folder(root: Path) -> MegatronFolder:
     if ckpt.problems:
         raise UserError(f"{ckpt.folder}: {ckpt.problems[0]}; run cpmgen inspect-ckpt {root}")
     return ckpt
+
+
+_libc = ctypes.CDLL(None) if sys.platform == "linux" else None
+_MADV_DONTNEED = 4
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop the pages of a memory-mapped tensor from this process's memory.
+
+    torch.load(mmap=True) maps rank files privately and read-only in practice, so the pages
+    are re-read from the file if touched again; without this, every tensor a reshard or a
+    dtype-converting load has read stays resident and peak memory reaches twice the
+    checkpoint. Only for tensors of a file mapping: on anonymous memory it would zero them."""
+    if _libc is None:
+        return
+    storage = tensor.untyped_storage()
+    page = mmap.PAGESIZE
+    start = (storage.data_ptr() + page - 1) // page * page
+    end = (storage.data_ptr() + storage.nbytes()) // page * page
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
 def save_rank_file(path: Path, state: dict) -> None:

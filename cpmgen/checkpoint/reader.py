@@ -32,6 +32,13 @@ class Checkpoint:
     problems: list[str] = field(default_factory=list)
     hf_config: Optional[dict] = None
     own_rank: Optional[int] = None  # only this rank's file is open (a model-parallel run at the stored size)
+    mapped: bool = False  # the tensors are memory-mapped rank files
+
+    def release(self, name: str) -> None:
+        """Done with tensor `name` (and any copy made of it): let its mapped pages go."""
+        if self.mapped:
+            for shard in self.shards:
+                megatron.release_pages(shard[name])
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         dim = splits.split_dim(name)
@@ -89,7 +96,8 @@ def open_checkpoint(path: str | Path, strict: bool = True, rank: Optional[int] =
         states = [megatron.load_rank_file(folder.rank_files[r]) for r in present]
         ckpt = Checkpoint("megatron", path, folder.iteration, folder.mp, [folder.rank_files[r] for r in present],
                           [s["module"] for s in states], [{k: v for k, v in s.items() if k != "module"} for s in states],
-                          problems=list(folder.problems), own_rank=own)
+                          problems=list(folder.problems), own_rank=own,
+                          mapped=all(megatron.is_mappable(f) for f in folder.rank_files.values()))
         if folder.problems:  # shapes cannot be merged over missing ranks
             return ckpt
     ckpt.problems += _structure_problems(ckpt)

@@ -39,6 +39,11 @@ def _owned(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _shares_source(ckpt: Checkpoint, name: str, tensor: torch.Tensor) -> bool:
+    ptr = tensor.untyped_storage().data_ptr()
+    return any(shard[name].untyped_storage().data_ptr() == ptr for shard in ckpt.shards)
+
+
 def rank_metadata(ckpt: Checkpoint, mp: int, rank: int) -> dict:
     """change_mp.py's rule: keep iteration and RNG states, set mp_world_size, other keys None."""
     if not ckpt.extra or not ckpt.extra[0]:
@@ -59,15 +64,21 @@ def write_megatron(out: Path, ckpt: Checkpoint, args: ModelArgs, mp: int,
     folder.mkdir()
     files = []
     for rank in range(mp):
-        module = {}
+        module, borrowed = {}, []
         for name, tensor in ckpt.rank_tensors(mp, rank):
             module[name] = _owned(tensor)
+            if _shares_source(ckpt, name, module[name]):
+                borrowed.append(name)  # saved straight from the mapped file: release after the save
+            else:
+                ckpt.release(name)
             if advance:
                 advance(1)
         path = folder / megatron.rank_file_name(rank)
         megatron.save_rank_file(path, {**rank_metadata(ckpt, mp, rank), "module": module})
         files.append(path)
         del module
+        for name in borrowed:
+            ckpt.release(name)
     copy_vocab(ckpt.path, out)
     return files
 
