@@ -393,7 +393,6 @@ def _task_command(task_name: str):
 def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
     from cpmgen.fileio import read_text_utf8, write_text_atomic
     from cpmgen.runner import Job, run
-    from cpmgen.sampling import SamplingParams
     from cpmgen.tasks import TASKS
     from cpmgen.window import Window
 
@@ -403,8 +402,7 @@ def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
             raise UserError(f"{option} {value}: must not be negative")
     if gen.num_samples < 1:
         raise UserError(f"--num-samples {gen.num_samples}: must be at least 1")
-    params = SamplingParams(samp.temperature, samp.top_k, samp.top_p, samp.repetition_penalty,
-                            samp.frequency_penalty, samp.presence_penalty, samp.greedy)
+    samp.validate()  # values may have come from YAML or --set since it was made
     if gen.lines is not None and (task_name != "lyric" or gen.lines < 1):
         raise UserError(f"--lines {gen.lines}: only lyric has lines, and it needs at least 1" if task_name == "lyric"
                         else "--lines: only lyric counts lines; use --max-new-tokens or --stop for novel")
@@ -445,7 +443,7 @@ def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
             if max_new < 1:
                 raise UserError(f"--out-seq-length {gen.out_seq_length}: not longer than the prompt "
                                 f"({len(prompt_ids)} tokens); ask for more, or use --max-new-tokens")
-        job = Job(task, window, params, max_new or None, gen.num_samples, gen.fast, samp.seed, tuple(gen.stop),
+        job = Job(task, window, samp, max_new or None, gen.num_samples, gen.fast, samp.seed, tuple(gen.stop),
                   gen.lines)
         view = _make_view(gen.json or rank != 0, job, tokenizer, prompt_ids)
         result = run(job, loaded.model, tokenizer, prompt_ids, view, agree)

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import yaml
 
 from cpmgen.errors import UserError
+from cpmgen.sampling import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -109,14 +110,7 @@ class WindowSection:
 
 
 @dataclass
-class SamplingSection:
-    temperature: float = 0.9
-    top_k: int = 0
-    top_p: float = 0.9
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    greedy: bool = False
+class SamplingSection(SamplingParams):
     seed: Optional[int] = None
 
 

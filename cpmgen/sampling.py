@@ -16,8 +16,10 @@ import torch
 from cpmgen.errors import UserError
 
 
-@dataclass(frozen=True)
+@dataclass
 class SamplingParams:
+    """How to pick the next token (also the `sampling:` config section, which adds the seed)."""
+
     temperature: float = 0.9
     top_k: int = 0
     top_p: float = 0.9
@@ -27,6 +29,9 @@ class SamplingParams:
     greedy: bool = False
 
     def __post_init__(self):
+        self.validate()
+
+    def validate(self) -> None:
         if not self.temperature > 0:
             raise UserError(f"--temperature {self.temperature}: must be greater than 0 (use --greedy for argmax)")
         if self.top_k < 0:

@@ -135,3 +135,23 @@ def cpmgen_subprocess(cpmgen_env, tmp_path):
         return CliResult(proc.returncode, proc.stdout, proc.stderr)
 
     return run
+
+
+# ----------------------------------------------------------------------------- model folders with a vocab
+
+
+@_pytest.fixture(scope="session")
+def model_dir_factory(tmp_path_factory):
+    """model_dir_factory(name, args, mp=1, seed=0, state=None, iteration="release") -> a Megatron
+    folder with a small trained sentencepiece vocab (CPM special pieces at the CPM ids) inside,
+    so that `--model DIR` alone finds it."""
+    from cpmgen.synthetic import write_megatron_checkpoint
+    from cpmgen.testing import train_test_vocab
+
+    def make(name: str, args: _ModelArgs, mp: int = 1, seed: int = 0, state=None, iteration="release") -> _Path:
+        folder = write_megatron_checkpoint(tmp_path_factory.mktemp(name) / name, args, mp, iteration, seed,
+                                           state=state)
+        train_test_vocab(folder / "chinese_vocab.model", vocab_size=args.vocab_size)
+        return folder
+
+    return make

@@ -12,18 +12,14 @@ import time
 import pytest
 
 from cpmgen.config import ModelArgs
-from cpmgen.synthetic import write_megatron_checkpoint
-from cpmgen.testing import train_test_vocab
 
 ARGS = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=1000, max_positions=64)
 HEADS = ["--set", "model.num_heads=4"]
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = write_megatron_checkpoint(tmp_path_factory.mktemp("gen") / "tiny", ARGS, mp=1, seed=3)
-    train_test_vocab(folder / "chinese_vocab.model", vocab_size=ARGS.vocab_size)
-    return folder
+def model_dir(model_dir_factory):
+    return model_dir_factory("gen", ARGS, seed=3)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import yaml
 from cpmgen.config import ModelArgs, Settings, load_settings
 from cpmgen.loading import load_model
 from cpmgen.score import score_ids
-from cpmgen.synthetic import write_megatron_checkpoint
 from cpmgen.testing import CORPUS, train_test_vocab
 from cpmgen.tokenizer import CPMTokenizer
 from cpmgen.window import Window
@@ -24,10 +23,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    folder = write_megatron_checkpoint(tmp_path_factory.mktemp("text") / "tiny", ARGS, mp=2, seed=5)
-    train_test_vocab(folder / "chinese_vocab.model", vocab_size=ARGS.vocab_size)
-    return folder
+def model_dir(model_dir_factory):
+    return model_dir_factory("text", ARGS, mp=2, seed=5)
 
 
 @pytest.fixture

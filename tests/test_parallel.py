@@ -10,8 +10,7 @@ import time
 import pytest
 
 from cpmgen.config import ModelArgs
-from cpmgen.synthetic import random_state_dict, write_megatron_checkpoint
-from cpmgen.testing import train_test_vocab
+from cpmgen.synthetic import random_state_dict
 
 # Every split dimension divisible by 4: heads 8, hidden 64, vocab 800.
 ARGS = ModelArgs(num_layers=2, hidden_size=64, num_heads=8, vocab_size=800, max_positions=48)
@@ -19,14 +18,10 @@ HEADS = ["--set", "model.num_heads=8"]
 
 
 @pytest.fixture(scope="module")
-def checkpoints(tmp_path_factory):
-    root = tmp_path_factory.mktemp("mp")
+def checkpoints(model_dir_factory, tmp_path_factory):
     state = random_state_dict(ARGS, seed=11)
-    folders = {}
-    for mp in (1, 2):
-        folders[mp] = write_megatron_checkpoint(root / f"mp{mp}", ARGS, mp=mp, iteration=100, state=state)
-        train_test_vocab(folders[mp] / "chinese_vocab.model", vocab_size=ARGS.vocab_size)
-    prompt = root / "prompt.txt"
+    folders = {mp: model_dir_factory(f"mp{mp}", ARGS, mp=mp, state=state, iteration=100) for mp in (1, 2)}
+    prompt = tmp_path_factory.mktemp("mp-prompt") / "prompt.txt"
     prompt.write_text("春天的风吹过山岗<eod>我们一起唱歌<eod>", encoding="utf-8")
     return folders, prompt
 
