@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test demo bench clean
+.PHONY: install test demo bench bench-quality clean
 
 install:
 	python3 -m venv .venv
@@ -19,5 +19,16 @@ demo:
 bench:
 	$(PY) benchmarks/bench_generate.py
 
+# perplexity and tokens/s against stride on the trained cpm-tiny (JSON, a table, benchmarks/results/quality.png)
+bench-quality:
+	$(PIP) install -q -e ".[bench]"
+	$(PY) benchmarks/bench_quality.py
+
 clean:
 	rm -rf .venv build *.egg-info
+
+.PHONY: tiny-model
+# Train models/cpm-tiny (about 40 minutes on 2 CPU cores); see models/cpm-tiny/TRAINING.md
+tiny-model:
+	$(PIP) install -q -e ".[train]"
+	$(PY) tools/train_tiny.py --minutes 40

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -69,11 +69,14 @@ def fit_prompt(prompt: list[int], window: Window) -> list[int]:
 @torch.inference_mode()
 def generate(model: CPMModel, prompt: list[int], window: Window, params: SamplingParams,
              max_new_tokens: Optional[int], num_samples: int = 1, fast: bool = True,
-             generator: Optional[torch.Generator] = None, stats: Optional[Stats] = None) -> Iterator[list[int]]:
+             generator: Optional[torch.Generator] = None, stats: Optional[Stats] = None,
+             choose: Optional[Callable[[torch.Tensor, list[list[int]]], torch.Tensor]] = None) -> Iterator[list[int]]:
     """Yield the next token of every sample, step after step (max_new_tokens None: without end).
 
     The caller decides when a sample is finished (end of text, stop strings) and stops
-    iterating when all are; `stats` is updated in place so it is right at any interruption."""
+    iterating when all are; `stats` is updated in place so it is right at any interruption.
+    `choose(logits, windows)` replaces sampling, e.g. to force the tokens of a text (teacher
+    forcing, to measure perplexity through the very same loop)."""
     stats = stats if stats is not None else Stats()
     if window.size > model.args.max_positions:
         raise ValueError(f"window of {window.size} tokens exceeds the model's {model.args.max_positions} positions")
@@ -92,7 +95,7 @@ def generate(model: CPMModel, prompt: list[int], window: Window, params: Samplin
     while max_new_tokens is None or step < max_new_tokens:
         if not fast:
             logits = torch.stack([recompute(model, w) for w in windows])
-        tokens = sample(logits, params, generator, windows)
+        tokens = choose(logits, windows) if choose else sample(logits, params, generator, windows)
         new = tokens.tolist()
         step += 1
         stats.new_tokens = step
