@@ -112,5 +112,6 @@ def make_view(as_json: bool, console: Console, prompt_text: str, num_samples: in
     if as_json:
         return Silent()
     if console.is_terminal:
-        return LiveView(console, prompt_text, num_samples)
+        # console.stdout soft-wraps (long lines stay whole when piped); the live view must wrap
+        return LiveView(Console(highlight=False), prompt_text, num_samples)
     return PlainStream(prompt_text, num_samples, out)
