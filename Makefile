@@ -13,8 +13,10 @@ install:
 test:
 	$(PY) -m pytest
 
+# lyric and novel end to end on the small trained CPM-1 shipped in models/cpm-tiny (seconds, CPU)
 demo:
-	$(PY) -m cpmgen.demo
+	.venv/bin/cpmgen lyric --model models/cpm-tiny examples/lyric.txt --lines 6 --max-new-tokens 120 --seed 1
+	.venv/bin/cpmgen novel --model models/cpm-tiny examples/novel.txt --max-new-tokens 200 --seed 1
 
 bench:
 	$(PY) benchmarks/bench_generate.py
@@ -31,4 +33,4 @@ clean:
 # Train models/cpm-tiny (about 40 minutes on 2 CPU cores); see models/cpm-tiny/TRAINING.md
 tiny-model:
 	$(PIP) install -q -e ".[train]"
-	$(PY) tools/train_tiny.py --minutes 40
+	$(PY) tools/train_tiny.py

@@ -18,7 +18,7 @@ from cpmgen import console
 from cpmgen.config import Settings, load_settings
 from cpmgen.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Run CPM-1 to write lyrics and novels of unlimited length, exactly and fast.")
 
