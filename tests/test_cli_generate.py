@@ -200,3 +200,17 @@ def test_keep_fast_equals_slow_via_the_cli(cpmgen_cli, model_dir, prompt_file):
     fast = json.loads(cpmgen_cli(*common).stdout)
     slow = json.loads(cpmgen_cli(*common, "--no-fast").stdout)
     assert fast["ids"] == slow["ids"] and fast["stats"]["slides"] >= 3
+
+
+def test_prompt_longer_than_the_window_is_cut_with_a_warning(cpmgen_cli, model_dir, tmp_path):
+    from cpmgen.testing import CORPUS
+
+    long_prompt = tmp_path / "long.txt"
+    long_prompt.write_text(CORPUS[:600], encoding="utf-8")
+    code, out, err = cpmgen_cli("novel", long_prompt, "-m", model_dir, *HEADS, "--json", "--greedy",
+                                "--max-new-tokens", "5")
+    assert code == 0
+    prompt_ids = json.loads(out)["prompt_ids"]
+    assert len(prompt_ids) > ARGS.max_positions
+    assert err.strip() == (f"warning: the prompt has {len(prompt_ids)} tokens, more than the "
+                           f"{ARGS.max_positions - 1}-token window; keeping its last part")
