@@ -30,7 +30,7 @@ clean:
 	rm -rf .venv build *.egg-info
 
 .PHONY: tiny-model
-# Train models/cpm-tiny (about 40 minutes on 2 CPU cores); see models/cpm-tiny/TRAINING.md
+# Train models/cpm-tiny (about 20 minutes on 2 idle CPU cores, longer on a busy machine); see models/cpm-tiny/TRAINING.md
 tiny-model:
 	$(PIP) install -q -e ".[train]"
 	$(PY) tools/train_tiny.py
