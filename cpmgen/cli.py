@@ -452,7 +452,9 @@ def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
             objects = result.as_json(task_name)
             print_json(objects[0] if len(objects) == 1 else objects)
         if gen.output and rank == 0:
-            write_text_atomic(gen.output, _file_text(result))
+            from cpmgen.display import full_text
+
+            write_text_atomic(gen.output, full_text(result.prompt_text, result.texts))
         if result.interrupted:
             raise typer.Exit(130)
 
@@ -462,12 +464,6 @@ def _make_view(as_json: bool, job, tokenizer, prompt_ids):
 
     prompt_text = tokenizer.decode(job.task.display_ids(prompt_ids, tokenizer.eod_id))
     return make_view(as_json, console.stdout, prompt_text, job.num_samples)
-
-
-def _file_text(result) -> str:
-    if len(result.texts) == 1:
-        return result.prompt_text + result.texts[0] + "\n"
-    return "".join(f"--- sample {i + 1} ---\n{result.prompt_text}{text}\n" for i, text in enumerate(result.texts))
 
 
 def _interactive_prompts():

@@ -24,6 +24,14 @@ def status_line(stats: Stats, done: bool = False) -> str:
             f"{stats.slides} window slide(s), {stats.prefill_tokens} tokens encoded")
 
 
+def full_text(prompt_text: str, texts: list[str]) -> str:
+    """The finished text as printed when piped and as written by --output: the prompt and its
+    continuation, under a header per sample when there are several."""
+    if len(texts) == 1:
+        return prompt_text + texts[0] + "\n"
+    return "".join(f"--- sample {i + 1} ---\n{prompt_text}{text}\n" for i, text in enumerate(texts))
+
+
 class PlainStream:
     """Text straight to stdout; only a single sample streams (several are printed at the end)."""
 
@@ -40,11 +48,8 @@ class PlainStream:
             self.out.flush()
 
     def finish(self, prompt_text: str, texts: list[str], stats: Stats) -> None:
-        if self.streaming:
-            self.out.write("\n")
-        else:
-            for i, text in enumerate(texts):
-                self.out.write(f"--- sample {i + 1} ---\n{prompt_text}{text}\n")
+        # a single sample has streamed already: only its closing line break is left
+        self.out.write("\n" if self.streaming else full_text(prompt_text, texts))
         self.out.flush()
 
 
