@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -102,13 +101,11 @@ def test_a_corrupt_rank_file_is_one_clear_error(cpmgen_env, checkpoints, broken)
 
 def test_a_failing_rank_ends_every_rank(cpmgen_env, checkpoints, broken):
     """Under torchrun, rank 0 reads only its own (sound) file and waits for rank 1 in a collective;
-    rank 1 fails on its file, and torchrun ends rank 0 within seconds: no hang."""
+    rank 1 fails on its file, and torchrun ends rank 0: no hang (a hang fails on the timeout)."""
     folder, rank1 = broken
-    start = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "--monitor-interval=0.2", "-m", "cpmgen", "novel", str(checkpoints[1]), "-m", str(folder),
                            *HEADS, "--max-new-tokens", "5"], capture_output=True, text=True, timeout=120)
-    assert time.monotonic() - start < 60
     assert proc.returncode != 0
     assert proc.stderr.count(f"error: {rank1}: cannot read") == 1  # rank 1's error, once
 
