@@ -204,3 +204,28 @@ def test_mp2_and_merged_mp1_give_the_same_logits(write_ckpt, tmp_path, state):
     # a different checkpoint gives different logits (the comparison can fail)
     other = load_model(settings_for(write_ckpt("other", mp=2, args=ARGS, seed=7)))
     assert not torch.allclose(_logits(other, ids), logits_a)
+
+
+@pytest.mark.parametrize("as_dict", [False, True])
+def test_reshard_keeps_megatron_args_for_the_head_count(write_ckpt, tmp_path, as_dict):
+    """Megatron's training args hold the head count of a non-preset hidden size; a reshard keeps
+    them (with model_parallel_size updated) so the output loads without --set model.num_heads."""
+    import argparse
+
+
+    folder = write_ckpt("with-args", mp=2)
+    stored = {"num_attention_heads": 4, "model_parallel_size": 2, "lr": 1e-4}
+    for path in sorted((folder / "release").glob("mp_rank_*")):
+        state = torch.load(path, weights_only=False)
+        state["args"] = dict(stored) if as_dict else argparse.Namespace(**stored)
+        torch.save(state, path)
+    ckpt = open_checkpoint(folder)
+    out = tmp_path / "out"
+    out.mkdir()
+    write_megatron(out, ckpt, architecture(ckpt), 4)
+    resharded = open_checkpoint(out)
+    assert architecture(resharded).num_heads == 4
+    kept = resharded.extra[0]["args"]
+    kept = kept if as_dict else vars(kept)
+    assert kept == {**stored, "model_parallel_size": 4}
+    assert resharded.extra[0]["optimizer"] is None

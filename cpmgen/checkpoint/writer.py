@@ -6,6 +6,7 @@ being written is held in memory.
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 from typing import Callable, Optional
@@ -45,13 +46,27 @@ def _shares_source(ckpt: Checkpoint, name: str, tensor: torch.Tensor) -> bool:
 
 
 def rank_metadata(ckpt: Checkpoint, mp: int, rank: int) -> dict:
-    """change_mp.py's rule: keep iteration and RNG states, set mp_world_size, other keys None."""
+    """change_mp.py's rule: keep iteration and RNG states, set mp_world_size, other keys None.
+
+    One addition: Megatron's training `args` are kept too (with their model_parallel_size
+    updated), since they hold the head count that a non-preset hidden size cannot give."""
     if not ckpt.extra or not ckpt.extra[0]:
         return {"mp_world_size": mp}
     source = ckpt.extra[min(rank * ckpt.mp // mp, len(ckpt.extra) - 1)]
     meta = {k: (v if k == "iteration" or "rng" in k else None) for k, v in source.items()}
+    if source.get("args") is not None:
+        meta["args"] = _with_mp(source["args"], mp)
     meta["mp_world_size"] = mp
     return meta
+
+
+def _with_mp(args, mp: int):
+    if isinstance(args, dict):
+        return {**args, "model_parallel_size": mp} if "model_parallel_size" in args else dict(args)
+    args = copy.copy(args)  # an argparse Namespace
+    if hasattr(args, "model_parallel_size"):
+        args.model_parallel_size = mp
+    return args
 
 
 def write_megatron(out: Path, ckpt: Checkpoint, args: ModelArgs, mp: int,
