@@ -391,6 +391,7 @@ def _task_command(task_name: str):
 
 
 def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
+    from cpmgen.display import full_text, make_view
     from cpmgen.fileio import read_text_utf8, write_text_atomic
     from cpmgen.runner import Job, run
     from cpmgen.tasks import TASKS
@@ -445,25 +446,17 @@ def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
                                 f"({len(prompt_ids)} tokens); ask for more, or use --max-new-tokens")
         job = Job(task, window, samp, max_new or None, gen.num_samples, gen.fast, samp.seed, tuple(gen.stop),
                   gen.lines)
-        view = _make_view(gen.json or rank != 0, job, tokenizer, prompt_ids)
+        prompt_text = tokenizer.decode(task.display_ids(prompt_ids, tokenizer.eod_id))
+        view = make_view(gen.json or rank != 0, console.stdout, prompt_text, job.num_samples)
         result = run(job, loaded.model, tokenizer, prompt_ids, view, agree)
-        view.finish(result.prompt_text, result.texts, result.stats)
+        view.finish(prompt_text, result.texts, result.stats)
         if gen.json:
             objects = result.as_json(task_name)
             print_json(objects[0] if len(objects) == 1 else objects)
         if gen.output and rank == 0:
-            from cpmgen.display import full_text
-
-            write_text_atomic(gen.output, full_text(result.prompt_text, result.texts))
+            write_text_atomic(gen.output, full_text(prompt_text, result.texts))
         if result.interrupted:
             raise typer.Exit(130)
-
-
-def _make_view(as_json: bool, job, tokenizer, prompt_ids):
-    from cpmgen.display import make_view
-
-    prompt_text = tokenizer.decode(job.task.display_ids(prompt_ids, tokenizer.eod_id))
-    return make_view(as_json, console.stdout, prompt_text, job.num_samples)
 
 
 def _interactive_prompts():

@@ -45,7 +45,6 @@ class Result:
     stats: Stats
     seed: int
     texts: list[str] = field(default_factory=list)
-    prompt_text: str = ""
 
     @property
     def interrupted(self) -> bool:
@@ -132,5 +131,4 @@ def run(job: Job, model: CPMModel, tokenizer: CPMTokenizer, prompt_ids: list[int
         show(row)
         view.update(row, decoder.flush(), stats)
     texts = [tokenizer.decode(job.task.display_ids(s, eod)) for s in samples]
-    prompt_text = tokenizer.decode(job.task.display_ids(prompt_ids, eod))
-    return Result(prompt_ids, samples, reasons, stats, seed, texts, prompt_text)
+    return Result(prompt_ids, samples, reasons, stats, seed, texts)
