@@ -9,15 +9,18 @@ Rank files are opened with mmap so that reading a checkpoint never holds two cop
 from __future__ import annotations
 
 import ctypes
+import io
 import mmap
 import pickle
 import re
 import sys
 import zipfile
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch.serialization import DEFAULT_PROTOCOL, location_tag
 
 from cpmgen.errors import UserError
 
@@ -128,6 +131,7 @@ def open_folder(root: Path) -> MegatronFolder:
 
 
 _libc = ctypes.CDLL(None) if sys.platform == "linux" else None
+_malloc_trim = getattr(_libc, "malloc_trim", None)  # glibc only
 _MADV_DONTNEED = 4
 
 
@@ -148,5 +152,112 @@ def release_pages(tensor: torch.Tensor) -> None:
         _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
+def trim_heap() -> None:
+    """Give the free memory of the C heap back to the system.
+
+    glibc serves allocations below its mmap threshold (which raises itself up to 32 MB as
+    large blocks are freed) from the heap, and keeps what is freed there unless it is at the
+    top: without this, a loop that makes and frees one merged tensor after another grows the
+    resident set by most of what it made (a CPM-Medium fp32 merge ended near 1 GB instead of 0.3)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)
+
+
 def save_rank_file(path: Path, state: dict) -> None:
-    torch.save(state, path)
+    """torch.save(state, path), holding one module tensor in memory at a time.
+
+    state["module"] is a dict of tensors or an iterable of (name, tensor) pairs, such as a
+    generator that merges or splits each tensor only when it is asked for the next. Each
+    tensor's bytes are written into the archive as soon as it arrives, and it is dropped
+    before the next is asked for; the pickle, which ties the names to those records, goes in
+    last. torch.load (with or without weights_only and mmap) reads the file into the dict that
+    torch.save(state) gives, except that every module tensor has a storage of its own, as
+    after clone() (a Megatron module holds no views of one another)."""
+    module = state["module"]
+    pairs = module.items() if isinstance(module, dict) else module
+    with torch.serialization._open_zipfile_writer(str(path)) as writer:
+        archive = _Archive(writer)
+        written = {}
+        for name, tensor in pairs:
+            written[name] = archive.add_tensor(tensor)
+            del tensor  # in the file: free it before the next one is made
+        archive.add_pickle({key: (written if key == "module" else value) for key, value in state.items()})
+
+
+@dataclass(frozen=True)
+class _Record:
+    """A storage record of the archive, pickled as torch.save references a storage."""
+    key: str
+    storage_type: type
+    location: str
+    numel: int
+
+
+class _WrittenTensor:
+    """Stands for a tensor already written as its own record: pickles as torch.save pickles a
+    plain tensor (so torch.load, weights_only included, rebuilds it the same way)."""
+
+    def __init__(self, record: _Record, tensor: torch.Tensor):
+        self.record = record
+        self.size, self.stride, self.requires_grad = tuple(tensor.shape), tensor.stride(), tensor.requires_grad
+
+    def __reduce_ex__(self, protocol):
+        return torch._utils._rebuild_tensor_v2, (self.record, 0, self.size, self.stride, self.requires_grad,
+                                                 OrderedDict())
+
+
+class _Archive:
+    """The records of a torch.save zip archive (see torch.serialization._save), written one by one.
+
+    Newer torch versions also write a `.format_version` record, which lets torch.load compute
+    storage offsets on the assumption that the records follow data.pkl in pickle order. Here
+    data.pkl comes last, so it is left out: torch.load then looks each record up, as it does
+    for the files of the torch versions before that record."""
+
+    def __init__(self, writer: torch._C.PyTorchFileWriter):
+        self.writer = writer
+        self.records = 0
+        self.shared: dict[int, str] = {}  # storage -> key, for tensors outside the module (as torch.save)
+
+    def _write(self, storage: torch.UntypedStorage) -> str:
+        key = str(self.records)
+        self.records += 1
+        self.writer.write_record(f"data/{key}", storage, storage.nbytes())
+        return key
+
+    def add_tensor(self, tensor: torch.Tensor) -> _WrittenTensor:
+        """Write the tensor's own bytes (not the rest of a storage it views) as a new record."""
+        tensor = tensor.contiguous()
+        start, nbytes = tensor.storage_offset() * tensor.element_size(), tensor.numel() * tensor.element_size()
+        storage = tensor.untyped_storage()
+        key = self._write(storage[start:start + nbytes])
+        storage_type = getattr(torch, torch.storage._dtype_to_storage_type_map()[tensor.dtype])
+        return _WrittenTensor(_Record(key, storage_type, location_tag(storage), tensor.numel()), tensor)
+
+    def add_pickle(self, state: dict) -> None:
+        data = io.BytesIO()
+        _Pickler(data, self).dump(state)
+        self.writer.write_record("data.pkl", data.getvalue(), len(data.getvalue()))
+        self.writer.write_record("byteorder", sys.byteorder, len(sys.byteorder))
+
+    def persistent_id(self, obj) -> tuple | None:
+        """torch.save's reference to a storage; any other tensor in the state (an RNG state) is
+        written whole here, as torch.save writes it."""
+        if isinstance(obj, _Record):
+            return "storage", obj.storage_type, obj.key, obj.location, obj.numel
+        if isinstance(obj, torch.storage.TypedStorage):
+            storage = obj._untyped_storage
+            if storage._cdata not in self.shared:
+                self.shared[storage._cdata] = self._write(storage)
+            return ("storage", getattr(torch, obj._pickle_storage_type()), self.shared[storage._cdata],
+                    location_tag(storage), obj._size())
+        return None
+
+
+class _Pickler(pickle.Pickler):
+    def __init__(self, file, archive: _Archive):
+        super().__init__(file, protocol=DEFAULT_PROTOCOL)
+        self.archive = archive
+
+    def persistent_id(self, obj):
+        return self.archive.persistent_id(obj)

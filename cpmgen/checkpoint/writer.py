@@ -1,7 +1,7 @@
 """Write a checkpoint as a Megatron folder at any model-parallel size (reshard, convert --to megatron).
 
-Tensor by tensor, one rank file at a time: the source stays memory-mapped and only the rank
-being written is held in memory.
+Tensor by tensor, one rank file at a time: the source stays memory-mapped, and each output
+tensor is made, written into its rank file and freed before the next is made.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import shutil
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Iterator, Optional
 
 import torch
 
@@ -31,18 +31,6 @@ def check_mp(ckpt: Checkpoint, args: ModelArgs, mp: int, option: str = "--mp") -
         problem = splits.check_divisible(name, ckpt.full_shape(name), mp)
         if problem:
             raise UserError(f"{option} {mp} cannot split {ckpt.path}: {problem}")
-
-
-def _owned(t: torch.Tensor) -> torch.Tensor:
-    """A slice would be saved with its whole parent storage; give it its own."""
-    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or not t.is_contiguous():
-        return t.clone(memory_format=torch.contiguous_format)
-    return t
-
-
-def _shares_source(ckpt: Checkpoint, name: str, tensor: torch.Tensor) -> bool:
-    ptr = tensor.untyped_storage().data_ptr()
-    return any(shard[name].untyped_storage().data_ptr() == ptr for shard in ckpt.shards)
 
 
 def rank_metadata(ckpt: Checkpoint, mp: int, rank: int) -> dict:
@@ -79,23 +67,27 @@ def write_megatron(out: Path, ckpt: Checkpoint, args: ModelArgs, mp: int,
     folder.mkdir()
     files = []
     for rank in range(mp):
-        module, borrowed = {}, []
-        for name, tensor in ckpt.rank_tensors(mp, rank):
-            module[name] = _owned(tensor)
-            if _shares_source(ckpt, name, module[name]):
-                borrowed.append(name)  # saved straight from the mapped file: release after the save
-            else:
-                ckpt.release(name)
-            if advance:
-                advance(1)
         path = folder / megatron.rank_file_name(rank)
+        module = _rank_module(ckpt, mp, rank, advance)
         megatron.save_rank_file(path, {**rank_metadata(ckpt, mp, rank), "module": module})
         files.append(path)
-        del module
-        for name in borrowed:
-            ckpt.release(name)
     copy_vocab(ckpt.path, out)
     return files
+
+
+def _rank_module(ckpt: Checkpoint, mp: int, rank: int,
+                 advance: Optional[Callable[[int], None]]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Rank `rank`'s tensors for save_rank_file, each merged or split only when it asks for it.
+
+    save_rank_file asks for the next tensor once the last is in the file, so that is when
+    the last one's mapped source pages can go."""
+    for name, tensor in ckpt.rank_tensors(mp, rank):
+        yield name, tensor
+        del tensor  # free it before rank_tensors makes the next one
+        megatron.trim_heap()
+        ckpt.release(name)
+        if advance:
+            advance(1)
 
 
 def copy_vocab(source: Path, out: Path) -> None:
