@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 
 from cpmgen.config import Settings
-from cpmgen.generate import Stats, decode_one_token, generate, prefill
+from cpmgen.generate import Stats, generate, prefill
 from cpmgen.loading import load_model
 from cpmgen.sampling import SamplingParams
 from cpmgen.tokenizer import CPMTokenizer
@@ -70,7 +70,7 @@ def stale_cache_run(model, ids: list[int], size: int) -> dict:
             kv_cache.k[:, :, :, :-1] = kv_cache.k[:, :, :, 1:].clone()
             kv_cache.v[:, :, :, :-1] = kv_cache.v[:, :, :, 1:].clone()
             cached -= 1
-        logits = decode_one_token(model, torch.tensor([ids[j]]), torch.tensor([cached]), kv_cache)[0]
+        logits = model.decode_step(torch.tensor([ids[j]]), torch.tensor([cached]), kv_cache)[0]
         cached += 1
     return result(logprobs, time.perf_counter() - start, 0)
 

@@ -29,6 +29,8 @@ ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML c
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set model.num_heads=4 (repeatable).", show_default=False)]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda [default: runtime.device, auto]", show_default=False)]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, fp32, bf16 or fp16 [default: runtime.dtype, auto: fp32 on CPU]", show_default=False)]
+QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="none, or int8: weight-only int8 linears, about 4x less weight memory to read per token [default: runtime.quantize, none].", show_default=False)]
+CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the decode step: faster tokens after a one-time compile of tens of seconds [default: runtime.compile, off].", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
 MpOpt = Annotated[Optional[int], typer.Option("--mp", help="Model-parallel ranks: relaunches through torchrun with N local ranks (gloo on CPU, NCCL on GPU) [default: runtime.mp, 1].", show_default=False)]
 StrideOpt = Annotated[Optional[int], typer.Option("--stride", help="Tokens dropped per window slide [default: window.stride].", show_default=False)]
@@ -36,7 +38,8 @@ StrideOpt = Annotated[Optional[int], typer.Option("--stride", help="Tokens dropp
 
 def settings_from(config: Optional[str], sets: Optional[list[str]], task: Optional[str] = None, *,
                   model: Optional[str] = None, vocab: Optional[str] = None, device: Optional[str] = None,
-                  dtype: Optional[str] = None) -> Settings:
+                  dtype: Optional[str] = None, quantize: Optional[str] = None,
+                  compiled: Optional[bool] = None) -> Settings:
     """Config files and --set first, then the explicit options, which win."""
     settings = load_settings(config, sets, task)
     if model is not None:
@@ -47,6 +50,10 @@ def settings_from(config: Optional[str], sets: Optional[list[str]], task: Option
         settings.runtime.device = device
     if dtype is not None:
         settings.runtime.dtype = dtype
+    if quantize is not None:
+        settings.runtime.quantize = quantize
+    if compiled is not None:
+        settings.runtime.compile = compiled
     return settings
 
 
@@ -287,6 +294,7 @@ def score(
     sets: SetOpt = None,
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
     mp: MpOpt = None,
 ):
     """Log-likelihood and perplexity of a text; longer texts slide the window by --stride, as generation does."""
@@ -294,7 +302,7 @@ def score(
     from cpmgen.score import score_ids, summary, window_report
     from cpmgen.window import Window
 
-    settings = settings_from(config, sets, model=model, vocab=vocab, device=device, dtype=dtype)
+    settings = settings_from(config, sets, model=model, vocab=vocab, device=device, dtype=dtype, quantize=quantize)
     if stride is not None:
         settings.window.stride = stride
     if mp is not None:
@@ -366,11 +374,14 @@ def _task_command(task_name: str):
         num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="Continuations generated together in one batch.", show_default=False)] = None,
         device: DeviceOpt = None,
         dtype: DtypeOpt = None,
+        quantize: QuantizeOpt = None,
+        compiled: CompileOpt = None,
         mp: MpOpt = None,
         as_json: Annotated[Optional[bool], typer.Option("--json", help="Print one JSON object (a list with --num-samples > 1).", show_default=False)] = None,
         output: Annotated[Optional[str], typer.Option("--output", "-o", help="Also write the text to FILE (atomically).", show_default=False)] = None,
     ):
-        settings = settings_from(config, sets, task_name, model=model, vocab=vocab, device=device, dtype=dtype)
+        settings = settings_from(config, sets, task_name, model=model, vocab=vocab, device=device, dtype=dtype,
+                                 quantize=quantize, compiled=compiled)
         for section, key, value in (
             ("generate", "fast", fast), ("generate", "max_new_tokens", max_new_tokens),
             ("generate", "out_seq_length", out_seq_length), ("generate", "num_samples", num_samples),

@@ -47,11 +47,6 @@ def prefill(model: CPMModel, window_ids: list[int], kv_cache: KVCache, row: int)
     return logits[0, -1]
 
 
-def decode_one_token(model: CPMModel, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
-    """tokens [batch], input_pos [batch]: each sample's new token at its own next position -> logits [batch, vocab]."""
-    return model(tokens[:, None], input_pos[:, None], kv_cache)[:, -1]
-
-
 def recompute(model: CPMModel, window_ids: list[int]) -> torch.Tensor:
     """The slow path: the whole window at positions 0..n-1, no cache; next-token logits [vocab]."""
     device = model.word_embeddings.weight.device
@@ -114,7 +109,7 @@ def generate(model: CPMModel, prompt: list[int], window: Window, params: Samplin
             if len(slid) < num_samples:
                 # A slid sample's token goes in at some free slot here; its re-encode below overwrites it.
                 positions = torch.tensor([len(w) - 1 for w in windows], device=device)
-                logits = decode_one_token(model, tokens, positions, kv_cache)
+                logits = model.decode_step(tokens, positions, kv_cache)
             if slid:
                 logits = logits.clone() if len(slid) < num_samples else torch.empty_like(logits)
                 for row in slid:

@@ -9,11 +9,12 @@ from typing import Callable, Optional
 import torch
 
 from cpmgen.checkpoint.reader import Checkpoint, open_checkpoint, resolve_args
-from cpmgen.config import ModelArgs, Settings
+from cpmgen.config import ModelArgs, RuntimeSection, Settings
 from cpmgen.errors import UserError
 from cpmgen.model import CPMModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZE = ("none", "int8")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,6 +62,8 @@ def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = No
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = resolve_dtype(settings.runtime.dtype, device)
+    if settings.runtime.quantize not in QUANTIZE:
+        raise UserError(f"--quantize {settings.runtime.quantize}: choose {' or '.join(QUANTIZE)}")
     ckpt = checkpoint or open_checkpoint(model_path(settings))
     args = resolve_args(ckpt, settings.model)
     with torch.device("meta"):
@@ -78,4 +81,41 @@ def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = No
             advance(1)
     model.load_state_dict(state, assign=True)
     model.requires_grad_(False)
+    del state
+    optimize(model, settings.runtime, ckpt)
     return Loaded(model.eval(), args, ckpt, device, dtype)
+
+
+def compile_decode(model: CPMModel) -> None:
+    """torch.compile the one-token step (prefill lengths vary, so it stays eager).
+
+    Freezing lets inductor treat the weights as constants and pack them for its own GEMMs
+    (it cannot lower oneDNN's opaque prepacked weights, so --compile replaces prepacking);
+    on CUDA the step is also captured as a CUDA graph, which removes the per-kernel launch
+    cost that dominates batch-1 decode there."""
+    options = {"freezing": True, "max_autotune": True}
+    if model.word_embeddings.weight.is_cuda:
+        options["triton.cudagraphs"] = True
+    model.decode_step = torch.compile(model.decode_step, fullgraph=True, dynamic=False, options=options)
+
+
+def optimize(model: CPMModel, runtime: RuntimeSection, ckpt: Optional[Checkpoint] = None) -> None:
+    """Swap the linears for faster forms of the same weights (int8 or oneDNN-prepacked), and let
+    go of the mapped checkpoint pages of every weight they replaced."""
+    from cpmgen.prepack import prepack_linears
+
+    names = {t.data_ptr(): name for name, t in model.state_dict(keep_vars=True).items()}
+
+    def replaced(weight: torch.Tensor) -> None:
+        if ckpt is not None and names.get(weight.data_ptr()) in ckpt.shards[0]:
+            ckpt.release(names[weight.data_ptr()])
+
+    if runtime.quantize == "int8":
+        from cpmgen.quantize import quantize_int8
+
+        quantize_int8(model, replaced)
+    if runtime.compile:
+        compile_decode(model)
+    elif runtime.prepack:
+        prepack_linears(model, replaced)
+

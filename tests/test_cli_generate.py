@@ -46,6 +46,17 @@ def test_json_fast_equals_no_fast_past_the_window(cpmgen_cli, model_dir, prompt_
         assert len(fast["ids"]) == 150 and fast["stats"]["slides"] >= 3
 
 
+@pytest.mark.parametrize("kernels", [["--quantize", "int8"], ["--set", "runtime.prepack=false"]],
+                         ids=["int8", "plain-linears"])
+def test_other_kernels_fast_equal_no_fast(cpmgen_cli, model_dir, prompt_file, kernels):
+    common = ["novel", prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", "5", "--stride", "8",
+              "--max-new-tokens", "100", *kernels]
+    code, out, _ = cpmgen_cli(*common)
+    assert code == 0
+    code, slow, _ = cpmgen_cli(*common, "--no-fast")
+    assert json.loads(out)["ids"] == json.loads(slow)["ids"]
+
+
 def test_num_samples_gives_a_list(cpmgen_cli, model_dir, prompt_file):
     code, out, _ = cpmgen_cli("lyric", prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", "1",
                        "--num-samples", "3", "--max-new-tokens", "20")
@@ -105,6 +116,7 @@ BAD = [
                                   "window.size, window.stride, window.keep"),
     (["--num-samples", "0"], "error: --num-samples 0: must be at least 1"),
     (["--stride", "0"], "error: --stride 0: must be between 1 and window.size - keep (63)"),
+    (["--quantize", "int4"], "error: --quantize int4: choose none or int8"),
 ]
 
 

@@ -7,7 +7,9 @@ import torch
 
 from cpmgen.config import ModelArgs
 from cpmgen.generate import Stats, generate, recompute
+from cpmgen import prepack
 from cpmgen.model import CPMModel
+from cpmgen.prepack import prepack_linears
 from cpmgen.sampling import SamplingParams, sample
 from cpmgen.synthetic import random_state_dict
 from cpmgen.window import Window
@@ -16,22 +18,31 @@ EOD = 7
 MAX_POS = 64
 
 
-def make_model(vocab_size: int, seed: int = 0) -> CPMModel:
+def make_model(vocab_size: int, seed: int = 0, kernels: str = "plain") -> CPMModel:
     args = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=vocab_size, max_positions=MAX_POS)
     model = CPMModel(args)
     model.load_state_dict(random_state_dict(args, seed))
-    return model.eval().requires_grad_(False)
+    model.eval().requires_grad_(False)
+    if kernels == "prepacked":
+        if not prepack.supported(torch.device("cpu"), torch.float32):
+            pytest.skip("oneDNN is not available in this torch build")
+        assert prepack_linears(model) == 4 * args.num_layers + 1
+    return model
 
 
-@pytest.fixture(scope="module")
-def novel_model():
-    return make_model(300)
+# Every generation test runs on plain linears and on the oneDNN-prepacked ones the CLI uses on CPU.
+KERNELS = ["plain", "prepacked"]
 
 
-@pytest.fixture(scope="module")
-def lyric_model():
+@pytest.fixture(scope="module", params=KERNELS)
+def novel_model(request):
+    return make_model(300, kernels=request.param)
+
+
+@pytest.fixture(scope="module", params=KERNELS)
+def lyric_model(request):
     # A 16-token vocab makes <eod> common, so windows hold many lines of a few tokens.
-    return make_model(16, seed=1)
+    return make_model(16, seed=1, kernels=request.param)
 
 
 def run(model, prompt, window, params, n, fast, samples=1, seed=1234):
