@@ -1,25 +1,28 @@
-"""Generation benchmark: CPM-Small-sized random weights, CPU, fp32, greedy, batch 1.
+"""Generation benchmark: CPM-Small-sized random weights on the CPU, greedy, batch 1, side by side.
 
-Measures in one run, through the real loading and generation code:
+Measures in one run, on the same weights, through the real loading and generation code:
 
-1. in-window decode: fast path, short prompt, no slide (the prompt's prefill timed apart);
-   also decode at a nearly full window (long context, still no slide);
-2. unlimited: fast path over `--windows` windows of generation at the default stride
-   (Window.from_settings(WindowSection()), as the CLI);
-3. stride sweep: fast path in the steady state (starting from a full window, so every
-   `stride` tokens cost one re-encode of the size+1-stride kept tokens), same token count
-   for every stride;
-4. slow path at a full window: generate(fast=False, stride=1) with a 1023-token window,
-   which recomputes all 1023 tokens for every new token (the older scripts' rule);
-5. prefill (re-encode) throughput for a full window;
+1. memory bandwidth (STREAM-style read and copy) and the decode bound it implies: batch-1
+   decode reads every weight once per token, so tokens/s <= read bandwidth / weight bytes;
+2. cpmgen's fast decode tokens/s within the window, per kernel variant: fp32 and bf16 on
+   oneDNN-prepacked linears (the CLI's default on CPU), fp32 on plain `F.linear` (MKL GEMV),
+   int8 weights (`--quantize int8`), and fp32 under `--compile` with its compile time counted;
+3. HF transformers GPT2LMHeadModel.generate on the same weights (converted in-process), fp32
+   and bf16, timed the same way (tokens after the first; best of --reps runs);
+4. the fast path at a nearly full window, over `--windows` windows of unlimited generation at
+   the default stride, and in the steady state for each of `--strides`;
+5. the slow path at a full window (the older scripts' rule: all 1023 tokens per new token);
+6. prefill (re-encode) throughput of a full window;
+7. peak RSS of a fresh process that loads and generates, against weights + KV cache;
 
-and prints one JSON object on stdout (a table and progress on stderr).
+and prints one JSON object on stdout, with the issue's targets checked under `targets`
+(a table and progress on stderr).
 
 The checkpoint is written once with cpmgen.synthetic.write_megatron_checkpoint into
 $CPMGEN_BENCH_CACHE, else $XDG_CACHE_HOME/cpmgen-bench, else ~/.cache/cpmgen-bench, and reused.
 
-    .venv/bin/python benchmarks/bench_generate.py            # full run (several minutes)
-    .venv/bin/python benchmarks/bench_generate.py --quick    # about 2 minutes
+    .venv/bin/python benchmarks/bench_generate.py            # full run (about 8 minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_generate.py --quick    # smaller counts, no compile: about 3 minutes
 """
 
 from __future__ import annotations
@@ -40,9 +43,9 @@ from rich.console import Console
 from rich.table import Table
 
 import cpmgen.generate
-from cpmgen.config import PRESETS, Settings, WindowSection
+import peers
+from cpmgen.config import PRESETS, WindowSection
 from cpmgen.generate import Stats, generate
-from cpmgen.loading import load_model
 from cpmgen.sampling import SamplingParams
 from cpmgen.synthetic import write_megatron_checkpoint
 from cpmgen.window import Window
@@ -58,7 +61,7 @@ console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="smaller counts (about 2 minutes at 1 thread)")
+    parser.add_argument("--quick", action="store_true", help="smaller counts and no compile (about 3 minutes)")
     parser.add_argument("--new-tokens", type=int, help="in-window decode tokens (default 256, quick 64)")
     parser.add_argument("--windows", type=int, help="windows of unlimited generation (default 4, quick 1)")
     parser.add_argument("--strides", help="comma-separated sweep strides (default 64,128,256,512; quick 128,256,512)")
@@ -66,10 +69,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="new tokens per sweep stride, rounded up to whole strides (default 1024, quick 256)")
     parser.add_argument("--slow-tokens", type=int, help="slow-path tokens at a full window (default 3, quick 2)")
     parser.add_argument("--prefill-reps", type=int, help="timed full-window prefills (default 3, quick 1)")
+    parser.add_argument("--reps", type=int, help="timed decode runs per variant, the fastest kept (default 3, quick 2)")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
+                        help="also time fp32 under --compile, compile time included (default: on, quick off)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads first (default: leave as is)")
     args = parser.parse_args(argv)
     defaults = dict(new_tokens=(64, 256), windows=(1, 4), strides=("128,256,512", "64,128,256,512"),
-                    sweep_tokens=(256, 1024), slow_tokens=(2, 3), prefill_reps=(1, 3))
+                    sweep_tokens=(256, 1024), slow_tokens=(2, 3), prefill_reps=(1, 3), reps=(2, 3),
+                    compile=(False, True))
     for name, (quick, full) in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, quick if args.quick else full)
@@ -94,15 +101,6 @@ def ensure_checkpoint(folder: Path) -> Path:
     write_megatron_checkpoint(partial, PRESETS[PRESET], seed=0)
     partial.rename(folder)
     return folder
-
-
-def load(folder: Path):
-    settings = Settings()
-    settings.model.path = str(folder)
-    settings.model.preset = PRESET
-    settings.runtime.device = "cpu"
-    settings.runtime.dtype = "fp32"
-    return load_model(settings).model
 
 
 def random_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
@@ -245,15 +243,116 @@ def add_ratios(result: dict) -> None:
     result["ratios"] = {
         "fast_over_slow": round(in_window / result["slow_full_window"]["tokens_per_s"], 2),
         "unlimited_over_in_window": result["unlimited"]["over_in_window"],
-        "in_window_long_over_short": round(result["in_window_long_context"]["tokens_per_s"] / in_window, 3),
+        "in_window_long_over_whole": round(result["in_window_long_context"]["tokens_per_s"] / in_window, 3),
         "reencode_share_by_stride": {str(r["stride"]): r["reencode_share"] for r in result["stride_sweep"]},
         "steady_over_in_window_by_stride": {str(r["stride"]): r["over_in_window"] for r in result["stride_sweep"]},
     }
 
 
-def print_table(result: dict) -> None:
+# ----------------------------------------------------------------------------- variants and peers
+
+# (name, dtype, runtime settings): how cpmgen can run the model on the CPU. The first is the
+# CLI's default; "fp32-plain" is the same model on F.linear, the eager PyTorch baseline.
+VARIANTS = [
+    ("fp32", "fp32", {}),
+    ("fp32-plain", "fp32", {"runtime.prepack": False}),
+    ("bf16", "bf16", {}),
+    ("int8", "fp32", {"runtime.quantize": "int8"}),
+    ("int8-bf16", "bf16", {"runtime.quantize": "int8"}),
+]
+COMPILED = ("fp32-compile", "fp32", {"runtime.compile": True})
+
+
+def measure_variant(folder: Path, name: str, dtype: str, extra: dict, prompt: list[int], args,
+                    bound_gbs: float) -> dict:
+    """Decode tokens/s (best of --reps) and full-window prefill of one way to run the model, with
+    its weight bytes per token and the share of the bandwidth bound it reaches. A compiled
+    variant's first call compiles: timed apart as compile_s, with the tokens it takes to win
+    that time back against the same dtype uncompiled (filled in by add_targets)."""
+    start = time.perf_counter()
+    model = peers.load_cpmgen(str(folder), PRESET, dtype, extra)
+    load_s = time.perf_counter() - start
+    row = {"variant": name, "dtype": dtype, "settings": extra, "load_s": round(load_s, 2),
+           "model_bytes": peers.model_bytes(model), "weight_bytes_per_token": peers.weight_bytes_per_token(model)}
+    if extra.get("runtime.compile"):
+        start = time.perf_counter()
+        for _ in generate(model, prompt, Window(1023, 256), GREEDY, 3):
+            pass
+        row["compile_s"] = round(time.perf_counter() - start, 1)
+    row["decode"] = peers.cpmgen_generate_rate(model, prompt, args.new_tokens, args.reps)
+    row["tokens_per_s"] = row["decode"]["tokens_per_s"]
+    row["bound_tokens_per_s"] = peers.decode_bound(bound_gbs, row["weight_bytes_per_token"])
+    row["of_bound"] = round(row["tokens_per_s"] / row["bound_tokens_per_s"], 3)
+    row["effective_gbs"] = round(row["tokens_per_s"] * row["weight_bytes_per_token"] / 1e9, 2)
+    row["prefill"] = measure_prefill(model, 1023, 1 if args.quick else 2)
+    return row
+
+
+def measure_hf(folder: Path, prompt: list[int], args) -> list[dict]:
+    """HF GPT2LMHeadModel.generate on the same weights in fp32 and bf16 (its faster attention),
+    with the logits check against cpmgen and what it does past 1024 positions."""
+    plain = peers.load_cpmgen(str(folder), PRESET, "fp32", {"runtime.prepack": False})
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        hf = peers.hf_model_from_cpmgen(plain, dtype)
+        choice = peers.choose_attn_implementation(hf, prompt, min(args.new_tokens, 64), 1)
+        rate = peers.hf_generate_rate(hf, prompt, args.new_tokens, args.reps)
+        row = {"variant": f"hf-{str(dtype).removeprefix('torch.').replace('float32', 'fp32').replace('bfloat16', 'bf16')}",
+               "attn_implementation": choice["attn_implementation"], "decode": rate,
+               "tokens_per_s": rate["tokens_per_s"]}
+        if dtype == torch.float32:
+            row["logits_vs_cpmgen"] = peers.hf_logits_diff(plain, hf)
+            row["greedy_agreement"] = peers.greedy_agreement(plain, hf, prompt, 32)
+            row["past_window"] = peers.hf_past_window(hf, random_ids(1020, plain.args.vocab_size, 2), 8)
+        rows.append(row)
+        del hf
+    return rows
+
+
+def add_targets(result: dict) -> None:
+    """The performance issue's CPU targets, each with its measured ratio and whether it is met."""
+    rates = {row["variant"]: row for row in result["variants"] + result["hf"]}
+    fp32, bf16 = rates["fp32"], rates["bf16"]
+    if "fp32-compile" in rates:
+        compiled = rates["fp32-compile"]
+        gain = 1 / fp32["tokens_per_s"] - 1 / compiled["tokens_per_s"]
+        compiled["break_even_tokens"] = round(compiled["compile_s"] / gain) if gain > 0 else None
+    targets = {
+        "fp32_over_hf_fp32": (fp32["tokens_per_s"] / rates["hf-fp32"]["tokens_per_s"], 1.3),
+        "fp32_of_bandwidth_bound": (fp32["of_bound"], 0.70),
+        "unlimited_over_in_window": (result["ratios"]["unlimited_over_in_window"], 0.85),
+        "bf16_over_fp32": (bf16["tokens_per_s"] / fp32["tokens_per_s"], 1.6),
+        "bf16_over_hf_bf16": (bf16["tokens_per_s"] / rates["hf-bf16"]["tokens_per_s"], None),
+        "int8_over_fp32": (rates["int8"]["tokens_per_s"] / fp32["tokens_per_s"], None),
+        "peak_rss_over_weights_kv_mb": (max(r["peak_minus_weights_kv_mb"] for r in result["peak_rss"]), 300),
+    }
+    result["targets"] = {
+        name: {"measured": round(value, 3), "target": target,
+               "met": None if target is None else (value <= target if name.endswith("_mb") else value >= target)}
+        for name, (value, target) in targets.items()}
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def print_tables(result: dict) -> None:
+    threads = result["env"]["torch_threads"]
+    table = Table(title=f"decode, {PRESET}, batch 1, {threads} torch threads, bound at "
+                        f"{result['bandwidth']['bound_gbs']} GB/s read")
+    for column in ("variant", "weights MB/token", "tokens/s", "x hf-fp32", "of bound", "GB/s", "prefill tok/s",
+                   "compile s"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    hf_fp32 = next(r for r in result["hf"] if r["variant"] == "hf-fp32")["tokens_per_s"]
+    for row in result["variants"] + result["hf"]:
+        bytes_ = row.get("weight_bytes_per_token")
+        table.add_row(row["variant"], f"{bytes_ / 1e6:.0f}" if bytes_ else "-", str(row["tokens_per_s"]),
+                      f"{row['tokens_per_s'] / hf_fp32:.2f}", str(row.get("of_bound", "-")),
+                      str(row.get("effective_gbs", "-")), str(row.get("prefill", {}).get("tokens_per_s", "-")),
+                      str(row.get("compile_s", "-")))
+    console.print(table)
+
     in_window = result["in_window"]["tokens_per_s"]
-    table = Table(title=f"cpmgen {PRESET} fp32 CPU, {result['env']['torch_threads']} torch threads")
+    table = Table(title="fp32 (default kernels): windows, strides, slow path")
     for column in ("run", "stride", "tokens", "slides", "seconds", "tokens/s", "x in-window", "re-encode share"):
         table.add_column(column, justify="left" if column == "run" else "right")
 
@@ -261,7 +360,7 @@ def print_table(result: dict) -> None:
         table.add_row(name, str(stride), str(tokens), str(slides), str(seconds), str(tps),
                       str(round(tps / in_window, 3)), str(share))
 
-    for key, name in (("in_window", "fast, in window, short context"),
+    for key, name in (("in_window", "fast, one whole window, no slide"),
                       ("in_window_long_context", "fast, in window, long context")):
         w = result[key]
         row(name, "-", w["decode_tokens"], 0, w["decode_s"], w["tokens_per_s"])
@@ -278,13 +377,28 @@ def print_table(result: dict) -> None:
                   str(p["tokens_per_s"]), "-", "-")
     console.print(table)
 
+    table = Table(title="peak RSS of a process that loads and generates (MB)")
+    for column in ("variant", "peak", "after import torch", "weights", "KV cache", "peak - weights - KV"):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for r in result["peak_rss"]:
+        table.add_row(r["variant"], str(r["peak_mb"]), str(r["baseline_mb"]), str(r["weights_mb"]), str(r["kv_mb"]),
+                      str(r["peak_minus_weights_kv_mb"]))
+    console.print(table)
+
+    table = Table(title="targets (performance issue, CPU)")
+    for column in ("target", "measured", "wanted", "met"):
+        table.add_column(column, justify="left" if column == "target" else "right")
+    for name, t in result["targets"].items():
+        wanted = "-" if t["target"] is None else (f"<= {t['target']}" if name.endswith("_mb") else f">= {t['target']}")
+        table.add_row(name, str(t["measured"]), wanted, {True: "yes", False: "NO", None: "-"}[t["met"]])
+    console.print(table)
+
 
 def environment() -> dict:
     return {"torch": torch.__version__, "torch_threads": torch.get_num_threads(),
             "torch_interop_threads": torch.get_num_interop_threads(), "cpu_count": os.cpu_count(),
             "python": platform.python_version(), "machine": platform.machine(),
             "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
-            "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
 
 
@@ -295,42 +409,66 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     env = environment()
     folder = ensure_checkpoint(cache_dir() / f"{PRESET}-seed0")
-    model = load(folder)
-    default = Window.from_settings(WindowSection(), model.args.max_positions)  # what the CLI uses by default
-    size, default_stride = default.size, default.stride
-    result = {"benchmark": "cpmgen generate", "model": PRESET, "params": model.args.num_params,
-              "device": "cpu", "dtype": "fp32", "sampling": "greedy", "batch": 1, "env": env,
-              "config": {"window": size, "default_stride": default_stride, "quick": args.quick,
-                         "new_tokens": args.new_tokens, "windows": args.windows, "strides": args.strides,
-                         "sweep_tokens": args.sweep_tokens, "checkpoint": str(folder)}}
+    result = {"benchmark": "cpmgen generate", "model": PRESET, "device": "cpu", "sampling": "greedy", "batch": 1,
+              "env": env, "config": {"quick": args.quick, "new_tokens": args.new_tokens, "reps": args.reps,
+                                     "windows": args.windows, "strides": args.strides,
+                                     "sweep_tokens": args.sweep_tokens, "checkpoint": str(folder)}}
 
     def step(name: str) -> None:
         console.print(f"[{time.perf_counter() - started:6.1f}s] {name}")
 
-    step("warm-up")
+    step("memory bandwidth")
+    result["bandwidth"] = peers.memory_bandwidth()
+    bound_gbs = result["bandwidth"]["bound_gbs"]
+    vocab = PRESETS[PRESET].vocab_size
+    prompt = random_ids(PROMPT_TOKENS, vocab, 1)
+    result["variants"] = []
+    for name, dtype, extra in VARIANTS + ([COMPILED] if args.compile else []):
+        step(f"cpmgen {name}: decode {args.new_tokens} tokens x {args.reps}, prefill")
+        result["variants"].append(measure_variant(folder, name, dtype, extra, prompt, args, bound_gbs))
+    step("HF transformers generate, fp32 and bf16")
+    result["hf"] = measure_hf(folder, prompt, args)
+
+    model = peers.load_cpmgen(str(folder), PRESET, "fp32")
+    default = Window.from_settings(WindowSection(), model.args.max_positions)  # what the CLI uses by default
+    size, default_stride = default.size, default.stride
+    result["config"].update(window=size, default_stride=default_stride)
+    step("fp32: warm-up")
     warm_up(model, size, default_stride)
-    step(f"in-window decode, {args.new_tokens} tokens after a {PROMPT_TOKENS}-token prompt")
-    result["in_window"] = measure_in_window(model, size, default_stride, PROMPT_TOKENS, args.new_tokens, seed=1)
+    # Unlimited generation is compared with generation through one whole window (no slide):
+    # both then cover contexts from short to full, and what differs is the slides.
+    first_window = size - PROMPT_TOKENS - 1
+    step(f"fp32: in-window decode, {first_window} tokens after a {PROMPT_TOKENS}-token prompt (one whole window)")
+    result["in_window"] = measure_in_window(model, size, default_stride, PROMPT_TOKENS, first_window, seed=1)
     long_tokens = min(args.new_tokens, 128)
-    step(f"in-window decode at a nearly full window, {long_tokens} tokens")
+    step(f"fp32: in-window decode at a nearly full window, {long_tokens} tokens")
     result["in_window_long_context"] = measure_in_window(model, size, default_stride, size - long_tokens - 1,
                                                          long_tokens, seed=4)
-    step(f"prefill of {size} tokens x {args.prefill_reps}")
+    step(f"fp32: prefill of {size} tokens x {args.prefill_reps}")
     result["prefill"] = measure_prefill(model, size, args.prefill_reps)
-    step(f"slow path at a full window, {args.slow_tokens} tokens")
+    step(f"fp32: slow path at a full window, {args.slow_tokens} tokens")
     result["slow_full_window"] = measure_slow(model, size, args.slow_tokens)
-    step(f"unlimited: {args.windows} windows ({args.windows * size} tokens) at stride {default_stride}")
-    prompt = random_ids(PROMPT_TOKENS, model.args.vocab_size, 5)
-    result["unlimited"] = measure_unlimited(model, size, default_stride, prompt, args.windows * size)
+    step(f"fp32: unlimited, {args.windows} windows ({args.windows * size} tokens) at stride {default_stride}")
+    result["unlimited"] = measure_unlimited(model, size, default_stride, random_ids(PROMPT_TOKENS, vocab, 5),
+                                            args.windows * size)
     result["stride_sweep"] = []
     for stride in args.strides:
-        step(f"steady state from a full window: {args.sweep_tokens}+ tokens at stride {stride}")
+        step(f"fp32: steady state from a full window, {args.sweep_tokens}+ tokens at stride {stride}")
         result["stride_sweep"].append(measure_steady(model, size, stride, args.sweep_tokens))
+    del model
     add_ratios(result)
+
+    result["peak_rss"] = []
+    for name, dtype, extra in VARIANTS:
+        if name != "fp32-plain":
+            step(f"peak RSS of generation, {name}")
+            rss = peers.peak_rss_of_generation(str(folder), PRESET, dtype, args.new_tokens, extra)
+            result["peak_rss"].append({"variant": name, **rss})
+    add_targets(result)
     env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
     result["total_seconds"] = round(time.perf_counter() - started, 1)
     step("done")
-    print_table(result)
+    print_tables(result)
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

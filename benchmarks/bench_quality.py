@@ -67,8 +67,8 @@ def stale_cache_run(model, ids: list[int], size: int) -> dict:
         if j == len(ids) - 1:
             break
         if cached == size:  # drop the oldest entry; the others keep the positions they were encoded at
-            kv_cache.k[:, :, :, :-1] = kv_cache.k[:, :, :, 1:].clone()
-            kv_cache.v[:, :, :, :-1] = kv_cache.v[:, :, :, 1:].clone()
+            for t in kv_cache.k + kv_cache.v:
+                t[:, :, :-1] = t[:, :, 1:].clone()
             cached -= 1
         logits = model.decode_step(torch.tensor([ids[j]]), torch.tensor([cached]), kv_cache)[0]
         cached += 1

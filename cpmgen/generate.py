@@ -40,7 +40,7 @@ class Stats:
 
 def prefill(model: CPMModel, window_ids: list[int], kv_cache: KVCache, row: int) -> torch.Tensor:
     """Encode one sample's window at positions 0..n-1 into its cache row; return next-token logits [vocab]."""
-    device = kv_cache.k.device
+    device = kv_cache.k[0].device
     tokens = torch.tensor([window_ids], device=device)
     logits = model(tokens, torch.arange(len(window_ids), device=device), kv_cache.rows(slice(row, row + 1)),
                    last_only=True)
@@ -82,8 +82,7 @@ def generate(model: CPMModel, prompt: list[int], window: Window, params: Samplin
     if fast:
         kv_cache = model.new_kv_cache(num_samples, window.size)
         first = prefill(model, windows[0], kv_cache, 0)  # all samples share the prompt: encode once
-        kv_cache.k[:, 1:] = kv_cache.k[:, :1]
-        kv_cache.v[:, 1:] = kv_cache.v[:, :1]
+        kv_cache.copy_row(0)
         logits = first.expand(num_samples, -1)
         stats.prefill_tokens += len(windows[0])
     step = 0

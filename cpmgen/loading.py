@@ -8,6 +8,7 @@ from typing import Callable, Optional
 
 import torch
 
+from cpmgen.checkpoint.megatron import trim_heap
 from cpmgen.checkpoint.reader import Checkpoint, open_checkpoint, resolve_args
 from cpmgen.config import ModelArgs, RuntimeSection, Settings
 from cpmgen.errors import UserError
@@ -83,6 +84,7 @@ def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = No
     model.requires_grad_(False)
     del state
     optimize(model, settings.runtime, ckpt)
+    trim_heap()  # converted and replaced copies were freed one by one; hand their memory back
     return Loaded(model.eval(), args, ckpt, device, dtype)
 
 
@@ -109,6 +111,7 @@ def optimize(model: CPMModel, runtime: RuntimeSection, ckpt: Optional[Checkpoint
     def replaced(weight: torch.Tensor) -> None:
         if ckpt is not None and names.get(weight.data_ptr()) in ckpt.shards[0]:
             ckpt.release(names[weight.data_ptr()])
+        trim_heap()  # the conversion's temporaries, before the next weight makes its own
 
     if runtime.quantize == "int8":
         from cpmgen.quantize import quantize_int8

@@ -26,26 +26,37 @@ MASKED_SCORE = -10000.0  # Megatron's value for masked attention scores
 
 
 class KVCache:
-    """Keys and values of every layer in preallocated buffers [layers, batch, heads, slots, head_dim].
+    """Keys and values in preallocated buffers, one [batch, heads, slots, head_dim] pair per layer.
 
     Allocated once and written in place; `rows` gives a view of some batch rows (sharing
-    the buffers) so one sample can be re-encoded without touching the others."""
+    the buffers) so one sample can be re-encoded without touching the others. A buffer per
+    layer, not one tensor for all: under torch.compile a write into a slice of one big input
+    became a copy of the whole cache on every step."""
 
-    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
         self.k, self.v = k, v
 
     @classmethod
     def allocate(cls, num_layers: int, batch_size: int, num_heads: int, slots: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str) -> "KVCache":
-        shape = (num_layers, batch_size, num_heads, slots, head_dim)
-        return cls(torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        shape = (batch_size, num_heads, slots, head_dim)
+        return cls(*([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)] for _ in "kv"))
 
     @property
     def slots(self) -> int:
-        return self.k.shape[3]
+        return self.k[0].shape[2]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def rows(self, index: slice) -> "KVCache":
-        return KVCache(self.k[:, index], self.v[:, index])
+        return KVCache([t[index] for t in self.k], [t[index] for t in self.v])
+
+    def copy_row(self, source: int) -> None:
+        """Every batch row gets row `source`'s keys and values (samples that share a prompt)."""
+        for t in self.k + self.v:
+            t.copy_(t[source:source + 1].clone().expand_as(t))
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
         """Write k, v [batch, heads, T, head_dim] at slots input_pos [batch, T]; return slots 0..length-1."""
@@ -132,8 +143,13 @@ class CPMModel(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.word_embeddings = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.position_embeddings = nn.Embedding(args.max_positions, args.hidden_size)
+        # Tables given, so nn.Embedding skips its normal_() initialisation: the weights always
+        # come from a checkpoint, and on the meta device (how models are built for loading)
+        # normal_ imports ~800 Python modules, 73 MB resident for the life of the process.
+        self.word_embeddings = nn.Embedding(args.vocab_size, args.hidden_size,
+                                            _weight=torch.empty(args.vocab_size, args.hidden_size))
+        self.position_embeddings = nn.Embedding(args.max_positions, args.hidden_size,
+                                                _weight=torch.empty(args.max_positions, args.hidden_size))
         self.transformer = Transformer(args)
 
     def new_kv_cache(self, batch_size: int, slots: Optional[int] = None) -> KVCache:
