@@ -32,6 +32,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from bench_generate import cache_dir  # the same cache folder (the peaks are measured in child processes)
 from cpmgen.config import PRESETS
 from cpmgen.synthetic import random_state_dict, write_megatron_checkpoint
 
@@ -49,14 +50,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.runs = [tuple(int(n) for n in run.split(":")) for run in args.runs.split(",") if run.strip()]
     return args
-
-
-def cache_dir() -> Path:
-    """bench_generate.py's rule (not imported: that module pulls in the whole generation stack)."""
-    if os.environ.get("CPMGEN_BENCH_CACHE"):
-        return Path(os.environ["CPMGEN_BENCH_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cpmgen-bench"
 
 
 def ensure_checkpoints(preset: str, dtype: str, sizes: set[int]) -> dict[int, Path]:

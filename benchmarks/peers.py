@@ -6,11 +6,8 @@
    and what it does past its 1024 positions;
 3. the peak RSS of a generation, measured in a child process.
 
-benchmarks/bench_generate.py imports this module (both are run as scripts from benchmarks/, so
-`import peers` finds it). Run alone, it measures all of it with small counts and prints JSON:
-
-    .venv/bin/python benchmarks/peers.py              # about 3 minutes at 2 threads
-    .venv/bin/python benchmarks/peers.py --help
+benchmarks/bench_generate.py imports this module (a script's own folder is on sys.path, so
+`import peers` finds it) and runs all of it side by side with cpmgen's figures.
 
 transformers is imported only inside the HF functions: the RSS child imports this module and
 must not carry transformers' memory.
@@ -18,7 +15,6 @@ must not carry transformers' memory.
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import json
 import os
@@ -416,82 +412,3 @@ def peak_rss_of_generation(checkpoint: str, preset: str, dtype: str, new_tokens:
             "peak_minus_weights_kv_mb": round((child["peak"] - child["weights"] - child["kv"]) / MB, 1),
             "peak_minus_baseline_weights_kv_mb":
                 round((child["peak"] - child["baseline"] - child["weights"] - child["kv"]) / MB, 1)}
-
-
-# ----------------------------------------------------------------------------- alone
-
-
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description="peer figures for bench_generate (bandwidth, HF, peak RSS)")
-    parser.add_argument("--new-tokens", type=int, default=64, help="generated tokens per timed run (default 64)")
-    parser.add_argument("--agree-tokens", type=int, default=32, help="greedy tokens compared with HF (default 32)")
-    parser.add_argument("--threads", default="2,1", help="comma-separated torch thread counts (default 2,1)")
-    parser.add_argument("--reps", type=int, default=3, help="timed runs per rate, the fastest kept (default 3)")
-    parser.add_argument("--bandwidth-bytes", type=int, default=1 << 30, help="array bytes (default 1 GiB)")
-    args = parser.parse_args(argv)
-    thread_counts = [int(t) for t in args.threads.split(",")]
-
-    import bench_generate  # here, not at the top: bench_generate imports this module
-
-    started = time.perf_counter()
-
-    def step(name: str) -> None:
-        print(f"[{time.perf_counter() - started:6.1f}s] {name}", file=sys.stderr, flush=True)
-
-    folder = bench_generate.ensure_checkpoint(bench_generate.cache_dir() / f"{bench_generate.PRESET}-seed0")
-    result = {"model": bench_generate.PRESET, "checkpoint": str(folder), "torch": torch.__version__,
-              "cpu_count": os.cpu_count(), "loadavg_start": [round(x, 2) for x in os.getloadavg()]}
-
-    step("memory bandwidth")
-    result["bandwidth"] = [memory_bandwidth(threads, args.bandwidth_bytes) for threads in thread_counts]
-    bound_gbs = {bw["threads"]: bw["bound_gbs"] for bw in result["bandwidth"]}
-
-    # cpmgen as the CLI loads it (prepacked linears); HF converts the plain state of `plain`
-    models = {name: load_cpmgen(str(folder), bench_generate.PRESET, name) for name in ("fp32", "bf16")}
-    plain = load_cpmgen(str(folder), bench_generate.PRESET, "fp32", {"runtime.prepack": False})
-    vocab = plain.args.vocab_size
-    prompt = _ids(bench_generate.PROMPT_TOKENS, vocab, 1)
-    result["weights"] = {name: {"model_bytes": model_bytes(m), "bytes_per_token": weight_bytes_per_token(m),
-                                "decode_bound_tokens_per_s": {str(t): decode_bound(bw, weight_bytes_per_token(m))
-                                                              for t, bw in bound_gbs.items()}}
-                         for name, m in models.items()}
-
-    result.update(logits=[], rates=[], agreement=[], attn_choice={})
-    previous_threads = torch.get_num_threads()
-    for name, model in models.items():
-        hf = hf_model_from_cpmgen(plain, model.word_embeddings.weight.dtype)
-        for attn in ("sdpa", "eager"):
-            hf.set_attn_implementation(attn)
-            result["logits"].append(hf_logits_diff(model, hf))
-        for threads in thread_counts:
-            torch.set_num_threads(threads)
-            step(f"{name}, {threads} threads: HF rates (sdpa, eager attention), cpmgen rate")
-            choice = choose_attn_implementation(hf, prompt, args.new_tokens, args.reps)
-            result["rates"] += [*choice["rates"].values(), cpmgen_generate_rate(model, prompt, args.new_tokens,
-                                                                                args.reps)]
-            if threads == thread_counts[0]:  # the first count is the one the comparison is made at
-                result["attn_choice"][name] = choice["attn_implementation"]
-        hf.set_attn_implementation(result["attn_choice"][name])
-        torch.set_num_threads(previous_threads)
-        step(f"{name}: greedy agreement over {args.agree_tokens} tokens")
-        result["agreement"].append(greedy_agreement(model, hf, prompt, args.agree_tokens))
-        if name == "fp32":
-            step("HF past its 1024 positions")
-            result["past_window"] = hf_past_window(hf, _ids(1020, vocab, 2), 8)
-        del hf
-    del models, plain
-
-    result["peak_rss"] = []
-    for name in ("fp32", "bf16"):
-        step(f"peak RSS of generation, {name}")
-        result["peak_rss"].append(
-            peak_rss_of_generation(str(folder), bench_generate.PRESET, name, args.new_tokens))
-    result["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]
-    step("done")
-    json.dump(result, sys.stdout, indent=2)
-    sys.stdout.write("\n")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -28,7 +28,7 @@ shard has its own scales, so an mp=2 model is not bit-equal to the mp=1 quantize
 from __future__ import annotations
 
 import types
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
