@@ -110,6 +110,12 @@ def random_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
 # ----------------------------------------------------------------------------- timing helpers
 
 
+def synchronize() -> None:
+    """Wait for queued GPU work, so a timer stopped after a call measures the call (bench_gpu.py)."""
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
 @contextmanager
 def timed_prefills():
     """Time every call of cpmgen.generate.prefill (the prompt's encoding and each re-encode)."""
@@ -119,6 +125,7 @@ def timed_prefills():
     def timed(*args, **kwargs):
         start = time.perf_counter()
         result = original(*args, **kwargs)
+        synchronize()
         durations.append(time.perf_counter() - start)
         return result
 
@@ -223,6 +230,7 @@ def measure_prefill(model, size: int, reps: int) -> dict:
         for _ in range(reps):
             start = time.perf_counter()
             cpmgen.generate.prefill(model, ids, cache, 0)
+            synchronize()
             times.append(time.perf_counter() - start)
     best = statistics.median(times)
     return {"tokens": size, "seconds": [round(t, 3) for t in times], "median_s": round(best, 3),

@@ -211,9 +211,9 @@ def hf_model_from_cpmgen(model: CPMModel, dtype: torch.dtype, attn_implementatio
 def hf_logits_diff(model: CPMModel, hf_model, tokens: int = 64, seed: int = 0) -> dict:
     """Both models on the same random ids, no cache: max |HF - cpmgen| over all logits, the
     largest logit for scale, and the share of positions whose argmax agrees."""
-    ids = torch.tensor([_ids(tokens, model.args.vocab_size, seed)])
+    ids = torch.tensor([_ids(tokens, model.args.vocab_size, seed)], device=model.word_embeddings.weight.device)
     with torch.inference_mode():
-        ours = model(ids, torch.arange(tokens)).float()
+        ours = model(ids, torch.arange(tokens, device=ids.device)).float()
         theirs = hf_model(input_ids=ids).logits.float()
     return {"tokens": tokens, "dtype": str(hf_model.dtype).removeprefix("torch."),
             "attn_implementation": hf_model.config._attn_implementation,
@@ -238,7 +238,7 @@ class _TokenClock:
 
 def _hf_generate(hf_model, prompt_ids: list[int], new_tokens: int, streamer=None) -> list[int]:
     """Greedy, exactly `new_tokens` new tokens (min_new_tokens keeps EOS from ending it), with cache."""
-    ids = torch.tensor([prompt_ids])
+    ids = torch.tensor([prompt_ids], device=hf_model.device)
     with torch.inference_mode():
         out = hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
                                 max_new_tokens=new_tokens, min_new_tokens=new_tokens, use_cache=True,

@@ -95,9 +95,7 @@ def compile_decode(model: CPMModel) -> None:
     (it cannot lower oneDNN's opaque prepacked weights, so --compile replaces prepacking);
     on CUDA the step is also captured as a CUDA graph, which removes the per-kernel launch
     cost that dominates batch-1 decode there."""
-    options = {"freezing": True, "max_autotune": True}
-    if model.word_embeddings.weight.is_cuda:
-        options["triton.cudagraphs"] = True
+    options = {"freezing": True, "triton.cudagraphs": model.word_embeddings.weight.is_cuda}
     model.decode_step = torch.compile(model.decode_step, fullgraph=True, dynamic=False, options=options)
 
 
