@@ -59,11 +59,12 @@ class KVCache:
             t.copy_(t[source:source + 1].clone().expand_as(t))
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
-        """Write k, v [batch, heads, T, head_dim] at slots input_pos [batch, T]; return slots 0..length-1."""
+        """Write k, v [batch, heads, T, head_dim] at slots input_pos ([T] for every row, or
+        [batch, T]); return slots 0..length-1."""
         k_cache, v_cache = self.k[layer], self.v[layer]
-        if not torch.compiler.is_compiling() and bool((input_pos == input_pos[:1]).all()):
-            k_cache.index_copy_(2, input_pos[0], k)
-            v_cache.index_copy_(2, input_pos[0], v)
+        if input_pos.dim() == 1:
+            k_cache.index_copy_(2, input_pos, k)
+            v_cache.index_copy_(2, input_pos, v)
         else:
             index = input_pos[:, None, :, None].expand_as(k)
             k_cache.scatter_(2, index, k)
@@ -100,11 +101,12 @@ class Attention(nn.Module):
             # Fused attention: a window's prefill runs 4x faster than the plain matmuls on the CPU.
             # Masked scores are -inf here instead of -10000; every query sees at least its own
             # key, so masked keys get weight exactly 0 either way.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         else:
             # One query (decode): plain matmuls; SDPA's CPU kernels cost more than the work here.
             scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            scores = scores.masked_fill(~mask, MASKED_SCORE)
+            if mask is not None:
+                scores = scores.masked_fill(~mask, MASKED_SCORE)
             out = torch.matmul(torch.softmax(scores, dim=-1), v)
         return self.dense(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim).to(x.dtype))
 
@@ -175,11 +177,13 @@ class CPMModel(nn.Module):
         they are written at slots input_pos and attend to the cached slots 0..position.
         Returns logits [batch, T, vocab] (or [batch, 1, vocab] with last_only)."""
         batch, seq = ids.shape
-        input_pos = input_pos.expand(batch, seq) if input_pos.dim() == 1 else input_pos
         compiled = torch.compiler.is_compiling()
+        if input_pos.dim() == 2 and not compiled and bool((input_pos == input_pos[:1]).all()):
+            input_pos = input_pos[0]  # every row at the same positions: one index for all of them
+        positions = input_pos.expand(batch, seq) if input_pos.dim() == 1 else input_pos
         if not compiled:  # reading positions back would break a compiled graph
-            top = int(input_pos.max())
-            if top >= self.args.max_positions or int(input_pos.min()) < 0:
+            top = int(positions.max())
+            if top >= self.args.max_positions or int(positions.min()) < 0:
                 raise ValueError(f"position {top} outside the model's 0..{self.args.max_positions - 1}")
             if kv_cache is not None and top >= kv_cache.slots:
                 raise ValueError(f"position {top} does not fit a KV cache of {kv_cache.slots} slots")
@@ -189,8 +193,14 @@ class CPMModel(nn.Module):
             kv_len = kv_cache.slots if compiled else top + 1
             key_pos = torch.arange(kv_len, device=ids.device).expand(batch, kv_len)
         else:
-            kv_len, key_pos = seq, input_pos
-        mask = (key_pos[:, None, :] <= input_pos[:, :, None]).unsqueeze(1)  # [batch, 1, T, keys]
+            kv_len, key_pos = seq, positions
+        if not compiled and input_pos.dim() == 1 and (
+                seq == 1 or torch.equal(input_pos, torch.arange(seq, device=ids.device))):
+            # No mask in the two usual cases: one new token per row (it sees every attended slot)
+            # and a window encoded at 0..T-1 (plain causal, which SDPA runs a third faster).
+            mask = None
+        else:
+            mask = (key_pos[:, None, :] <= positions[:, :, None]).unsqueeze(1)  # [batch, 1, T, keys]
         x = self.word_embeddings(ids) + self.position_embeddings(input_pos)
         for i, layer in enumerate(self.transformer.layers):
             x = layer(x, input_pos, mask, kv_cache, i, kv_len)

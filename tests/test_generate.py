@@ -139,3 +139,16 @@ def test_recompute_matches_last_logits(novel_model):
     with torch.inference_mode():
         full = novel_model(torch.tensor([ids]), torch.arange(len(ids)))[0, -1]
         torch.testing.assert_close(recompute(novel_model, ids), full)
+
+
+def test_compiled_decode_step_gives_the_same_tokens():
+    """--compile (loading.compile_decode): a static-shape step over every cache slot, same tokens."""
+    from cpmgen.loading import compile_decode
+
+    model = make_model(300)  # plain linears: inductor packs its own weights
+    window = Window(MAX_POS - 1, 16)
+    prompt = list(range(20, 40))
+    eager, _ = run(model, prompt, window, SAMPLED, MAX_POS + 40, fast=True)
+    compile_decode(model)
+    compiled, stats = run(model, prompt, window, SAMPLED, MAX_POS + 40, fast=True)
+    assert compiled == eager and stats.slides >= 2
