@@ -31,7 +31,7 @@ class KVCache:
     Allocated once and written in place; `rows` gives a view of some batch rows (sharing
     the buffers) so one sample can be re-encoded without touching the others. A buffer per
     layer, not one tensor for all: under torch.compile a write into a slice of one big input
-    became a copy of the whole cache on every step."""
+    became a copy of the whole cache on every step (see also `update`)."""
 
     def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
         self.k, self.v = k, v
@@ -66,9 +66,11 @@ class KVCache:
             k_cache.index_copy_(2, input_pos, k)
             v_cache.index_copy_(2, input_pos, v)
         else:
-            index = input_pos[:, None, :, None].expand_as(k)
-            k_cache.scatter_(2, index, k)
-            v_cache.scatter_(2, index, v)
+            # Indexed assignment, not scatter_: torch.compile writes it into the cache in place,
+            # where a scatter_ became a copy of the layer's whole cache on every step.
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            k_cache[rows, :, input_pos] = k.transpose(1, 2)
+            v_cache[rows, :, input_pos] = v.transpose(1, 2)
         return k_cache[:, :, :length], v_cache[:, :, :length]
 
 
