@@ -284,7 +284,7 @@ def measure_variant(folder: Path, name: str, dtype: str, extra: dict, prompt: li
            "model_bytes": peers.model_bytes(model), "weight_bytes_per_token": peers.weight_bytes_per_token(model)}
     if extra.get("runtime.compile"):
         start = time.perf_counter()
-        for _ in generate(model, prompt, Window(1023, 256), GREEDY, 3):
+        for _ in generate(model, prompt, peers.WINDOW, GREEDY, 3):
             pass
         row["compile_s"] = round(time.perf_counter() - start, 1)
     row["decode"] = peers.cpmgen_generate_rate(model, prompt, args.new_tokens, args.reps)

@@ -126,20 +126,13 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
 def _model_tensors(model: nn.Module):
     """(owning module, tensor) for every distinct tensor the model holds, each once (by identity,
     so a tied tensor counts once): parameters and buffers, non-persistent ones included (the
-    oneDNN-prepacked weights of cpmgen.prepack, which state_dict() leaves out), and the tensors
-    inside torch.ao quantized linears' packed params, which only state_dict() unpacks (owner None)."""
+    oneDNN-prepacked weights of cpmgen.prepack, which state_dict() leaves out)."""
     seen = set()
     for module in model.modules():
         for tensor in itertools.chain(module.parameters(recurse=False), module.buffers(recurse=False)):
             if id(tensor) not in seen:
                 seen.add(id(tensor))
                 yield module, tensor
-    for value in model.state_dict(keep_vars=True).values():
-        if isinstance(value, (tuple, list)):
-            for tensor in value:
-                if isinstance(tensor, torch.Tensor) and id(tensor) not in seen:
-                    seen.add(id(tensor))
-                    yield None, tensor
 
 
 def model_bytes(model: nn.Module) -> int:

@@ -91,10 +91,11 @@ def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = No
 def compile_decode(model: CPMModel) -> None:
     """torch.compile the one-token step (prefill lengths vary, so it stays eager).
 
-    Freezing lets inductor treat the weights as constants and pack them for its own GEMMs
-    (it cannot lower oneDNN's opaque prepacked weights, so --compile replaces prepacking);
-    on CUDA the step is also captured as a CUDA graph, which removes the per-kernel launch
-    cost that dominates batch-1 decode there."""
+    Freezing lets inductor treat the weights as constants. It cannot lower oneDNN's opaque
+    prepacked weights, so --compile replaces prepacking, and on the CPU (torch 2.13) it
+    lowers the linears to MKL's one-core GEMV: half the default speed there (README,
+    Performance). On CUDA the step is also captured as a CUDA graph, which removes the
+    per-kernel launch cost that dominates batch-1 decode there."""
     options = {"freezing": True, "triton.cudagraphs": model.word_embeddings.weight.is_cuda}
     model.decode_step = torch.compile(model.decode_step, fullgraph=True, dynamic=False, options=options)
 
