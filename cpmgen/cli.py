@@ -6,6 +6,7 @@ traceback unless --debug or CPMGEN_DEBUG=1).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -33,13 +34,15 @@ QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="none, or
 CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the decode step (a CUDA graph on GPU) after a one-time compile of tens of seconds; on CPU the default prepacked linears are faster [default: runtime.compile, off].", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
 MpOpt = Annotated[Optional[int], typer.Option("--mp", help="Model-parallel ranks: relaunches through torchrun with N local ranks (gloo on CPU, NCCL on GPU) [default: runtime.mp, 1].", show_default=False)]
+TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Load rank files that pickle Python objects beyond tensors, args and RNG states: this can run code from the file, so only for a file you wrote yourself.")]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads per process; 0: automatic (the cores this process may use, divided among local ranks, fewer on a busy machine) [default: runtime.threads, 0].", show_default=False)]
 StrideOpt = Annotated[Optional[int], typer.Option("--stride", help="Tokens dropped per window slide [default: window.stride].", show_default=False)]
 
 
 def settings_from(config: Optional[str], sets: Optional[list[str]], task: Optional[str] = None, *,
                   model: Optional[str] = None, vocab: Optional[str] = None, device: Optional[str] = None,
                   dtype: Optional[str] = None, quantize: Optional[str] = None,
-                  compiled: Optional[bool] = None) -> Settings:
+                  compiled: Optional[bool] = None, trust: bool = False, threads: Optional[int] = None) -> Settings:
     """Config files and --set first, then the explicit options, which win."""
     settings = load_settings(config, sets, task)
     if model is not None:
@@ -54,6 +57,10 @@ def settings_from(config: Optional[str], sets: Optional[list[str]], task: Option
         settings.runtime.quantize = quantize
     if compiled is not None:
         settings.runtime.compile = compiled
+    if trust:
+        settings.model.trust_checkpoint = True
+    if threads is not None:
+        settings.runtime.threads = threads
     return settings
 
 
@@ -77,11 +84,11 @@ def model_parallel(settings: Settings) -> tuple[int, int]:
     if world == 1:
         return 0, 1
     if not parallel.under_torchrun():
-        from cpmgen.checkpoint.reader import open_checkpoint, resolve_args
-        from cpmgen.loading import model_path
+        from cpmgen.checkpoint.reader import resolve_args
+        from cpmgen.loading import open_model
 
         # Fail here, once, on what every rank would fail on; opening is cheap (memory-mapped).
-        parallel.check_split(resolve_args(open_checkpoint(model_path(settings)), settings.model), world)
+        parallel.check_split(resolve_args(open_model(settings), settings.model), world)
         raise typer.Exit(parallel.launch(world, sys.argv[1:], os.environ.get("CPMGEN_DEBUG") == "1"))
     rank, world = parallel.init(resolve_device(settings.runtime.device).type)
     if rank != 0:
@@ -91,10 +98,11 @@ def model_parallel(settings: Settings) -> tuple[int, int]:
 
 def load_for(settings: Settings, rank: int = 0, world: int = 1):
     """Load the model (this rank's shard under --mp) with a progress bar."""
-    from cpmgen.checkpoint.reader import open_checkpoint
-    from cpmgen.loading import load_model, model_path
+    from cpmgen.loading import load_model, open_model
+    from cpmgen.threads import apply_threads
 
-    ckpt = open_checkpoint(model_path(settings), rank=rank, world=world)
+    apply_threads(settings.runtime.threads)
+    ckpt = open_model(settings, rank=rank, world=world)
     with console.progress("loading weights", total=len(ckpt.names())) as advance:
         return load_model(settings, advance=advance, checkpoint=ckpt, rank=rank, world=world)
 
@@ -120,6 +128,7 @@ def inspect_ckpt(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
+    trust: TrustOpt = False,
 ):
     """Show what a checkpoint folder holds and what is wrong with it.
 
@@ -127,8 +136,9 @@ def inspect_ckpt(
     from cpmgen.inspection import inspect_checkpoint
     from cpmgen.loading import model_path
 
-    settings = settings_from(config, sets, model=path)
-    report = inspect_checkpoint(model_path(settings), settings.model.num_heads, check_values)
+    settings = settings_from(config, sets, model=path, trust=trust)
+    report = inspect_checkpoint(model_path(settings), settings.model.num_heads, check_values,
+                                settings.model.trust_checkpoint)
     if as_json:
         print_json(report)
     else:
@@ -169,21 +179,28 @@ def _size(n: int) -> str:
 
 
 def _open_for_writing(settings: Settings):
-    from cpmgen.checkpoint.reader import open_checkpoint, resolve_args
-    from cpmgen.loading import model_path
+    from cpmgen.checkpoint.reader import resolve_args
+    from cpmgen.loading import open_model
 
-    ckpt = open_checkpoint(model_path(settings))
+    ckpt = open_model(settings)
     return ckpt, resolve_args(ckpt, settings.model)
+
+
+def _output_folder(ckpt, output: Path, force: bool, files: int):
+    """The checked, locked temporary folder for a checkpoint written from `ckpt` in `files` files."""
+    from cpmgen.fileio import atomic_folder, check_space
+
+    folder = atomic_folder(output, force=force, protect=[ckpt.path, *ckpt.files])
+    check_space(output, ckpt.nbytes(), ckpt.nbytes() // files)
+    return folder
 
 
 def _write_megatron_folder(ckpt, args, mp: int, output: Path, force: bool) -> None:
     from cpmgen.checkpoint.writer import check_mp, write_megatron
-    from cpmgen.fileio import atomic_folder
 
     check_mp(ckpt, args, mp)
-    if output.resolve() == ckpt.path.resolve():
-        raise UserError(f"{output}: the output would overwrite the source checkpoint; choose another --output")
-    with atomic_folder(output, force=force) as tmp, console.progress(f"writing mp={mp}", len(ckpt.names()) * mp) as advance:
+    with _output_folder(ckpt, output, force, mp) as tmp, \
+            console.progress(f"writing mp={mp}", len(ckpt.names()) * mp) as advance:
         write_megatron(tmp, ckpt, args, mp, advance)
 
 
@@ -196,12 +213,13 @@ def reshard(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
+    trust: TrustOpt = False,
 ):
     """Split or merge a checkpoint to another model-parallel size (any N that divides the split dimensions).
 
     The source is never touched; the output is written to a temporary folder and renamed
     into place, keeping the iteration and RNG states and setting mp_world_size."""
-    settings = settings_from(config, sets, model=path)
+    settings = settings_from(config, sets, model=path, trust=trust)
     ckpt, args = _open_for_writing(settings)
     source = ckpt.path.resolve()
     target = Path(output) if output else source.parent / f"{source.name}_MP{mp}"
@@ -224,13 +242,13 @@ def convert(
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
+    trust: TrustOpt = False,
 ):
     """Export to an HF GPT2LMHeadModel folder (config.json, model.safetensors, spiece.model), or back to Megatron."""
     from cpmgen.checkpoint.hf import write_hf
-    from cpmgen.fileio import atomic_folder
     from cpmgen.tokenizer import find_vocab
 
-    settings = settings_from(config, sets, model=path, vocab=vocab)
+    settings = settings_from(config, sets, model=path, vocab=vocab, trust=trust)
     ckpt, args = _open_for_writing(settings)
     target = Path(output)
     if to == "megatron":
@@ -243,7 +261,7 @@ def convert(
                 raise
             vocab_path = None
             console.warn("no chinese_vocab.model found: the HF folder will have no spiece.model (pass --vocab)")
-        with atomic_folder(target, force=force) as tmp:
+        with _output_folder(ckpt, target, force, 1) as tmp:
             write_hf(tmp, dict(ckpt.full_tensors()), args, vocab_path)
     else:
         raise UserError(f"--to {to}: choose hf or megatron")
@@ -296,13 +314,16 @@ def score(
     dtype: DtypeOpt = None,
     quantize: QuantizeOpt = None,
     mp: MpOpt = None,
+    threads: ThreadsOpt = None,
+    trust: TrustOpt = False,
 ):
     """Log-likelihood and perplexity of a text; longer texts slide the window by --stride, as generation does."""
     from cpmgen.fileio import read_text_utf8
     from cpmgen.score import score_ids, summary, window_report
     from cpmgen.window import Window
 
-    settings = settings_from(config, sets, model=model, vocab=vocab, device=device, dtype=dtype, quantize=quantize)
+    settings = settings_from(config, sets, model=model, vocab=vocab, device=device, dtype=dtype, quantize=quantize,
+                             trust=trust, threads=threads)
     if stride is not None:
         settings.window.stride = stride
     if mp is not None:
@@ -377,15 +398,18 @@ def _task_command(task_name: str):
         quantize: QuantizeOpt = None,
         compiled: CompileOpt = None,
         mp: MpOpt = None,
+        threads: ThreadsOpt = None,
+        trust: TrustOpt = False,
         as_json: Annotated[Optional[bool], typer.Option("--json", help="Print one JSON object (a list with --num-samples > 1).", show_default=False)] = None,
-        output: Annotated[Optional[str], typer.Option("--output", "-o", help="Also write the text to FILE (atomically).", show_default=False)] = None,
+        output: Annotated[Optional[str], typer.Option("--output", "-o", help="Also write the text to FILE (checked before the work; holds the text so far if the run is stopped).", show_default=False)] = None,
+        force: Annotated[Optional[bool], typer.Option("--force", help="Replace an existing --output file.", show_default=False)] = None,
     ):
         settings = settings_from(config, sets, task_name, model=model, vocab=vocab, device=device, dtype=dtype,
-                                 quantize=quantize, compiled=compiled)
+                                 quantize=quantize, compiled=compiled, trust=trust, threads=threads)
         for section, key, value in (
             ("generate", "fast", fast), ("generate", "max_new_tokens", max_new_tokens),
             ("generate", "out_seq_length", out_seq_length), ("generate", "num_samples", num_samples),
-            ("generate", "json", as_json), ("generate", "output", output),
+            ("generate", "json", as_json), ("generate", "output", output), ("generate", "force", force),
             ("sampling", "temperature", temperature), ("sampling", "top_k", top_k), ("sampling", "top_p", top_p),
             ("sampling", "repetition_penalty", repetition_penalty), ("sampling", "greedy", greedy),
             ("sampling", "frequency_penalty", frequency_penalty), ("sampling", "presence_penalty", presence_penalty),
@@ -402,11 +426,7 @@ def _task_command(task_name: str):
 
 
 def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
-    from cpmgen.display import full_text, make_view
-    from cpmgen.fileio import read_text_utf8, write_text_atomic
-    from cpmgen.runner import Job, run
-    from cpmgen.tasks import TASKS
-    from cpmgen.window import Window
+    from cpmgen.fileio import TextOutput
 
     gen, samp = settings.generate, settings.sampling
     for option, value in (("--max-new-tokens", gen.max_new_tokens), ("--out-seq-length", gen.out_seq_length)):
@@ -421,7 +441,25 @@ def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
     if any(not s for s in gen.stop):
         raise UserError("--stop '': a stop text must not be empty")
     interactive = input is None
+    # checked before the work (and before a model-parallel launch); rank 0 holds it to the end
+    output = TextOutput(gen.output, gen.force, [input] if input not in (None, "-") else []) if gen.output else None
     rank, world = model_parallel(settings)
+    if rank != 0:
+        output = None
+    with output or contextlib.nullcontext():
+        _generate_texts(task_name, input, settings, interactive, rank, world, output)
+
+
+def _generate_texts(task_name: str, input: Optional[str], settings: Settings, interactive: bool, rank: int,
+                    world: int, output) -> None:
+    from cpmgen.display import SavedView, make_view
+    from cpmgen.fileio import read_text_utf8
+    from cpmgen.memory import check_generation_memory
+    from cpmgen.runner import Job, run
+    from cpmgen.tasks import TASKS
+    from cpmgen.window import Window
+
+    gen, samp = settings.generate, settings.sampling
     if rank == 0:  # the other ranks receive rank 0's prompts
         if interactive and not sys.stdin.isatty():
             raise UserError(f"{task_name}: give an INPUT file, or '-' to read the prompt from stdin")
@@ -430,6 +468,7 @@ def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
     loaded = load_for(settings, rank, world)
     tokenizer = tokenizer_for(settings, loaded.args.vocab_size)
     window = Window.from_settings(settings.window, loaded.args.max_positions, tokenizer.eod_id if task.lines else None)
+    check_generation_memory(loaded.args, gen.num_samples, window.size + 1, loaded.dtype, loaded.device, world)
     if world > 1:
         from cpmgen.parallel import any_rank, shared_items
 
@@ -459,13 +498,17 @@ def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
                   gen.lines)
         prompt_text = tokenizer.decode(task.display_ids(prompt_ids, tokenizer.eod_id))
         view = make_view(gen.json or rank != 0, console.stdout, prompt_text, job.num_samples)
-        result = run(job, loaded.model, tokenizer, prompt_ids, view, agree)
-        view.finish(prompt_text, result.texts, result.stats)
+        if output is not None:
+            view = SavedView(view, output, prompt_text, job.num_samples)
+        try:
+            result = run(job, loaded.model, tokenizer, prompt_ids, view, agree)
+            view.finish(prompt_text, result.texts, result.stats)
+        finally:
+            if output is not None:  # also when the run failed: the text so far is kept
+                view.save()
         if gen.json:
             objects = result.as_json(task_name)
             print_json(objects[0] if len(objects) == 1 else objects)
-        if gen.output and rank == 0:
-            write_text_atomic(gen.output, full_text(prompt_text, result.texts))
         if result.interrupted:
             raise typer.Exit(130)
 
@@ -486,7 +529,18 @@ for _name in TASK_HELP:
     _task_command(_name)
 
 
+def _terminate(signum, frame) -> None:
+    """SIGTERM and SIGHUP end the command as an exception, so that outputs are finished or
+    removed on the way out (the generation loop answers them by stopping after the token)."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    import signal
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _terminate)
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past `ulimit -f` a write fails (EFBIG) instead of killing
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
         os.environ["CPMGEN_DEBUG"] = "1"  # model-parallel ranks inherit it
@@ -496,6 +550,10 @@ def main() -> None:
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except KeyboardInterrupt:
+        if debug:
+            raise
+        code = 130
     except UserError as e:
         if debug:
             raise

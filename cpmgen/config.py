@@ -81,6 +81,15 @@ class ModelSection:
     num_heads: Optional[int] = None
     vocab_size: Optional[int] = None
     max_positions: Optional[int] = None
+    trust_checkpoint: bool = False
+    """Unpickle rank files without the safe allow-list (can run code from the file): only for
+    a file you wrote yourself."""
+
+    def validate(self) -> None:
+        for key in ("num_layers", "hidden_size", "num_heads", "vocab_size", "max_positions"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise UserError(f"model.{key}={value}: must be a positive number")
 
 
 @dataclass
@@ -99,6 +108,8 @@ class RuntimeSection:
     """none, or int8: weight-only int8 linears (per-channel scales), for memory-bound decode."""
     prepack: bool = True
     """CPU: run linears on oneDNN-prepacked weights (about 2x faster decode and prefill)."""
+    threads: int = 0
+    """CPU threads per process; 0: automatic (cpmgen/threads.py)."""
     compile: bool = False
     """torch.compile the one-token decode step (with CUDA graphs on GPU); on the CPU the
     prepacked eager linears measured twice as fast (README, Performance)."""
@@ -120,6 +131,11 @@ class WindowSection:
 class SamplingSection(SamplingParams):
     seed: Optional[int] = None
 
+    def validate(self) -> None:
+        super().validate()
+        if self.seed is not None and not 0 <= self.seed < 2 ** 64:
+            raise UserError(f"--seed {self.seed}: must be between 0 and 2**64 - 1")
+
 
 @dataclass
 class GenerateSection:
@@ -134,7 +150,10 @@ class GenerateSection:
     lines: Optional[int] = None
     """lyric: a sample ends after this many generated lines."""
     output: Optional[str] = None
-    """Also write the text (prompt and continuation) to this file, atomically."""
+    """Also write the text (prompt and continuation) to this file; checked before the work,
+    it holds the text so far if the run is stopped."""
+    force: bool = False
+    """Replace an existing output file."""
     json: bool = False
 
 
@@ -251,6 +270,7 @@ def load_settings(config: Optional[str] = None, sets: Optional[list[str]] = None
         apply_values(settings, parse_set(assignment), f"--set {assignment}")
     if settings.model.path is None and os.environ.get("CPMGEN_MODEL"):
         settings.model.path = os.environ["CPMGEN_MODEL"]
+    settings.model.validate()
     return settings
 
 

@@ -102,6 +102,31 @@ class LiveView:
         self.console.print(Text(status_line(stats, done=True), style="cyan"))
 
 
+class SavedView:
+    """A view that also keeps each sample's text for --output: a single sample streams into the
+    output file as it comes, so the file holds the text so far whatever stops the run."""
+
+    def __init__(self, view, output, prompt_text: str, num_samples: int):
+        self.view, self.output, self.prompt_text = view, output, prompt_text
+        self.texts = [""] * num_samples
+        output.begin()
+        if num_samples == 1:
+            output.stream(prompt_text)
+
+    def update(self, row: int, chunk: str, stats: Stats) -> None:
+        self.texts[row] += chunk
+        if len(self.texts) == 1:
+            self.output.stream(chunk)
+        self.view.update(row, chunk, stats)
+
+    def finish(self, prompt_text: str, texts: list[str], stats: Stats) -> None:
+        self.texts = texts
+        self.view.finish(prompt_text, texts, stats)
+
+    def save(self) -> None:
+        self.output.commit(full_text(self.prompt_text, self.texts))
+
+
 class Silent:
     """--json: nothing until the end."""
 

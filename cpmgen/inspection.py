@@ -5,12 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from cpmgen.checkpoint.reader import architecture, open_checkpoint, value_problems
+from cpmgen.checkpoint.reader import architecture, open_checkpoint, stored_heads, value_problems
 from cpmgen.errors import UserError
 
 
-def inspect_checkpoint(path: Path, num_heads: Optional[int] = None, check_values: bool = False) -> dict:
-    ckpt = open_checkpoint(path, strict=False)
+def inspect_checkpoint(path: Path, num_heads: Optional[int] = None, check_values: bool = False,
+                       trust: bool = False) -> dict:
+    ckpt = open_checkpoint(path, strict=False, trust=trust)
     report: dict = {
         "path": str(path),
         "format": ckpt.format,
@@ -26,6 +27,10 @@ def inspect_checkpoint(path: Path, num_heads: Optional[int] = None, check_values
     if ckpt.format == "megatron":
         for rank, f in zip(range(ckpt.mp), ckpt.files):
             report["files"][rank]["rank"] = int(f.name.split("_")[2])
+    heads = stored_heads(ckpt) if ckpt.format == "megatron" else None
+    if heads is not None and not (isinstance(heads, int) and not isinstance(heads, bool) and heads > 0):
+        report["problems"].append(f"the stored training args say num_attention_heads={heads!r}, not a positive "
+                                  "number; pass --set model.num_heads=N")
     if not ckpt.problems:
         try:
             args = architecture(ckpt, num_heads)
@@ -33,6 +38,9 @@ def inspect_checkpoint(path: Path, num_heads: Optional[int] = None, check_values
             report["preset"] = args.preset_name()
         except UserError:  # an unknown hidden size: the shapes are still worth reporting
             args = architecture(ckpt, num_heads=1)
+        if args.hidden_size % args.num_heads:
+            report["problems"].append(f"{args.num_heads} attention heads do not divide the hidden size "
+                                      f"{args.hidden_size}; the stored args or --set model.num_heads are wrong")
         report.update(num_layers=args.num_layers, hidden_size=args.hidden_size, vocab_size=args.vocab_size,
                       max_positions=args.max_positions, num_params=args.num_params)
         if check_values:

@@ -44,6 +44,13 @@ def model_path(settings: Settings) -> Path:
     return Path(settings.model.path).expanduser()
 
 
+def open_model(settings: Settings, strict: bool = True, rank: Optional[int] = None,
+               world: Optional[int] = None) -> Checkpoint:
+    """The checkpoint named by the settings, opened as they say (see open_checkpoint)."""
+    return open_checkpoint(model_path(settings), strict=strict, rank=rank, world=world,
+                           trust=settings.model.trust_checkpoint)
+
+
 @dataclass
 class Loaded:
     model: CPMModel
@@ -65,7 +72,7 @@ def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = No
     dtype = resolve_dtype(settings.runtime.dtype, device)
     if settings.runtime.quantize not in QUANTIZE:
         raise UserError(f"--quantize {settings.runtime.quantize}: choose {' or '.join(QUANTIZE)}")
-    ckpt = checkpoint or open_checkpoint(model_path(settings))
+    ckpt = checkpoint or open_model(settings)
     args = resolve_args(ckpt, settings.model)
     with torch.device("meta"):
         model = CPMModel(args)

@@ -70,8 +70,9 @@ def stop_on_ctrl_c():
             raise KeyboardInterrupt
         requested.set()
 
-    # SIGTERM too: torchrun answers a Ctrl-C by terminating its ranks, with a grace period.
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    # SIGTERM too: torchrun answers a Ctrl-C by terminating its ranks, with a grace period;
+    # and SIGHUP: a closed terminal keeps the text so far as a Ctrl-C does.
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     try:
         yield requested
     finally:

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from cpmgen.model import CPMModel
+from cpmgen.sampling import require_finite
 from cpmgen.window import Window
 
 
@@ -48,6 +49,7 @@ def score_ids(model: CPMModel, ids: list[int], window: Window, fast: bool = True
     for ctx, run in context_runs(ids, window, fast):
         tokens = torch.tensor([[ids[k] for k in ctx]], device=device)
         logits = model(tokens, torch.arange(len(ctx), device=device))[0, len(ctx) - run:].float()
+        require_finite(logits)
         first = len(logprobs) + 1
         targets = torch.tensor(ids[first:first + run], device=device)
         logprobs += torch.log_softmax(logits, dim=-1).gather(-1, targets[:, None])[:, 0].tolist()

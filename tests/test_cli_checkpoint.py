@@ -201,19 +201,18 @@ def test_reshard_force_replaces_existing_output(write_ckpt, cpmgen_cli, load_ran
     full = random_state_dict(ARGS, seed=2)
     source = write_ckpt("ckpt", mp=1, state=full)
     out = tmp_path / "ckpt_MP2"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
+    previous = write_ckpt("older", mp=1, state=random_state_dict(ARGS, seed=3))
+    assert cpmgen_cli("reshard", previous, "--mp", 2, "-o", out, *HEADS).code == 0
 
     result = cpmgen_cli("reshard", source, "--mp", 2, *HEADS)
     assert_user_error(result, f"{out}: output folder already exists; pass --force to replace it or choose "
                               "another --output")
-    assert sorted(p.name for p in out.iterdir()) == ["stale.txt"]
 
     result = cpmgen_cli("reshard", source, "--mp", 2, "--force", *HEADS)
     assert result.code == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == [megatron.LATEST_FILE, "release"]
     check_module(load_rank_files(out / "release"), full, reference_shard)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt_MP2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt_MP2", "older"]
 
 
 @pytest.mark.parametrize("force", [False, True])
@@ -223,7 +222,7 @@ def test_reshard_interrupted_leaves_nothing_half_written(write_ckpt, cpmgen_cli,
     out = tmp_path / "out"
     if force:  # an existing output survives a failed --force run intact
         out.mkdir()
-        (out / "keep.txt").write_text("previous output")
+        (out / megatron.LATEST_FILE).write_text("previous output")
     before = tree_snapshot(tmp_path)
     real_save = megatron.save_rank_file
     calls = []
@@ -246,7 +245,7 @@ def test_reshard_refuses_to_overwrite_its_source(write_ckpt, cpmgen_cli, tree_sn
     source = write_ckpt("ckpt", mp=2)
     before = tree_snapshot(source.parent)
     result = cpmgen_cli("reshard", source, "--mp", 1, "--output", source, "--force", *HEADS)
-    assert_user_error(result, f"{source}: the output would overwrite the source checkpoint; choose another --output")
+    assert_user_error(result, f"{source}: holds the source checkpoint {source}; choose another --output")
     assert tree_snapshot(source.parent) == before
 
 

@@ -302,8 +302,8 @@ def test_bin_with_pickled_objects(tmp_path):
     (folder / "model.safetensors").unlink()
     file = folder / "pytorch_model.bin"
     torch.save({"weights": hf.megatron_to_hf(tiny_state_dict()), "args": Path("x")}, file)
-    assert user_error(folder) == (f"{file}: holds Python objects besides tensors, which are not loaded for "
-                                  "safety; re-save the model with save_pretrained (safetensors)")
+    assert user_error(folder) == (f"{file}: holds pickled Python objects besides tensors, which could run code "
+                                  "and are not loaded; re-save the model with save_pretrained (safetensors)")
 
 
 def test_no_weights(tmp_path):

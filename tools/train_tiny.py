@@ -292,7 +292,7 @@ def main(argv=None) -> None:
 
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_folder(out, force=True) as work:
+    with atomic_folder(out, force=True, option="--out", names=("TRAINING.md", "heldout.txt")) as work:
         # -- corpus, vocab, tokens
         articles = read_articles(corpus_path())
         n_heldout = max(1, round(len(articles) * opts.heldout_fraction))

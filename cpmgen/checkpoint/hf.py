@@ -249,9 +249,10 @@ def _load_tensors(path: Path) -> tuple[Path, dict[str, torch.Tensor]]:
             mmap = zipfile.is_zipfile(bin_file)
             tensors = torch.load(bin_file, map_location="cpu", mmap=mmap, weights_only=True)
         except pickle.UnpicklingError as e:
-            if "Unsupported global" in str(e):
-                raise UserError(f"{bin_file}: holds Python objects besides tensors, which are not loaded "
-                                "for safety; re-save the model with save_pretrained (safetensors)") from e
+            if "GLOBAL" in str(e) or "Unsupported global" in str(e):
+                raise UserError(f"{bin_file}: holds pickled Python objects besides tensors, which could run "
+                                "code and are not loaded; re-save the model with save_pretrained "
+                                "(safetensors)") from None
             raise UserError(f"{bin_file}: cannot read the weights (corrupt or truncated file); "
                             "download or export the model again") from e
         except Exception as e:

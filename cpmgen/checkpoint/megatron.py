@@ -8,6 +8,7 @@ Rank files are opened with mmap so that reading a checkpoint never holds two cop
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import io
 import mmap
@@ -23,6 +24,7 @@ import torch
 from torch.serialization import DEFAULT_PROTOCOL, location_tag
 
 from cpmgen.errors import UserError
+from cpmgen.fileio import check_plain_name
 
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 RANK_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
@@ -54,28 +56,66 @@ def is_mappable(path: Path) -> bool:
     return zipfile.is_zipfile(path)  # the legacy (pre-1.6) format cannot be memory-mapped
 
 
-def load_rank_file(path: Path) -> dict:
-    """torch.load a rank file memory-mapped; any failure becomes a one-line UserError."""
-    def _load(weights_only: bool, mapped: bool):
-        return torch.load(path, map_location="cpu", mmap=mapped, weights_only=weights_only)
+def _release_globals() -> list:
+    """What the released Megatron rank files pickle besides tensors, and nothing broader:
+    training `args` (an argparse Namespace) and NumPy's RNG state (an ndarray of uint32 with
+    its dtype). Python's and torch's RNG states are tuples, ints and tensors, which the safe
+    unpickler takes anyway. A file pickled under NumPy 1.x names `numpy.core.multiarray`."""
+    import numpy as np
 
-    if path.stat().st_size == 0:
-        raise UserError(f"{path}: empty file, not a PyTorch checkpoint; re-copy this rank file")
-    mapped = is_mappable(path)
     try:
-        try:
-            state = _load(True, mapped)
-        except pickle.UnpicklingError as e:
-            if "Weights only load failed" not in str(e):
-                raise
-            # Old Megatron checkpoints pickle numpy RNG states; the user's own file is trusted.
-            state = _load(False, mapped)
-    except UserError:
-        raise
+        from numpy._core.multiarray import _reconstruct  # NumPy 2
+    except ImportError:
+        from numpy.core.multiarray import _reconstruct  # NumPy 1
+    allowed = [argparse.Namespace, np.ndarray, np.dtype, _reconstruct,
+               (_reconstruct, "numpy.core.multiarray._reconstruct"),
+               (_reconstruct, "numpy._core.multiarray._reconstruct")]
+    # NumPy 2 pickles a dtype through its class in numpy.dtypes (e.g. numpy.dtypes.UInt32DType)
+    allowed += [cls for cls in vars(getattr(np, "dtypes", object)).values()
+                if isinstance(cls, type) and issubclass(cls, np.dtype)]
+    return allowed
+
+
+_GLOBAL_NAME = re.compile(r"GLOBAL ([\w.]+)")
+# (path, inode, size, mtime, trust) -> state: a file is unpickled once, although scan() and the
+# loader both read it; bounded, so that a long-lived process does not pin old files' mappings.
+_loaded: OrderedDict[tuple, dict] = OrderedDict()
+_LOADED_MAX = 64
+
+
+def load_rank_file(path: Path, trust: bool = False) -> dict:
+    """torch.load a rank file memory-mapped, without running code from it.
+
+    Only tensors, plain Python values and the globals of `_release_globals` are unpickled;
+    anything else is refused with the global it names, unless `trust` (--trust-checkpoint)
+    says the user wrote the file. Any failure is a one-line UserError."""
+    try:
+        info = path.stat()
+    except OSError as e:
+        raise UserError(f"{path}: cannot open the rank file ({e.strerror}); re-copy it") from None
+    key = (str(path.resolve()), info.st_ino, info.st_size, info.st_mtime_ns, trust)
+    if key in _loaded:
+        _loaded.move_to_end(key)
+        return _loaded[key]
+    if info.st_size == 0:
+        raise UserError(f"{path}: empty file, not a PyTorch checkpoint; re-copy this rank file")
+    try:
+        if trust:
+            state = torch.load(path, map_location="cpu", mmap=is_mappable(path), weights_only=False)
+        else:
+            with torch.serialization.safe_globals(_release_globals()):
+                state = torch.load(path, map_location="cpu", mmap=is_mappable(path), weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = _GLOBAL_NAME.search(str(e))
+        if found is None and "Weights only load failed" not in str(e):
+            raise UserError(f"{path}: cannot read as a PyTorch checkpoint (truncated or not a .pt file: "
+                            f"{_first_line(e)}); re-copy this rank file") from None
+        what = f"the Python object {found.group(1)}" if found else "Python objects"
+        raise UserError(f"{path}: holds {what}, which a checkpoint does not need and which could run code; "
+                        "not loaded (pass --trust-checkpoint only if you wrote this file yourself)") from None
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"{path}: cannot read as a PyTorch checkpoint (truncated or not a .pt file: {reason}); "
-                        "re-copy this rank file") from None
+        raise UserError(f"{path}: cannot read as a PyTorch checkpoint (truncated or not a .pt file: "
+                        f"{_first_line(e)}); re-copy this rank file") from None
     if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
         keys = ", ".join(map(str, list(state)[:6])) if isinstance(state, dict) else type(state).__name__
         raise UserError(f"{path}: not a Megatron model checkpoint (no 'module' state dict; found {keys})")
@@ -83,10 +123,18 @@ def load_rank_file(path: Path) -> dict:
     bad = [k for k, v in module.items() if not isinstance(v, torch.Tensor)]
     if bad:
         raise UserError(f"{path}: 'module' holds non-tensor entries ({bad[0]}); not a Megatron model checkpoint")
+    _loaded[key] = state
+    if len(_loaded) > _LOADED_MAX:
+        _loaded.popitem(last=False)
     return state
 
 
-def scan(root: Path) -> MegatronFolder:
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(e).__name__
+
+
+def scan(root: Path, trust: bool = False) -> MegatronFolder:
     """Find the iteration folder and rank files. Unusable input raises UserError; missing or
     extra rank files are recorded as problems (inspect-ckpt reports them, loading refuses)."""
     if not root.exists():
@@ -98,6 +146,7 @@ def scan(root: Path) -> MegatronFolder:
         iteration = latest.read_text(encoding="utf-8", errors="replace").strip()
         if not iteration:
             raise UserError(f"{latest}: empty; it should hold the iteration number or the word release")
+        check_plain_name(iteration, str(latest))
         folder = root / iteration
         if not folder.is_dir():
             raise UserError(f"{root}: iteration folder {iteration}/ named by {LATEST_FILE} is missing")
@@ -108,7 +157,7 @@ def scan(root: Path) -> MegatronFolder:
     rank_files = {int(m.group(1)): p for p in sorted(folder.iterdir()) if (m := RANK_FILE.match(p.name))}
     if not rank_files:
         raise UserError(f"{folder}: no mp_rank_XX_model_states.pt files in the iteration folder")
-    recorded = load_rank_file(rank_files[min(rank_files)]).get("mp_world_size")
+    recorded = load_rank_file(rank_files[min(rank_files)], trust).get("mp_world_size")
     mp = recorded if isinstance(recorded, int) and recorded > 0 else max(rank_files) + 1
     problems = []
     missing = [r for r in range(mp) if r not in rank_files]

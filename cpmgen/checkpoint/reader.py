@@ -6,6 +6,7 @@ an HF folder is one rank whose tensors were renamed and transposed on reading.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,6 +50,10 @@ class Checkpoint:
             shape[dim] = sum(s[name].shape[dim] for s in self.shards if name in s)
         return tuple(shape)
 
+    def nbytes(self) -> int:
+        """The size of all tensors at model-parallel size 1."""
+        return sum(math.prod(self.full_shape(name)) * self.shards[0][name].element_size() for name in self.names())
+
     def names(self) -> list[str]:
         return list(self.shards[0])
 
@@ -75,12 +80,12 @@ class Checkpoint:
 
 
 def open_checkpoint(path: str | Path, strict: bool = True, rank: Optional[int] = None,
-                    world: Optional[int] = None) -> Checkpoint:
+                    world: Optional[int] = None, trust: bool = False) -> Checkpoint:
     """Detect the format and open every rank file (memory-mapped). With strict, structural
     problems are UserErrors; otherwise they are collected in `problems` (inspect-ckpt).
 
     For rank `rank` of a model-parallel run of size `world` equal to the checkpoint's, only
-    that rank's file is opened."""
+    that rank's file is opened. `trust` unpickles rank files without the safe allow-list."""
     path = Path(path)
     if path.is_dir() and hf.is_hf_folder(path) and not (path / megatron.LATEST_FILE).exists():
         config = hf.read_hf_config(path)
@@ -88,12 +93,12 @@ def open_checkpoint(path: str | Path, strict: bool = True, rank: Optional[int] =
         files = [p for p in (path / "model.safetensors", path / "pytorch_model.bin") if p.is_file()][:1]
         ckpt = Checkpoint("hf", path, None, 1, files, [weights], [{}], hf_config=config)
     else:
-        folder = megatron.scan(path)
+        folder = megatron.scan(path, trust)
         if strict and folder.problems:
             raise UserError(f"{folder.folder}: {folder.problems[0]}; run cpmgen inspect-ckpt {path}")
         own = rank if world is not None and world > 1 and world == folder.mp and not folder.problems else None
         present = [own] if own is not None else [r for r in range(folder.mp) if r in folder.rank_files]
-        states = [megatron.load_rank_file(folder.rank_files[r]) for r in present]
+        states = [megatron.load_rank_file(folder.rank_files[r], trust) for r in present]
         ckpt = Checkpoint("megatron", path, folder.iteration, folder.mp, [folder.rank_files[r] for r in present],
                           [s["module"] for s in states], [{k: v for k, v in s.items() if k != "module"} for s in states],
                           problems=list(folder.problems), own_rank=own,
@@ -147,11 +152,15 @@ def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
-def _megatron_heads(ckpt: Checkpoint) -> Optional[int]:
-    """`num_attention_heads` from the training arguments Megatron stores in a rank file under
-    `args` (an argparse Namespace; a plain dict is accepted too), if any."""
+def stored_heads(ckpt: Checkpoint):
+    """`num_attention_heads` as stored in the training arguments Megatron keeps in a rank file
+    under `args` (an argparse Namespace; a plain dict is accepted too), unchecked; None if absent."""
     args = ckpt.extra[0].get("args") if ckpt.extra else None
-    value = args.get("num_attention_heads") if isinstance(args, dict) else getattr(args, "num_attention_heads", None)
+    return args.get("num_attention_heads") if isinstance(args, dict) else getattr(args, "num_attention_heads", None)
+
+
+def _megatron_heads(ckpt: Checkpoint) -> Optional[int]:
+    value = stored_heads(ckpt)
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 

@@ -17,6 +17,7 @@ from cpmgen.checkpoint import megatron, splits
 from cpmgen.checkpoint.reader import Checkpoint
 from cpmgen.config import ModelArgs
 from cpmgen.errors import UserError
+from cpmgen.fileio import check_plain_name
 
 VOCAB_FILES = ("chinese_vocab.model", "vocab.json")
 
@@ -61,7 +62,7 @@ def write_megatron(out: Path, ckpt: Checkpoint, args: ModelArgs, mp: int,
                    advance: Optional[Callable[[int], None]] = None) -> list[Path]:
     """Write `ckpt` into the (empty, existing) folder `out` at model-parallel size `mp`."""
     check_mp(ckpt, args, mp)
-    iteration = ckpt.iteration or "release"
+    iteration = check_plain_name(ckpt.iteration or "release", f"{ckpt.path}: iteration")
     (out / megatron.LATEST_FILE).write_text(f"{iteration}\n" if iteration != "release" else "release\n")
     folder = out / iteration
     folder.mkdir()

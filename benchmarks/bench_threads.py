@@ -1,0 +1,115 @@
+"""Decode speed of the `cpmgen` command by thread setting, on an idle and on a busy CPU.
+
+Each measurement is a fresh `python -m cpmgen novel --json --greedy` process on a model with
+CPM-Small's layers and random weights (the OpenMP wait policy is fixed when a process loads torch), so
+it measures what a user gets. Settings:
+
+- `default`: what cpmgen picks (no --threads, no OpenMP variables);
+- `threads=1`, `threads=2`: --threads N with cpmgen's passive OpenMP waiting;
+- `spin, threads=2`: --threads 2 with GNU OpenMP's own default spin count (GOMP_SPINCOUNT=300000),
+  which is how cpmgen ran before it chose passive waiting.
+
+Conditions: `idle` (nothing else of ours running) and `busy` (`--busy` background processes
+spinning on the CPU, 2 by default: on a 2-core machine, load 2 beside us). The settings are
+interleaved round by round and each figure is the median of `--rounds`. Prints one JSON object.
+
+    .venv/bin/python benchmarks/bench_threads.py [--rounds 3] [--busy 2] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SETTINGS = {
+    "default": ([], {}),
+    "threads=1": (["--threads", "1"], {}),
+    "threads=2": (["--threads", "2"], {}),
+    "spin, threads=2": (["--threads", "2"], {"GOMP_SPINCOUNT": "300000"}),
+}
+PROMPT = "今天天气很好，我们一起去公园散步。"
+
+
+def checkpoint(folder: Path) -> Path:
+    """CPM-Small's layers (12 x 768) with the 8000-piece vocab of models/cpm-tiny, so that the
+    command can tokenize the prompt; random weights, fp16 on disk, written once."""
+    import torch
+
+    from cpmgen.config import ModelArgs
+    from cpmgen.synthetic import write_megatron_checkpoint
+
+    if not (folder / "latest_checkpointed_iteration.txt").is_file():
+        write_megatron_checkpoint(folder, ModelArgs(num_layers=12, hidden_size=768, num_heads=12, vocab_size=8000),
+                                  dtype=torch.float16)
+        vocab = Path(__file__).resolve().parents[1] / "models" / "cpm-tiny" / "chinese_vocab.model"
+        (folder / "chinese_vocab.model").write_bytes(vocab.read_bytes())
+    return folder
+
+
+def spin() -> None:
+    while True:
+        pass
+
+
+def decode_rate(model: Path, prompt: Path, tokens: int, options: list[str], env: dict) -> float:
+    environment = {k: v for k, v in os.environ.items()
+                   if k not in ("OMP_NUM_THREADS", "OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    environment.update(env)
+    command = [sys.executable, "-m", "cpmgen", "novel", "--model", str(model), str(prompt), "--json", "--greedy",
+               "--max-new-tokens", str(tokens), *options]
+    done = subprocess.run(command, env=environment, capture_output=True, text=True, timeout=1800)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command)} failed: {done.stderr.strip()[-500:]}")
+    return json.loads(done.stdout)["stats"]["tokens_per_s"]
+
+
+def measure(model: Path, prompt: Path, rounds: int, tokens: int) -> dict:
+    runs: dict[str, list[float]] = {name: [] for name in SETTINGS}
+    for _ in range(rounds):
+        for name, (options, env) in SETTINGS.items():
+            runs[name].append(decode_rate(model, prompt, tokens, options, env))
+    result = {name: {"tokens_per_s": round(statistics.median(rates), 2), "runs": rates}
+              for name, rates in runs.items()}
+    best = max(result[name]["tokens_per_s"] for name in ("threads=1", "threads=2"))
+    result["default_vs_best_fixed"] = round(result["default"]["tokens_per_s"] / best, 3)
+    result["default_vs_spin"] = round(result["default"]["tokens_per_s"] / result["spin, threads=2"]["tokens_per_s"], 3)
+    return result
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--busy", type=int, default=2, help="background spinning processes in the busy condition")
+    parser.add_argument("--tokens", type=int, default=64, help="new tokens per run (after a 16-token prompt)")
+    args = parser.parse_args(argv)
+    cache = Path(os.environ.get("CPMGEN_BENCH_CACHE") or Path.home() / ".cache" / "cpmgen-bench")
+    model = checkpoint(cache / "threads-cpm-small")
+    with tempfile.TemporaryDirectory() as tmp:
+        prompt = Path(tmp) / "prompt.txt"
+        prompt.write_text(PROMPT, encoding="utf-8")
+        started = time.time()
+        result = {"cores": len(os.sched_getaffinity(0)), "load_before": os.getloadavg(),
+                  "idle": measure(model, prompt, args.rounds, args.tokens)}
+        spinners = [multiprocessing.Process(target=spin, daemon=True) for _ in range(args.busy)]
+        for p in spinners:
+            p.start()
+        try:
+            result["busy"] = {"background_processes": args.busy, **measure(model, prompt, args.rounds, args.tokens)}
+        finally:
+            for p in spinners:
+                p.terminate()
+        result["seconds"] = round(time.time() - started, 1)
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
