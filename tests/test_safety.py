@@ -510,3 +510,39 @@ def test_wait_policy_is_passive_unless_the_user_chose(monkeypatch):
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     threads.configure_wait_policy()
     assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def _rank_pid(rank: int, root: int) -> int | None:
+    """The pid of model-parallel rank `rank` among the descendants of `root`."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            if f"RANK={rank}".encode() in environ and f"CPMGEN_TEST_ROOT={root}".encode() in environ:
+                return int(entry.name)
+        except OSError:
+            continue
+    return None
+
+
+@pytest.mark.slow
+def test_a_killed_rank_leaves_the_text_so_far_at_output(cpmgen_env, model_dir, prompt_file, tmp_path):
+    output = tmp_path / "story.txt"
+    env = {**os.environ, "CPMGEN_TEST_ROOT": str(os.getpid())}
+    proc = subprocess.Popen([sys.executable, "-m", "cpmgen", "lyric", str(prompt_file), "-m", str(model_dir), *HEADS,
+                             "--mp", "2", "--max-new-tokens", "0", "--output", str(output), "--seed", "2",
+                             "--stride", "16", "--temperature", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env=env)
+    first = b""
+    while len(first) < 300:
+        chunk = os.read(proc.stdout.fileno(), 4096)
+        assert chunk, proc.stderr.read().decode()
+        first += chunk
+    os.kill(_rank_pid(1, os.getpid()), signal.SIGKILL)
+    rest, err = proc.communicate(timeout=90)
+    assert proc.returncode != 0
+    assert b"Traceback" not in err, err.decode()
+    saved = output.read_text(encoding="utf-8")
+    assert saved.encode("utf-8").startswith(first[:300])  # everything that streamed before the kill, at least
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "story.txt"]
