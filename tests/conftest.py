@@ -155,3 +155,11 @@ def model_dir_factory(tmp_path_factory):
         return folder
 
     return make
+
+
+@_pytest.fixture
+def prompt_file(tmp_path):
+    """tmp_path/in.txt: two lines of a lyric in the older scripts' format (pieces ending with <eod>)."""
+    path = tmp_path / "in.txt"
+    path.write_text("春天的风吹过山岗<eod>我们一起唱歌<eod>", encoding="utf-8")
+    return path

@@ -22,13 +22,6 @@ def model_dir(model_dir_factory):
     return model_dir_factory("gen", ARGS, seed=3)
 
 
-@pytest.fixture
-def prompt_file(tmp_path):
-    path = tmp_path / "in.txt"
-    path.write_text("春天的风吹过山岗<eod>我们一起唱歌<eod>", encoding="utf-8")
-    return path
-
-
 @pytest.mark.parametrize("task", ["lyric", "novel"])
 def test_json_fast_equals_no_fast_past_the_window(cpmgen_cli, model_dir, prompt_file, task):
     common = [task, prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", "5", "--stride", "8",

@@ -49,13 +49,6 @@ def model_dir(model_dir_factory):
     return model_dir_factory("safety", ARGS, seed=5)
 
 
-@pytest.fixture
-def prompt_file(tmp_path):
-    path = tmp_path / "in.txt"
-    path.write_text("春天的风吹过山岗<eod>我们一起唱歌<eod>", encoding="utf-8")
-    return path
-
-
 def _poison(folder: Path, marker: Path, legacy: bool) -> None:
     """Rewrite the folder's rank file with the payload among its metadata."""
     rank_file = folder / "release" / megatron.rank_file_name(0)
