@@ -565,8 +565,9 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - a rank's crash (e.g. out of memory) as one line, not a traceback per rank
         if debug or "RANK" not in os.environ:
             raise
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        sys.stderr.write(f"error: rank {os.environ['RANK']}: {type(e).__name__}: {reason}\n")
+        from cpmgen.parallel import failure_line
+
+        sys.stderr.write(failure_line(e))
         code = 1
     if "RANK" in os.environ:
         from cpmgen.parallel import shutdown

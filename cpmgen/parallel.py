@@ -160,6 +160,21 @@ def shutdown(code: int) -> None:
     os._exit(code)
 
 
+# How gloo reports a rank whose process ended (its sockets closed) while this one waited on it.
+_LOST = ("Connection closed by peer", "Connection reset by peer")
+LOST_MESSAGE = "lost the connection to another rank, which failed or was stopped: its own error says why"
+
+
+def failure_line(error: Exception) -> str:
+    """A rank's crash as one `error:` line: a lost peer says so (the failing rank shows the
+    cause), anything else by its type and the first line of its message."""
+    rank = os.environ["RANK"]
+    if isinstance(error, dist.DistNetworkError) or any(s in str(error) for s in _LOST):
+        return f"error: rank {rank}: {LOST_MESSAGE}\n"
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"error: rank {rank}: {type(error).__name__}: {reason}\n"
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when it is true on any (Ctrl-C lands on the ranks at different steps)."""
     if not dist.is_initialized():
@@ -240,7 +255,8 @@ def launch(mp: int, argv: list[str], debug: bool) -> int:
 
     Rank 0's stdout is the terminal's. The ranks' stderr passes through as it comes, without
     torchrun's log lines and the traceback it prints when a rank fails; a rank's one-line
-    error is shown once even when every rank reports it."""
+    error is shown once even when every rank reports it, and a rank that lost its connection
+    to the failing one says so only when no rank said why."""
     env = dict(os.environ)  # threads per rank: set by each rank from LOCAL_WORLD_SIZE, not here
     if sys.stderr.isatty():
         env["CPMGEN_STDERR_TTY"] = "1"  # the ranks' stderr is a pipe to here, but ends on a terminal
@@ -263,6 +279,9 @@ def launch(mp: int, argv: list[str], debug: bool) -> int:
     relay.close()
     if interrupted:
         return 130
+    if code and not relay.errors and relay.lost:
+        sys.stderr.buffer.write(relay.lost)
+        relay.errors.add(relay.lost)
     if code and not relay.errors:
         sys.stderr.write(f"error: a model-parallel rank failed (exit {code}); rerun with --debug to see its output\n")
     return 2 if code and relay.errors else code
@@ -272,6 +291,7 @@ class _StderrRelay:
     def __init__(self):
         self.pending = b""
         self.errors: set[bytes] = set()
+        self.lost = b""  # the first "lost the connection" line, held back
         self.failed = False  # after a traceback only the ranks' error lines are worth showing
 
     def feed(self, chunk: bytes) -> None:
@@ -285,7 +305,9 @@ class _StderrRelay:
             self.pending = b""
 
     def _line(self, line: bytes) -> None:
-        if line.startswith(b"error: "):
+        if line.startswith(b"error: ") and LOST_MESSAGE.encode() in line:
+            self.lost = self.lost or line
+        elif line.startswith(b"error: "):
             if line not in self.errors:
                 self.errors.add(line)
                 sys.stderr.buffer.write(line)
