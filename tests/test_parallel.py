@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -43,11 +44,17 @@ LYRIC = ["--json", "--stride", "8", "--max-new-tokens", "120"]
 SAMPLED = ["--seed", "4", "--num-samples", "2", "--temperature", "1.2"]
 
 
+_references: dict[tuple, dict] = {}
+
+
 def in_process(cpmgen_cli, folder, prompt, *extra):
-    """The single-process reference run (mp 1), in this process to save a launch."""
-    code, out, err = cpmgen_cli("lyric", prompt, "-m", folder, *HEADS, *LYRIC, *extra)
-    assert code == 0, err
-    return json.loads(out)
+    """The single-process reference run (mp 1), in this process to save a launch; run once per arguments."""
+    key = (str(folder), str(prompt), *map(str, extra))
+    if key not in _references:
+        code, out, err = cpmgen_cli("lyric", prompt, "-m", folder, *HEADS, *LYRIC, *extra)
+        assert code == 0, err
+        _references[key] = json.loads(out)
+    return _references[key]
 
 
 def launched(folder, prompt, mp, *extra):
@@ -254,18 +261,74 @@ def test_two_machines_c10d_where_node_rank_1_becomes_rank_0(cpmgen_cli, cpmgen_e
     assert out0 == "" and json.loads(out1)["ids"] == expected["ids"]
 
 
+def plain_ranks(cwds, folder, port: int, *extra) -> list[subprocess.Popen]:
+    """Two ranks started by nothing but RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT."""
+    return [subprocess.Popen([sys.executable, "-m", "cpmgen", "lyric", "prompt.txt", "-m", str(folder), *HEADS, *LYRIC,
+                              *GREEDY, *extra], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
+                                  "MASTER_PORT": str(port)})
+            for rank, cwd in enumerate(cwds)]
+
+
+@pytest.mark.slow
+def test_ranks_from_a_plain_environment(cpmgen_cli, cpmgen_env, checkpoints, tmp_path):
+    """The prompt only where rank 1 runs: rank 0 prints the single-process tokens."""
+    folders, prompt = checkpoints
+    expected = in_process(cpmgen_cli, folders[1], prompt, *GREEDY)
+    (code0, out0, err0), (code1, out1, err1) = finish(plain_ranks(machines(tmp_path, prompt, holds_prompt=1),
+                                                                  folders[2], free_port()))
+    assert (code0, code1) == (0, 0), err0 + err1
+    assert out1 == "" and json.loads(out0)["ids"] == expected["ids"]
+
+
 @pytest.mark.slow
 def test_copies_of_the_input_must_agree(cpmgen_env, checkpoints, tmp_path):
     folders, prompt = checkpoints
-    cwd, port = machines(tmp_path, prompt, holds_prompt=0), free_port()
+    cwd = machines(tmp_path, prompt, holds_prompt=0)
     (cwd[1] / "prompt.txt").write_text("另一首歌<eod>", encoding="utf-8")
     host = socket.gethostname()
-    procs = [start_node(cwd[node], static(port, node), folders[2]) for node in (0, 1)]
-    for code, out, err in finish(procs):
-        assert code != 0 and out == ""
+    for code, out, err in finish(plain_ranks(cwd, folders[2], free_port())):
+        assert (code, out) == (2, "")
         assert [line for line in err.splitlines() if line.startswith("error: ")] == [
             f"error: the input on {host} (rank 1) differs from the one on {host} (rank 0); "
             "give every machine the same input, or keep it on one only"]
+
+
+_WAITING_RANKS = """
+import os, sys, time
+from datetime import timedelta
+import torch.distributed as dist
+from cpmgen import parallel
+
+dist.init_process_group("gloo", timeout=timedelta(seconds=2))  # the model's collectives: 2 s
+parallel.init("cpu")
+rank = int(os.environ["RANK"])
+
+def typed():  # a user who pauses for longer than the process-group timeout at each prompt
+    for text in ("first", "second"):
+        time.sleep(4)
+        yield text
+
+print(list(parallel.shared_items(typed() if rank == 0 else None)))
+sys.stdout.flush()
+if rank == 1:
+    box = [None]
+    dist.broadcast_object_list(box, src=0)  # rank 0 is sleeping: the default group times out
+else:
+    time.sleep(6)
+"""
+
+
+@pytest.mark.slow
+def test_ranks_wait_for_the_next_prompt_beyond_the_group_timeout(tmp_path):
+    procs = [subprocess.Popen([sys.executable, "-c", _WAITING_RANKS], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2",
+                                              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+             for port in [free_port()] for rank in (0, 1)]
+    (code0, out0, err0), (code1, out1, err1) = finish(procs, timeout=120)
+    assert code0 == 0, err0
+    assert out0 == out1 == "['first', 'second']\n"
+    assert code1 != 0 and "timed out" in err1.lower()  # the same pause on the default group ends it
 
 
 @pytest.mark.slow
