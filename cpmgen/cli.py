@@ -470,7 +470,7 @@ def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
         raise typer.Exit(130)
 
 
-def _prompts(task_name: str, input: Optional[str], terminal: "_Terminal", rank: int, world: int):
+def _prompts(task_name: str, input: Optional[str], terminal: _Terminal, rank: int, world: int):
     """The prompt texts. Under model parallel every rank gets the same ones, whichever machine
     holds them: INPUT (or stdin, '-') is read on every machine that has it, and the copies must
     agree; interactive prompts come from rank 0's terminal."""

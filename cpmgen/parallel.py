@@ -17,6 +17,7 @@ machine or several. Prompts reach every rank from whichever rank has them (`agre
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 import signal
@@ -199,29 +200,34 @@ def agreed_text(read: Callable[[], Optional[str]], missing: Optional[str] = None
 
     Each rank calls read(): its copy, or None where its machine has none; a UserError it
     raises (a file that is not UTF-8) ends every rank with that error. Copies found on several
-    machines must be equal. When no rank has a copy: UserError(missing + the machines), or
-    None without `missing`."""
+    machines must be equal (their digests are compared; the lowest rank holding one sends it).
+    When no rank has a copy: UserError(missing + the machines), or None without `missing`."""
     try:
         mine, problem = read(), None
     except UserError as e:
         mine, problem = None, str(e)
+    digest = hashlib.sha256(mine.encode("utf-8")).hexdigest() if mine is not None else None
     copies = [None] * dist.get_world_size()
-    dist.all_gather_object(copies, (socket.gethostname(), mine, problem), group=_prompts)
+    dist.all_gather_object(copies, (socket.gethostname(), digest, problem), group=_prompts)
     problem = next((p for _, _, p in copies if p is not None), None)
     if problem is not None:
         raise UserError(problem)
-    found = [(rank, host, text) for rank, (host, text, _) in enumerate(copies) if text is not None]
-    for rank, host, text in found[1:]:
-        if text != found[0][2]:
+    found = [(rank, host, digest) for rank, (host, digest, _) in enumerate(copies) if digest is not None]
+    for rank, host, digest in found[1:]:
+        if digest != found[0][2]:
             raise UserError(f"the input on {host} (rank {rank}) differs from the one on {found[0][1]} "
                             f"(rank {found[0][0]}); give every machine the same input, or keep it on one only")
-    if not found and missing is not None:
+    if not found:
+        if missing is None:
+            return None
         hosts: dict[str, list[int]] = {}
         for rank, (host, _, _) in enumerate(copies):
             hosts.setdefault(host, []).append(rank)
         where = "; ".join(f"{host}: rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}" for host, r in hosts.items())
         raise UserError(f"{missing} on any machine of the run ({where}); copy it to one of them")
-    return found[0][2] if found else None
+    box = [mine]
+    dist.broadcast_object_list(box, src=found[0][0], group=_prompts)
+    return box[0]
 
 
 def shared_items(items):
