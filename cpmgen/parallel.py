@@ -252,8 +252,9 @@ def shared_items(items):
         yield box[0]
 
 
-# torchrun's own log lines and its failure report: the ranks' one-line errors say it better.
-_NOISE = re.compile(rb"^([WEI]\d{4} \d\d:\d\d:\d\d|\*{5,}|\s*$)")
+# torchrun's own log lines, its note that it set OMP_NUM_THREADS=1 for the ranks
+# and its failure report: the ranks' one-line errors say it better.
+_NOISE = re.compile(rb"^([WEI]\d{4} \d\d:\d\d:\d\d|\*{5,}|\s*$|Setting OMP_NUM_THREADS environment variable)")
 
 
 def launch(mp: int, argv: list[str], debug: bool) -> int:
