@@ -363,3 +363,53 @@ def test_the_deepspeed_launcher_gives_the_single_process_tokens(cpmgen_cli, cpmg
     assert proc.returncode == 0, proc.stdout + proc.stderr
     printed = [line for line in proc.stdout.splitlines() if line.startswith("{")]  # the launcher logs to stdout too
     assert len(printed) == 1 and json.loads(printed[0])["ids"] == expected["ids"]
+
+
+
+def _on_a_terminal(argv: list[str], cwd, keys: list[bytes], timeout: float = 180) -> tuple[int, str]:
+    """Run `python ARGV` on a pseudo-terminal, typing keys[i] at its (i + 1)-th prompt; its exit code and output."""
+    import pty
+    import select
+    import time
+
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.chdir(cwd)
+        os.execv(sys.executable, [sys.executable, *argv])
+    output, deadline = b"", time.monotonic() + timeout
+
+    def read_until(prompts: int) -> None:  # prompts: how many prompts to wait for; 0: the end
+        nonlocal output
+        while time.monotonic() < deadline and (not prompts or output.count(b">>> ") < prompts):
+            if select.select([fd], [], [], 0.2)[0]:
+                try:
+                    chunk = os.read(fd, 65536)
+                except OSError:  # the terminal closed: the command ended
+                    return
+                if not chunk:
+                    return
+                output += chunk
+
+    try:
+        for i, key in enumerate(keys):
+            read_until(i + 1)
+            os.write(fd, key)
+        read_until(0)
+    finally:
+        if time.monotonic() >= deadline:
+            os.kill(pid, 9)
+        os.close(fd)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status), output.decode("utf-8", "replace")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("end, code", [(b"stop\r", 0), (b"\x03", 130)])
+def test_the_interactive_loop_under_mp_ends_every_rank(cpmgen_env, checkpoints, end, code):
+    """A prompt generates; then "stop" or Ctrl-C at the next prompt ends the launcher, torchrun and both ranks."""
+    folders, prompt = checkpoints
+    exit_code, output = _on_a_terminal(["-m", "cpmgen", "lyric", "-m", str(folders[2]), *HEADS, "--mp", "2",
+                                         "--max-new-tokens", "8", *GREEDY], prompt.parent, [b"\xe6\x98\xa5<eod>\r", end])
+    assert exit_code == code, output
+    assert "done: 8 tokens" in output
+    assert "Traceback" not in output and "error" not in output
