@@ -9,6 +9,8 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -83,7 +85,7 @@ def model_parallel(settings: Settings) -> tuple[int, int]:
     world = parallel.world_size(settings.runtime.mp)
     if world == 1:
         return 0, 1
-    if not parallel.under_torchrun():
+    if not parallel.launched():
         from cpmgen.checkpoint.reader import resolve_args
         from cpmgen.loading import open_model
 
@@ -318,7 +320,6 @@ def score(
     trust: TrustOpt = False,
 ):
     """Log-likelihood and perplexity of a text; longer texts slide the window by --stride, as generation does."""
-    from cpmgen.fileio import read_text_utf8
     from cpmgen.score import score_ids, summary, window_report
     from cpmgen.window import Window
 
@@ -330,8 +331,9 @@ def score(
         settings.runtime.mp = mp
     if keep is not None:
         settings.window.keep = keep
-    text = sys.stdin.read() if file == "-" else read_text_utf8(file)
-    loaded = load_for(settings, *model_parallel(settings))
+    rank, world = model_parallel(settings)
+    text = _input_text(file, rank, world)
+    loaded = load_for(settings, rank, world)
     tokenizer = tokenizer_for(settings, loaded.args.vocab_size)
     ids = tokenizer.encode(text)
     if len(ids) < 2:
@@ -453,28 +455,23 @@ def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
 def _generate_texts(task_name: str, input: Optional[str], settings: Settings, interactive: bool, rank: int,
                     world: int, output) -> None:
     from cpmgen.display import SavedView, make_view
-    from cpmgen.fileio import read_text_utf8
     from cpmgen.memory import check_generation_memory
     from cpmgen.runner import Job, run
     from cpmgen.tasks import TASKS
     from cpmgen.window import Window
 
     gen, samp = settings.generate, settings.sampling
-    if rank == 0:  # the other ranks receive rank 0's prompts
-        if interactive and not sys.stdin.isatty():
-            raise UserError(f"{task_name}: give an INPUT file, or '-' to read the prompt from stdin")
-        texts = _interactive_prompts() if interactive else iter([sys.stdin.read() if input == "-" else read_text_utf8(input)])
+    terminal = _Terminal()
+    prompts = _prompts(task_name, input, terminal, rank, world)
     task = TASKS[task_name]
     loaded = load_for(settings, rank, world)
     tokenizer = tokenizer_for(settings, loaded.args.vocab_size)
     window = Window.from_settings(settings.window, loaded.args.max_positions, tokenizer.eod_id if task.lines else None)
     check_generation_memory(loaded.args, gen.num_samples, window.size + 1, loaded.dtype, loaded.device, world)
     if world > 1:
-        from cpmgen.parallel import any_rank, shared_items
-
-        prompts, agree = shared_items(texts if rank == 0 else None), any_rank
+        from cpmgen.parallel import any_rank as agree
     else:
-        prompts, agree = texts, bool
+        agree = bool
     for text in prompts:
         prompt_ids = task.prompt_ids(text, tokenizer)
         if not prompt_ids:
@@ -511,18 +508,63 @@ def _generate_texts(task_name: str, input: Optional[str], settings: Settings, in
             print_json(objects[0] if len(objects) == 1 else objects)
         if result.interrupted:
             raise typer.Exit(130)
+    if terminal.interrupted:
+        raise typer.Exit(130)
 
 
-def _interactive_prompts():
-    """The older scripts' prompt loop: empty input refused, `stop` or Ctrl-D ends it."""
-    while True:
-        try:
-            text = console.stderr.input("[bold]prompt[/bold] (stop to quit) >>> ")
-        except EOFError:
-            return
-        if text.strip() == "stop":
-            return
-        yield text.replace("\\n", "\n")
+def _prompts(task_name: str, input: Optional[str], terminal: _Terminal, rank: int, world: int):
+    """The prompt texts. Under model parallel every rank gets the same ones, whichever machine
+    holds them: INPUT (or stdin, '-') is read on every machine that has it, and the copies must
+    agree; interactive prompts come from rank 0's terminal."""
+    no_input = f"{task_name}: give an INPUT file, or '-' to read the prompt from stdin"
+    if input is not None:
+        return iter([_input_text(input, rank, world)])
+    if world == 1:
+        if not sys.stdin.isatty():
+            raise UserError(no_input)
+        return iter(terminal)
+    from cpmgen import parallel
+
+    parallel.raise_together(None if rank or sys.stdin.isatty() else
+                            f"{no_input} (interactive prompts are typed at rank 0's terminal; rank 0 has none)")
+    return parallel.shared_items(iter(terminal) if rank == 0 else None)
+
+
+def _input_text(input: str, rank: int, world: int) -> str:
+    """The text of INPUT ('-': stdin). Under model parallel it is read on every machine that
+    has it (the copies must agree), so that it need not be on the machine of rank 0."""
+    from cpmgen.fileio import read_text_utf8
+
+    if world == 1:
+        return sys.stdin.read() if input == "-" else read_text_utf8(input)
+    from cpmgen.parallel import agreed_text
+
+    if input == "-":
+        # one reader per machine; a terminal only on rank 0, where a user may be typing the text
+        reads = os.environ.get("LOCAL_RANK", "0") == "0" and (rank == 0 or not sys.stdin.isatty())
+        return agreed_text(lambda: (sys.stdin.read() or None) if reads else None) or ""
+    return agreed_text(lambda: read_text_utf8(input) if Path(input).exists() else None, f"{input}: input file not found")
+
+
+class _Terminal:
+    """The older scripts' prompt loop: empty input refused; `stop`, Ctrl-D or Ctrl-C ends it."""
+
+    interrupted = False
+
+    def __iter__(self):
+        while True:
+            try:
+                text = console.stderr.input("[bold]prompt[/bold] (stop to quit) >>> ")
+            except EOFError:
+                return
+            except KeyboardInterrupt:
+                signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun passes the Ctrl-C on to its ranks once more
+                console.stderr.print()
+                self.interrupted = True
+                return
+            if text.strip() == "stop":
+                return
+            yield text.replace("\\n", "\n")
 
 
 for _name in TASK_HELP:
@@ -535,12 +577,28 @@ def _terminate(signum, frame) -> None:
     raise SystemExit(128 + signum)
 
 
-def main() -> None:
-    import signal
+# The launchers' own argument: the DeepSpeed launcher passes --local_rank=N, torch.distributed.launch
+# --local-rank=N; LOCAL_RANK in the environment says the same.
+LOCAL_RANK_ARG = re.compile(r"^--local[_-]rank(=\d+)?$")
 
+
+def _without_local_rank(argv: list[str]) -> list[str]:
+    out, i = [], 0
+    while i < len(argv):
+        m = LOCAL_RANK_ARG.match(argv[i])
+        if not m:
+            out.append(argv[i])
+        elif not m.group(1) and i + 1 < len(argv) and argv[i + 1].isdigit():
+            i += 1  # "--local-rank N"
+        i += 1
+    return out
+
+
+def main() -> None:
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _terminate)
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past `ulimit -f` a write fails (EFBIG) instead of killing
+    sys.argv[1:] = _without_local_rank(sys.argv[1:])
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")
         os.environ["CPMGEN_DEBUG"] = "1"  # model-parallel ranks inherit it
@@ -562,8 +620,9 @@ def main() -> None:
     except Exception as e:  # noqa: BLE001 - a rank's crash (e.g. out of memory) as one line, not a traceback per rank
         if debug or "RANK" not in os.environ:
             raise
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        sys.stderr.write(f"error: rank {os.environ['RANK']}: {type(e).__name__}: {reason}\n")
+        from cpmgen.parallel import failure_line
+
+        sys.stderr.write(failure_line(e))
         code = 1
     if "RANK" in os.environ:
         from cpmgen.parallel import shutdown

@@ -8,18 +8,25 @@ embedding (each rank looks up its vocab range, the sum is all-reduced) and gathe
 The KV cache follows the local head count, so it is sharded by heads. The model code itself
 knows nothing of this.
 
-`launch` and `init` connect a command to torchrun: the command relaunches itself through
-torch.distributed.run with N local ranks, or joins the group it already runs in.
+`launch` and `init` connect a command to a launcher: the command relaunches itself through
+torch.distributed.run with N local ranks, or joins the group that torchrun, the DeepSpeed
+launcher or a plain RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT environment started, on one
+machine or several. Prompts reach every rank from whichever rank has them (`agreed_text`,
+`shared_items`), on a group of their own that waits for a human without a time limit.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import signal
+import socket
 import subprocess
 import sys
 import types
-from typing import Optional
+from datetime import timedelta
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -29,8 +36,6 @@ import torch.nn.functional as F
 from cpmgen.config import ModelArgs
 from cpmgen.errors import UserError
 from cpmgen.model import CPMModel
-
-TORCHRUN_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 
 
 class RowParallelLinear(nn.Module):
@@ -98,32 +103,47 @@ def apply_tensor_parallel(model: CPMModel, rank: int, world: int) -> CPMModel:
     return model
 
 
-# ----------------------------------------------------------------------------- torchrun
+# ----------------------------------------------------------------------------- launchers
 
 
-def under_torchrun() -> bool:
-    return all(name in os.environ for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+def launched() -> bool:
+    """True in a process that torchrun, the DeepSpeed launcher or the user's environment made a rank."""
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
 def world_size(requested: Optional[int]) -> int:
-    """The model-parallel size: --mp / runtime.mp, or torchrun's WORLD_SIZE when it launched us."""
-    if under_torchrun():
+    """The model-parallel size: --mp / runtime.mp, or the launcher's WORLD_SIZE when one started us."""
+    if launched():
         world = int(os.environ["WORLD_SIZE"])
         if requested not in (None, world):
-            raise UserError(f"--mp {requested}: torchrun started {world} processes; pass --mp {world} or drop --mp")
+            raise UserError(f"--mp {requested}: the launcher started {world} processes; pass --mp {world} or drop --mp")
         return world
     if requested is not None and requested < 1:
         raise UserError(f"--mp {requested}: the model-parallel size must be at least 1")
     return requested or 1
 
 
+# How long ranks wait for the next prompt of the interactive loop: for a human, no practical
+# limit. A rank that dies still ends the wait at once (its connections close).
+PROMPT_WAIT = timedelta(days=365)
+
+_prompts: Optional[dist.ProcessGroup] = None  # gloo, PROMPT_WAIT timeout: prompts travel here
+
+
 def init(device_type: str) -> tuple[int, int]:
-    """Join torchrun's process group: NCCL with one GPU per rank on CUDA, gloo on CPU."""
+    """Join the launcher's process group: NCCL with one GPU per rank on CUDA, gloo on CPU, and
+    a gloo group for the prompts whose timeout is PROMPT_WAIT."""
+    global _prompts
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    unset = [name for name in ("MASTER_ADDR", "MASTER_PORT") if name not in os.environ]
+    if unset:
+        raise UserError(f"RANK and WORLD_SIZE are set but {' and '.join(unset)} not: set them to rank 0's "
+                        "address and a free port, or start cpmgen through torchrun or deepspeed")
     if not dist.is_initialized():
-        if device_type == "cuda":
-            torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+        if device_type == "cuda":  # without LOCAL_RANK, ranks fill each machine's GPUs in order
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", rank % torch.cuda.device_count())))
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo")
+    _prompts = dist.new_group(backend="gloo", timeout=PROMPT_WAIT)
     return rank, world
 
 
@@ -141,6 +161,21 @@ def shutdown(code: int) -> None:
     os._exit(code)
 
 
+# How gloo reports a rank whose process ended (its sockets closed) while this one waited on it.
+_LOST = ("Connection closed by peer", "Connection reset by peer")
+LOST_MESSAGE = "lost the connection to another rank, which failed or was stopped: its own error says why"
+
+
+def failure_line(error: Exception) -> str:
+    """A rank's crash as one `error:` line: a lost peer says so (the failing rank shows the
+    cause), anything else by its type and the first line of its message."""
+    rank = os.environ["RANK"]
+    if isinstance(error, dist.DistNetworkError) or any(s in str(error) for s in _LOST):
+        return f"error: rank {rank}: {LOST_MESSAGE}\n"
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    return f"error: rank {rank}: {type(error).__name__}: {reason}\n"
+
+
 def any_rank(flag: bool) -> bool:
     """True on every rank when it is true on any (Ctrl-C lands on the ranks at different steps)."""
     if not dist.is_initialized():
@@ -150,19 +185,76 @@ def any_rank(flag: bool) -> bool:
     return bool(value.item())
 
 
+def raise_together(problem: Optional[str]) -> None:
+    """Raise UserError(problem) on every rank when any rank has one (the lowest rank's), so that
+    all ranks stop with the same one-line error instead of some waiting for the rest."""
+    problems = [None] * dist.get_world_size()
+    dist.all_gather_object(problems, problem, group=_prompts)
+    first = next((p for p in problems if p is not None), None)
+    if first is not None:
+        raise UserError(first)
+
+
+def agreed_text(read: Callable[[], Optional[str]], missing: Optional[str] = None) -> Optional[str]:
+    """The one text every rank runs on, from whichever ranks have it.
+
+    Each rank calls read(): its copy, or None where its machine has none; a UserError it
+    raises (a file that is not UTF-8) ends every rank with that error. Copies found on several
+    machines must be equal (their digests are compared; the lowest rank holding one sends it).
+    When no rank has a copy: UserError(missing + the machines), or None without `missing`."""
+    try:
+        mine, problem = read(), None
+    except UserError as e:
+        mine, problem = None, str(e)
+    digest = hashlib.sha256(mine.encode("utf-8")).hexdigest() if mine is not None else None
+    copies = [None] * dist.get_world_size()
+    dist.all_gather_object(copies, (socket.gethostname(), digest, problem), group=_prompts)
+    problem = next((p for _, _, p in copies if p is not None), None)
+    if problem is not None:
+        raise UserError(problem)
+    found = [(rank, host, digest) for rank, (host, digest, _) in enumerate(copies) if digest is not None]
+    for rank, host, digest in found[1:]:
+        if digest != found[0][2]:
+            raise UserError(f"the input on {host} (rank {rank}) differs from the one on {found[0][1]} "
+                            f"(rank {found[0][0]}); give every machine the same input, or keep it on one only")
+    if not found:
+        if missing is None:
+            return None
+        hosts: dict[str, list[int]] = {}
+        for rank, (host, _, _) in enumerate(copies):
+            hosts.setdefault(host, []).append(rank)
+        where = "; ".join(f"{host}: rank{'s' if len(r) > 1 else ''} {', '.join(map(str, r))}" for host, r in hosts.items())
+        raise UserError(f"{missing} on any machine of the run ({where}); copy it to one of them")
+    box = [mine]
+    dist.broadcast_object_list(box, src=found[0][0], group=_prompts)
+    return box[0]
+
+
 def shared_items(items):
-    """Rank 0's items (prompts read from a file, stdin or the terminal), received by every rank."""
+    """Rank 0's items (the prompts typed at its terminal), received by every rank as they come.
+
+    The other ranks wait on the prompt group (no practical time limit) and ignore Ctrl-C while
+    they wait: rank 0's terminal decides, and "stop", Ctrl-D or Ctrl-C there ends every rank."""
     source = iter(items) if items is not None else None
     while True:
-        box = [next(source, None) if source is not None else None]
-        dist.broadcast_object_list(box, src=0)
+        box = [None]
+        if source is not None:
+            box[0] = next(source, None)
+            dist.broadcast_object_list(box, src=0, group=_prompts)
+        else:
+            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                dist.broadcast_object_list(box, src=0, group=_prompts)
+            finally:
+                signal.signal(signal.SIGINT, previous)
         if box[0] is None:
             return
         yield box[0]
 
 
-# torchrun's own log lines and its failure report: the ranks' one-line errors say it better.
-_NOISE = re.compile(rb"^([WEI]\d{4} \d\d:\d\d:\d\d|\*{5,}|\s*$)")
+# torchrun's own log lines, its note that it set OMP_NUM_THREADS=1 for the ranks
+# and its failure report: the ranks' one-line errors say it better.
+_NOISE = re.compile(rb"^([WEI]\d{4} \d\d:\d\d:\d\d|\*{5,}|\s*$|Setting OMP_NUM_THREADS environment variable)")
 
 
 def launch(mp: int, argv: list[str], debug: bool) -> int:
@@ -170,9 +262,9 @@ def launch(mp: int, argv: list[str], debug: bool) -> int:
 
     Rank 0's stdout is the terminal's. The ranks' stderr passes through as it comes, without
     torchrun's log lines and the traceback it prints when a rank fails; a rank's one-line
-    error is shown once even when every rank reports it."""
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // mp)))
+    error is shown once even when every rank reports it, and a rank that lost its connection
+    to the failing one says so only when no rank said why."""
+    env = dict(os.environ)  # threads per rank: set by each rank from LOCAL_WORLD_SIZE, not here
     if sys.stderr.isatty():
         env["CPMGEN_STDERR_TTY"] = "1"  # the ranks' stderr is a pipe to here, but ends on a terminal
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={mp}",
@@ -194,6 +286,9 @@ def launch(mp: int, argv: list[str], debug: bool) -> int:
     relay.close()
     if interrupted:
         return 130
+    if code and not relay.errors and relay.lost:
+        sys.stderr.buffer.write(relay.lost)
+        relay.errors.add(relay.lost)
     if code and not relay.errors:
         sys.stderr.write(f"error: a model-parallel rank failed (exit {code}); rerun with --debug to see its output\n")
     return 2 if code and relay.errors else code
@@ -203,6 +298,7 @@ class _StderrRelay:
     def __init__(self):
         self.pending = b""
         self.errors: set[bytes] = set()
+        self.lost = b""  # the first "lost the connection" line, held back
         self.failed = False  # after a traceback only the ranks' error lines are worth showing
 
     def feed(self, chunk: bytes) -> None:
@@ -216,7 +312,9 @@ class _StderrRelay:
             self.pending = b""
 
     def _line(self, line: bytes) -> None:
-        if line.startswith(b"error: "):
+        if line.startswith(b"error: ") and LOST_MESSAGE.encode() in line:
+            self.lost = self.lost or line
+        elif line.startswith(b"error: "):
             if line not in self.errors:
                 self.errors.add(line)
                 sys.stderr.buffer.write(line)

@@ -17,8 +17,9 @@ import re
 import sys
 import zipfile
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.serialization import DEFAULT_PROTOCOL, location_tag
@@ -45,11 +46,21 @@ class MegatronFolder:
     folder: Path  # the iteration folder holding the rank files
     rank_files: dict[int, Path]  # rank -> file, as found on disk
     mp: int  # the model-parallel size the checkpoint says it has
-    problems: list[str] = field(default_factory=list)
 
-    @property
-    def ranks(self) -> list[Path]:
-        return [self.rank_files[r] for r in range(self.mp)]
+    def problems(self, ranks: Optional[list[int]] = None) -> list[str]:
+        """Missing rank files (of `ranks` only, when given: a node of a multi-node run holds only
+        the files of its own ranks) and rank files beyond the model-parallel size."""
+        wanted = range(self.mp) if ranks is None else ranks
+        problems = []
+        missing = [r for r in wanted if r not in self.rank_files]
+        if missing:
+            problems.append(f"missing rank file(s) {', '.join(rank_file_name(r) for r in missing)} "
+                            f"(checkpoint has model-parallel size {self.mp})")
+        extra = [r for r in self.rank_files if r >= self.mp]
+        if extra:
+            problems.append(f"unexpected rank file(s) {', '.join(rank_file_name(r) for r in extra)} "
+                            f"(mp_world_size is {self.mp})")
+        return problems
 
 
 def is_mappable(path: Path) -> bool:
@@ -136,7 +147,7 @@ def _first_line(e: Exception) -> str:
 
 def scan(root: Path, trust: bool = False) -> MegatronFolder:
     """Find the iteration folder and rank files. Unusable input raises UserError; missing or
-    extra rank files are recorded as problems (inspect-ckpt reports them, loading refuses)."""
+    extra rank files are problems() (inspect-ckpt reports them, loading refuses those it needs)."""
     if not root.exists():
         raise UserError(f"{root}: model folder not found; check --model, model.path or $CPMGEN_MODEL")
     if not root.is_dir():
@@ -159,24 +170,7 @@ def scan(root: Path, trust: bool = False) -> MegatronFolder:
         raise UserError(f"{folder}: no mp_rank_XX_model_states.pt files in the iteration folder")
     recorded = load_rank_file(rank_files[min(rank_files)], trust).get("mp_world_size")
     mp = recorded if isinstance(recorded, int) and recorded > 0 else max(rank_files) + 1
-    problems = []
-    missing = [r for r in range(mp) if r not in rank_files]
-    if missing:
-        problems.append(f"missing rank file(s) {', '.join(rank_file_name(r) for r in missing)} "
-                        f"(checkpoint has model-parallel size {mp})")
-    extra = [r for r in rank_files if r >= mp]
-    if extra:
-        problems.append(f"unexpected rank file(s) {', '.join(rank_file_name(r) for r in extra)} "
-                        f"(mp_world_size is {mp})")
-    return MegatronFolder(root, iteration, folder, rank_files, mp, problems)
-
-
-def open_folder(root: Path) -> MegatronFolder:
-    """scan() that refuses a folder with missing or extra rank files."""
-    ckpt = scan(root)
-    if ckpt.problems:
-        raise UserError(f"{ckpt.folder}: {ckpt.problems[0]}; run cpmgen inspect-ckpt {root}")
-    return ckpt
+    return MegatronFolder(root, iteration, folder, rank_files, mp)
 
 
 _libc = ctypes.CDLL(None) if sys.platform == "linux" else None

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
@@ -32,7 +33,7 @@ class Checkpoint:
     extra: list[dict]  # per rank, the non-module keys of a Megatron file
     problems: list[str] = field(default_factory=list)
     hf_config: Optional[dict] = None
-    own_rank: Optional[int] = None  # only this rank's file is open (a model-parallel run at the stored size)
+    ranks: Optional[list[int]] = None  # the stored ranks of `shards`, when not all of them are open
     mapped: bool = False  # the tensors are memory-mapped rank files
 
     def release(self, name: str) -> None:
@@ -44,8 +45,8 @@ class Checkpoint:
     def full_shape(self, name: str) -> tuple[int, ...]:
         dim = splits.split_dim(name)
         shape = list(self.shards[0][name].shape)
-        if dim is not None and self.own_rank is not None:
-            shape[dim] *= self.mp
+        if dim is not None and self.ranks is not None:
+            shape[dim] *= self.mp  # Megatron splits evenly
         elif dim is not None:
             shape[dim] = sum(s[name].shape[dim] for s in self.shards if name in s)
         return tuple(shape)
@@ -61,8 +62,8 @@ class Checkpoint:
         return self.shards[0]["word_embeddings.weight"].dtype
 
     def full_tensor(self, name: str) -> torch.Tensor:
-        if self.own_rank is not None:
-            raise RuntimeError(f"only rank {self.own_rank}'s file of {self.path} is open")
+        if self.ranks is not None:
+            raise RuntimeError(f"only the files of stored ranks {self.ranks} of {self.path} are open")
         return splits.merge(name, [s[name] for s in self.shards])
 
     def full_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -71,12 +72,33 @@ class Checkpoint:
             yield name, self.full_tensor(name)
 
     def rank_tensors(self, mp: int, rank: int) -> Iterator[tuple[str, torch.Tensor]]:
-        """Rank `rank`'s tensors at model-parallel size `mp`, whatever size the checkpoint has."""
+        """Rank `rank`'s tensors at model-parallel size `mp`, whatever size the checkpoint has:
+        read from the stored ranks that hold its slices (needed_ranks), merging or splitting."""
+        stored = needed_ranks(self.mp, mp, rank)
+        shards = [self.shards[r if self.ranks is None else self.ranks.index(r)] for r in stored]
         for name in self.names():
             if mp == self.mp:
-                yield name, self.shards[0 if self.own_rank == rank else rank][name]
+                yield name, shards[0][name]
+            elif self.mp % mp == 0:
+                yield name, splits.merge(name, [s[name] for s in shards])
+            elif mp % self.mp == 0:
+                yield name, splits.shard(name, shards[0][name], mp // self.mp, rank % (mp // self.mp))
             else:
                 yield name, splits.shard(name, self.full_tensor(name), mp, rank)
+
+
+def needed_ranks(stored_mp: int, mp: int, rank: int) -> list[int]:
+    """The stored ranks whose files hold rank `rank`'s slices at model-parallel size `mp`.
+
+    Megatron splits every split dimension into equal contiguous parts (QKV per q, k and v),
+    so when one size divides the other a rank's slices are whole stored shards or one part
+    of a single stored shard; otherwise they straddle shards and need all of them."""
+    if stored_mp % mp == 0:
+        k = stored_mp // mp
+        return list(range(rank * k, (rank + 1) * k))
+    if mp % stored_mp == 0:
+        return [rank // (mp // stored_mp)]
+    return list(range(stored_mp))
 
 
 def open_checkpoint(path: str | Path, strict: bool = True, rank: Optional[int] = None,
@@ -84,8 +106,9 @@ def open_checkpoint(path: str | Path, strict: bool = True, rank: Optional[int] =
     """Detect the format and open every rank file (memory-mapped). With strict, structural
     problems are UserErrors; otherwise they are collected in `problems` (inspect-ckpt).
 
-    For rank `rank` of a model-parallel run of size `world` equal to the checkpoint's, only
-    that rank's file is opened. `trust` unpickles rank files without the safe allow-list."""
+    For rank `rank` of a model-parallel run of size `world`, only the files that hold its
+    slices are opened (needed_ranks), and only they need to be on this machine. `trust`
+    unpickles rank files without the safe allow-list."""
     path = Path(path)
     if path.is_dir() and hf.is_hf_folder(path) and not (path / megatron.LATEST_FILE).exists():
         config = hf.read_hf_config(path)
@@ -94,16 +117,25 @@ def open_checkpoint(path: str | Path, strict: bool = True, rank: Optional[int] =
         ckpt = Checkpoint("hf", path, None, 1, files, [weights], [{}], hf_config=config)
     else:
         folder = megatron.scan(path, trust)
-        if strict and folder.problems:
-            raise UserError(f"{folder.folder}: {folder.problems[0]}; run cpmgen inspect-ckpt {path}")
-        own = rank if world is not None and world > 1 and world == folder.mp and not folder.problems else None
-        present = [own] if own is not None else [r for r in range(folder.mp) if r in folder.rank_files]
+        needed = needed_ranks(folder.mp, world, rank) if rank is not None and world and world > 1 else None
+        if needed is not None and len(needed) == folder.mp:
+            needed = None  # this rank reads every stored rank
+        absent = [r for r in needed or () if r not in folder.rank_files]
+        if absent:
+            raise UserError(f"{folder.folder}: rank {rank} of this {world}-rank run reads "
+                            f"{', '.join(megatron.rank_file_name(r) for r in absent)}, which is not on this "
+                            f"machine ({socket.gethostname()}); copy it there, or start this machine's ranks "
+                            "as the ranks whose files it holds (static rendezvous: torchrun --node-rank)")
+        problems = folder.problems(needed)
+        if strict and problems:
+            raise UserError(f"{folder.folder}: {problems[0]}; run cpmgen inspect-ckpt {path}")
+        present = needed if needed is not None else [r for r in range(folder.mp) if r in folder.rank_files]
         states = [megatron.load_rank_file(folder.rank_files[r], trust) for r in present]
         ckpt = Checkpoint("megatron", path, folder.iteration, folder.mp, [folder.rank_files[r] for r in present],
                           [s["module"] for s in states], [{k: v for k, v in s.items() if k != "module"} for s in states],
-                          problems=list(folder.problems), own_rank=own,
+                          problems=problems, ranks=needed,
                           mapped=all(megatron.is_mappable(f) for f in folder.rank_files.values()))
-        if folder.problems:  # shapes cannot be merged over missing ranks
+        if problems:  # shapes cannot be merged over missing ranks
             return ckpt
     ckpt.problems += _structure_problems(ckpt)
     if strict and ckpt.problems:
