@@ -28,9 +28,7 @@ def random_state_dict(args: ModelArgs, seed: int = 0, dtype: torch.dtype = torch
     for name, shape in shapes.items():
         if "layernorm" in name and name.endswith("weight"):
             t = 1.0 + 0.1 * torch.randn(shape, generator=generator)
-        elif name.endswith("bias"):
-            t = 0.02 * torch.randn(shape, generator=generator)
-        else:
+        else:  # weights and biases alike
             t = 0.02 * torch.randn(shape, generator=generator)
         state[name] = t.to(dtype)
     return state

@@ -20,7 +20,6 @@ from cpmgen.errors import UserError
 SPACE = "\u2582"  # ▂ stands for " "
 NEWLINE = "\u2583"  # ▃ stands for "\n"
 WORD_SEP = "\u2581"  # ▁ sentencepiece's whitespace (the joins between jieba words)
-REPLACEMENT = "\ufffd"
 
 ENCODE_TABLE = str.maketrans({" ": SPACE, "\n": NEWLINE})
 DECODE_TABLE = str.maketrans({SPACE: " ", NEWLINE: "\n"})

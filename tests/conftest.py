@@ -35,7 +35,7 @@ def write_ckpt(tmp_path):
 
 
 def _reference_shard(name: str, full: _torch.Tensor, mp: int, rank: int) -> _torch.Tensor:
-    """Rank `rank`'s piece of an mp=1 tensor, straight from the table in cpm1-reference.md."""
+    """Rank `rank`'s piece of an mp=1 tensor, as Megatron's mpu layers split it."""
     if mp == 1:
         return full
     if name == "word_embeddings.weight" or _re.search(r"\.mlp\.dense_h_to_4h\.(weight|bias)$", name):

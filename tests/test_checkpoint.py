@@ -1,7 +1,7 @@
 """Megatron checkpoints in the library: the split rules, reading any mp size, architecture, logits.
 
-The split rules are checked against the reference table (cpm1-reference.md), written out
-independently in conftest's `reference_shard`, not against cpmgen's own table.
+The split rules are checked against Megatron's (mpu: column-parallel rows, [q;k;v] per part,
+row-parallel columns, vocab-parallel embedding rows), written out independently in conftest's `reference_shard`, not against cpmgen's own table.
 """
 
 from __future__ import annotations

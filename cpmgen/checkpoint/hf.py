@@ -61,7 +61,7 @@ _HF_BUFFER = re.compile(r"^transformer\.h\.\d+\.attn\.(bias|masked_bias)$")
 _MEGATRON_LAYER = re.compile(r"^transformer\.layers\.(\d+)\.")
 _HF_LAYER = re.compile(r"^transformer\.h\.(\d+)\.")
 
-# The CpmTokenizer's special tokens <s> and </s> (see cpm1-reference.md, Tokenizer).
+# The special tokens <s> and </s> of transformers' CpmTokenizer (its bos_token and eos_token ids).
 BOS_ID, EOS_ID = 1, 2
 
 

@@ -35,10 +35,6 @@ def rank_file_name(rank: int) -> str:
     return f"mp_rank_{rank:02d}_model_states.pt"
 
 
-def is_megatron_folder(path: Path) -> bool:
-    return (path / LATEST_FILE).is_file() or any(RANK_FILE.match(p.name) for p in path.iterdir() if p.is_file())
-
-
 @dataclass
 class MegatronFolder:
     root: Path

@@ -63,7 +63,7 @@ def write_megatron(out: Path, ckpt: Checkpoint, args: ModelArgs, mp: int,
     """Write `ckpt` into the (empty, existing) folder `out` at model-parallel size `mp`."""
     check_mp(ckpt, args, mp)
     iteration = check_plain_name(ckpt.iteration or "release", f"{ckpt.path}: iteration")
-    (out / megatron.LATEST_FILE).write_text(f"{iteration}\n" if iteration != "release" else "release\n")
+    (out / megatron.LATEST_FILE).write_text(f"{iteration}\n")
     folder = out / iteration
     folder.mkdir()
     files = []
