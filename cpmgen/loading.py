@@ -8,10 +8,10 @@ from typing import Callable, Optional
 
 import torch
 
-from cpmgen.checkpoint.megatron import trim_heap
 from cpmgen.checkpoint.reader import Checkpoint, open_checkpoint, resolve_args
 from cpmgen.config import ModelArgs, RuntimeSection, Settings
 from cpmgen.errors import UserError
+from cpmgen.memory import trim_heap
 from cpmgen.model import CPMModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,6 +1,11 @@
-"""How much memory a run will take, checked against what the machine has before the work."""
+"""Memory: what a run will take, checked against what the machine has before the work, and
+handing back what loading and resharding no longer need."""
 
 from __future__ import annotations
+
+import ctypes
+import mmap
+import sys
 
 import torch
 
@@ -42,3 +47,36 @@ def check_generation_memory(args: ModelArgs, samples: int, window: int, dtype: t
         most = max(1, samples * free // need)
         raise UserError(f"--num-samples {samples}: needs about {need / 1e9:.1f} GB for the KV cache and sampling, "
                         f"but {free / 1e9:.1f} GB are available; ask for at most {most} samples")
+
+
+_libc = ctypes.CDLL(None) if sys.platform == "linux" else None
+_malloc_trim = getattr(_libc, "malloc_trim", None)  # glibc only
+_MADV_DONTNEED = 4
+
+
+def release_pages(tensor: torch.Tensor) -> None:
+    """Drop the pages of a memory-mapped tensor from this process's memory.
+
+    torch.load(mmap=True) maps rank files privately and read-only in practice, so the pages
+    are re-read from the file if touched again; without this, every tensor a reshard or a
+    dtype-converting load has read stays resident and peak memory reaches twice the
+    checkpoint. Only for tensors of a file mapping: on anonymous memory it would zero them."""
+    if _libc is None:
+        return
+    storage = tensor.untyped_storage()
+    page = mmap.PAGESIZE
+    start = (storage.data_ptr() + page - 1) // page * page
+    end = (storage.data_ptr() + storage.nbytes()) // page * page
+    if end > start:
+        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+def trim_heap() -> None:
+    """Give the free memory of the C heap back to the system.
+
+    glibc serves allocations below its mmap threshold (which raises itself up to 32 MB as
+    large blocks are freed) from the heap, and keeps what is freed there unless it is at the
+    top: without this, a loop that makes and frees one merged tensor after another grows the
+    resident set by most of what it made (a CPM-Medium fp32 merge ended near 1 GB instead of 0.3)."""
+    if _malloc_trim is not None:
+        _malloc_trim(0)

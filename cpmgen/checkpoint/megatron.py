@@ -9,9 +9,7 @@ Rank files are opened with mmap so that reading a checkpoint never holds two cop
 from __future__ import annotations
 
 import argparse
-import ctypes
 import io
-import mmap
 import pickle
 import re
 import sys
@@ -167,39 +165,6 @@ def scan(root: Path, trust: bool = False) -> MegatronFolder:
     recorded = load_rank_file(rank_files[min(rank_files)], trust).get("mp_world_size")
     mp = recorded if isinstance(recorded, int) and recorded > 0 else max(rank_files) + 1
     return MegatronFolder(root, iteration, folder, rank_files, mp)
-
-
-_libc = ctypes.CDLL(None) if sys.platform == "linux" else None
-_malloc_trim = getattr(_libc, "malloc_trim", None)  # glibc only
-_MADV_DONTNEED = 4
-
-
-def release_pages(tensor: torch.Tensor) -> None:
-    """Drop the pages of a memory-mapped tensor from this process's memory.
-
-    torch.load(mmap=True) maps rank files privately and read-only in practice, so the pages
-    are re-read from the file if touched again; without this, every tensor a reshard or a
-    dtype-converting load has read stays resident and peak memory reaches twice the
-    checkpoint. Only for tensors of a file mapping: on anonymous memory it would zero them."""
-    if _libc is None:
-        return
-    storage = tensor.untyped_storage()
-    page = mmap.PAGESIZE
-    start = (storage.data_ptr() + page - 1) // page * page
-    end = (storage.data_ptr() + storage.nbytes()) // page * page
-    if end > start:
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
-
-
-def trim_heap() -> None:
-    """Give the free memory of the C heap back to the system.
-
-    glibc serves allocations below its mmap threshold (which raises itself up to 32 MB as
-    large blocks are freed) from the heap, and keeps what is freed there unless it is at the
-    top: without this, a loop that makes and frees one merged tensor after another grows the
-    resident set by most of what it made (a CPM-Medium fp32 merge ended near 1 GB instead of 0.3)."""
-    if _malloc_trim is not None:
-        _malloc_trim(0)
 
 
 def save_rank_file(path: Path, state: dict) -> None:

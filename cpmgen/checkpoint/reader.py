@@ -18,6 +18,7 @@ import torch
 from cpmgen.checkpoint import hf, megatron, splits
 from cpmgen.config import HEADS_BY_HIDDEN, ModelArgs, ModelSection
 from cpmgen.errors import UserError
+from cpmgen.memory import release_pages
 
 LAYER = re.compile(r"^transformer\.layers\.(\d+)\.")
 
@@ -40,7 +41,7 @@ class Checkpoint:
         """Done with tensor `name` (and any copy made of it): let its mapped pages go."""
         if self.mapped:
             for shard in self.shards:
-                megatron.release_pages(shard[name])
+                release_pages(shard[name])
 
     def full_shape(self, name: str) -> tuple[int, ...]:
         dim = splits.split_dim(name)

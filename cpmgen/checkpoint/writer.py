@@ -18,6 +18,7 @@ from cpmgen.checkpoint.reader import Checkpoint
 from cpmgen.config import ModelArgs
 from cpmgen.errors import UserError
 from cpmgen.fileio import check_plain_name
+from cpmgen.memory import trim_heap
 
 VOCAB_FILES = ("chinese_vocab.model", "vocab.json")
 
@@ -85,7 +86,7 @@ def _rank_module(ckpt: Checkpoint, mp: int, rank: int,
     for name, tensor in ckpt.rank_tensors(mp, rank):
         yield name, tensor
         del tensor  # free it before rank_tensors makes the next one
-        megatron.trim_heap()
+        trim_heap()
         ckpt.release(name)
         if advance:
             advance(1)
