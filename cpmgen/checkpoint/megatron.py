@@ -9,10 +9,13 @@ Rank files are opened with mmap so that reading a checkpoint never holds two cop
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import pickle
 import re
+import signal
 import sys
+import threading
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -105,11 +108,12 @@ def load_rank_file(path: Path, trust: bool = False) -> dict:
     if info.st_size == 0:
         raise UserError(f"{path}: empty file, not a PyTorch checkpoint; re-copy this rank file")
     try:
-        if trust:
-            state = torch.load(path, map_location="cpu", mmap=is_mappable(path), weights_only=False)
-        else:
-            with torch.serialization.safe_globals(_release_globals()):
-                state = torch.load(path, map_location="cpu", mmap=is_mappable(path), weights_only=True)
+        with _signals_after():
+            if trust:
+                state = torch.load(path, map_location="cpu", mmap=is_mappable(path), weights_only=False)
+            else:
+                with torch.serialization.safe_globals(_release_globals()):
+                    state = torch.load(path, map_location="cpu", mmap=is_mappable(path), weights_only=True)
     except pickle.UnpicklingError as e:
         found = _GLOBAL_NAME.search(str(e))
         if found is None and "Weights only load failed" not in str(e):
@@ -132,6 +136,21 @@ def load_rank_file(path: Path, trust: bool = False) -> dict:
     if len(_loaded) > _LOADED_MAX:
         _loaded.popitem(last=False)
     return state
+
+
+@contextlib.contextmanager
+def _signals_after():
+    """Hold Ctrl-C and SIGTERM until the block ends: raised inside the unpickler, an interrupt
+    came out as a damaged-file error. Memory-mapped loading takes moments."""
+    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def _first_line(e: Exception) -> str:
