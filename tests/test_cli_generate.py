@@ -73,7 +73,8 @@ def test_out_seq_length_is_the_total_length(cpmgen_cli, model_dir, prompt_file):
 
 
 def test_streamed_text_equals_the_full_decode(cpmgen_cli, model_dir, prompt_file, tmp_path):
-    """Not a terminal: plain streamed text, which must equal the decoded ids in the JSON and the --output file."""
+    """Not a terminal: plain streamed text, which must equal the typed prompt and the decoded ids
+    in the JSON, and the --output file."""
     common = ["novel", prompt_file, "-m", model_dir, *HEADS, "--seed", "9", "--max-new-tokens", "80"]
     code, streamed, _ = cpmgen_cli(*common, "--output", tmp_path / "out.txt")
     assert code == 0
@@ -82,8 +83,9 @@ def test_streamed_text_equals_the_full_decode(cpmgen_cli, model_dir, prompt_file
     from cpmgen.tokenizer import CPMTokenizer
 
     tokenizer = CPMTokenizer(model_dir / "chinese_vocab.model")
-    prompt_text = tokenizer.decode(result["prompt_ids"])
-    assert streamed == prompt_text + result["text"] + "\n"
+    # the prompt is echoed as typed (pieces between <eod> joined), not re-decoded: 岗 is not in
+    # this small vocab, and a re-decode would show it as ⁇
+    assert streamed == "春天的风吹过山岗我们一起唱歌" + result["text"] + "\n"
     assert result["text"] == tokenizer.decode([i for i in result["ids"] if i != tokenizer.eod_id])
     assert (tmp_path / "out.txt").read_text(encoding="utf-8") == streamed
 
@@ -192,13 +194,16 @@ def test_stop_string_ends_on_the_token_that_completes_it(cpmgen_cli, model_dir, 
     assert stopped["text"].endswith(stop)
 
 
-def test_lyric_lines_stops_after_n_lines(cpmgen_cli, model_dir, prompt_file):
-    code, out, _ = cpmgen_cli("lyric", prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", "1",
-                              "--temperature", "2", "--lines", "2", "--max-new-tokens", "0")
+@pytest.mark.parametrize("seed", ["1", "4"])
+def test_lyric_lines_counts_every_line_break_shown(cpmgen_cli, model_dir, prompt_file, seed):
+    """--lines N ends once the new text shows N line breaks: a generated <eod> (id 7) and the
+    newline piece ▃ (id 3) both show as one, so both count."""
+    code, out, _ = cpmgen_cli("lyric", prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", seed,
+                              "--temperature", "2", "--lines", "3", "--max-new-tokens", "0")
     result = json.loads(out)
-    assert code == 0 and result["stop_reason"] == "length"
-    assert result["ids"].count(7) == 2 and result["ids"][-1] == 7
-    assert result["text"].count("\n") == 2 + result["ids"].count(3)  # id 3 is the newline piece
+    assert code == 0 and result["stop_reason"] == "lines"
+    assert result["text"].count("\n") == 3 and result["text"].endswith("\n")
+    assert result["ids"].count(7) + result["ids"].count(3) == 3 and result["ids"][-1] in (3, 7)
 
 
 def test_keep_longer_than_the_prompt(cpmgen_cli, model_dir, prompt_file):

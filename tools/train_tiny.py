@@ -254,7 +254,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=192)
-    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--heads", type=int, default=4)
     p.add_argument("--max-positions", type=int, default=128, help="positions of the model = training sequence length")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
