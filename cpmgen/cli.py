@@ -329,8 +329,14 @@ def convert(
                 raise
             vocab_path = None
             console.warn("no chinese_vocab.model found: the HF folder will have no spiece.model (pass --vocab)")
-        with atomic_folder(target, force=force) as tmp:
-            write_hf(tmp, dict(ckpt.full_tensors()), args, vocab_path)
+        with atomic_folder(target, force=force) as tmp, \
+                console.progress("writing hf", len(ckpt.names()) + 1) as advance:
+            tensors = {}
+            for name, tensor in ckpt.full_tensors():
+                tensors[name] = tensor
+                advance(1)
+            write_hf(tmp, tensors, args, vocab_path)
+            advance(1)
     else:
         raise UserError(f"--to {to}: choose hf or megatron")
     console.stdout.print(f"wrote {target} ({to})")
