@@ -109,6 +109,12 @@ def test_shipped_configs_are_the_defaults(cpmgen_env, task):
     assert shipped == load_settings(task=task).to_dict()
 
 
+def test_shipped_long_novel_config(cpmgen_env):
+    settings = load_settings(str(ROOT / "configs" / "long-novel.yaml"), ["sampling.seed=2"], task="novel")
+    assert (settings.generate.max_new_tokens, settings.generate.ignore_eos) == (5000, True)
+    assert (settings.sampling.repetition_penalty, settings.sampling.seed) == (1.1, 2)
+
+
 def test_config_precedence_one_rule(cpmgen_env, monkeypatch, tmp_path):
     """Later wins: ~/.config/cpmgen/config.yaml < $CPMGEN_CONFIG < --config < $CPMGEN_MODEL < --set;
     every file layers over the one before (none replaces another)."""
