@@ -3,10 +3,10 @@ PIP := .venv/bin/pip
 
 .PHONY: install test demo bench bench-quality clean
 
+# torch first and pinned: the CPU build is served from local disk here; an open range would pull a CUDA build
 install:
 	python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
-	# torch first and pinned: this machine serves the CPU build from local disk; an open range would pull a CUDA build
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.4"
 	# deepspeed: its launcher is tested (tests/test_parallel.py); it installs without CUDA
 	$(PIP) install -q -e ".[dev,deepspeed]"
@@ -14,10 +14,11 @@ install:
 test:
 	$(PY) -m pytest
 
-# lyric and novel end to end on the small trained CPM-1 shipped in models/cpm-tiny (seconds, CPU)
+# lyric and novel end to end on the small trained CPM-1 shipped in models/cpm-tiny (seconds, CPU);
+# the novel writes on past end of text for 400 tokens, moving its 127-token window several times
 demo:
-	.venv/bin/cpmgen lyric --model models/cpm-tiny examples/lyric.txt --lines 6 --max-new-tokens 120 --seed 1
-	.venv/bin/cpmgen novel --model models/cpm-tiny examples/novel.txt --max-new-tokens 200 --seed 1
+	.venv/bin/cpmgen lyric -m models/cpm-tiny examples/lyric.txt --lines 4 -n 120 -s 1
+	.venv/bin/cpmgen novel -m models/cpm-tiny examples/novel.txt --ignore-eos -n 400 -s 1
 
 bench:
 	$(PY) benchmarks/bench_generate.py

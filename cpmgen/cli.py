@@ -7,6 +7,7 @@ traceback unless --debug or CPMGEN_DEBUG=1).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import json
 import os
 import re
@@ -16,29 +17,104 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from cpmgen import console
-from cpmgen.config import Settings, load_settings
+from cpmgen.config import Settings, default_settings, load_settings
 from cpmgen.errors import UserError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
                   context_settings={"help_option_names": ["-h", "--help"]},
                   help="Run CPM-1 to write lyrics and novels of unlimited length, exactly and fast.")
 
+# Help panels, in the order --help shows them.
+INPUT, GENERATION, SAMPLING, WINDOW, RUNTIME, OUTPUT = (
+    "Input", "Generation", "Sampling", "Window", "Model & runtime", "Output")
+
+
+def option(*decls: str, help: str, panel: str, default: Optional[object] = None, metavar: Optional[str] = None):
+    """A typer.Option in a help panel, its help plain text (no rich markup) with `[default: X]`
+    when there is one to show."""
+    text = escape(help) + (f" \\[default: {escape(str(default))}]" if default is not None else "")
+    return typer.Option(*decls, help=text, rich_help_panel=panel, show_default=False, metavar=metavar)
+
+
+def help_defaults(task: Optional[str] = None) -> Settings:
+    """The settings a run would start from (defaults, task defaults, config files, environment),
+    for the defaults --help shows; the built-in ones when a config file is broken (the run
+    itself then reports it)."""
+    try:
+        return load_settings(None, None, task)
+    except UserError:
+        return default_settings(task)
+
+
+_ROOT = help_defaults()
+
 # Options shared by the commands, declared once.
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help="Model folder (Megatron or HF); default model.path or $CPMGEN_MODEL.", show_default=False)]
-VocabOpt = Annotated[Optional[str], typer.Option("--vocab", help="chinese_vocab.model; default: tokenizer.vocab, or in/beside the model folder.", show_default=False)]
-ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML config file (sections model, tokenizer, runtime, window, sampling, generate).", show_default=False)]
-SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set model.num_heads=4 (repeatable).", show_default=False)]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda [default: runtime.device, auto]", show_default=False)]
-DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, fp32, bf16 or fp16 [default: runtime.dtype, auto: fp32 on CPU]", show_default=False)]
-QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="none, or int8: weight-only int8 linears, about 4x less weight memory to read per token [default: runtime.quantize, none].", show_default=False)]
-CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the decode step (a CUDA graph on GPU) after a one-time compile of tens of seconds; on CPU the default prepacked linears are faster [default: runtime.compile, off].", show_default=False)]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
-MpOpt = Annotated[Optional[int], typer.Option("--mp", help="Model-parallel ranks: relaunches through torchrun with N local ranks (gloo on CPU, NCCL on GPU) [default: runtime.mp, 1].", show_default=False)]
-TrustOpt = Annotated[bool, typer.Option("--trust-checkpoint", help="Load rank files that pickle Python objects beyond tensors, args and RNG states: this can run code from the file, so only for a file you wrote yourself.")]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads per process; 0: automatic (the cores this process may use, divided among local ranks, fewer on a busy machine) [default: runtime.threads, 0].", show_default=False)]
-StrideOpt = Annotated[Optional[int], typer.Option("--stride", help="Tokens dropped per window slide [default: window.stride].", show_default=False)]
+ModelOpt = Annotated[Optional[str], option("--model", "-m", metavar="DIR", panel=RUNTIME,
+                                           help="Model folder (Megatron or HF format).",
+                                           default=_ROOT.model.path or "model.path in a config, or $CPMGEN_MODEL")]
+VocabOpt = Annotated[Optional[str], option("--vocab", metavar="FILE", panel=RUNTIME,
+                                           help="chinese_vocab.model.", default="in or beside the model folder")]
+ConfigOpt = Annotated[Optional[str], option("--config", "-c", metavar="FILE", panel=INPUT,
+                                            help="YAML config file (sections model, tokenizer, runtime, window, sampling, generate), over the user config and $CPMGEN_CONFIG.")]
+SetOpt = Annotated[Optional[list[str]], option("--set", metavar="KEY=VALUE", panel=INPUT,
+                                               help="Override a config key, e.g. --set window.size=64 (repeatable).")]
+DeviceOpt = Annotated[Optional[str], option("--device", metavar="auto|cpu|cuda", panel=RUNTIME, help="Where to run.",
+                                            default=f"{_ROOT.runtime.device}: cuda when there is one")]
+DtypeOpt = Annotated[Optional[str], option("--dtype", metavar="auto|fp32|bf16|fp16", panel=RUNTIME,
+                                           help="Weight type; float32, bfloat16 and float16 are accepted too.",
+                                           default=f"{_ROOT.runtime.dtype}: fp32 on CPU, bf16 or fp16 on GPU")]
+QuantizeOpt = Annotated[Optional[str], option("--quantize", metavar="none|int8", panel=RUNTIME,
+                                              help="int8: weight-only int8 linears, about 4x less weight memory to read per token.",
+                                              default=_ROOT.runtime.quantize)]
+CompileOpt = Annotated[Optional[bool], option("--compile/--no-compile", metavar="", panel=RUNTIME,
+                                              help="torch.compile the decode step (a CUDA graph on GPU) after a one-time compile of tens of seconds; on CPU the default prepacked linears are faster.",
+                                              default="on" if _ROOT.runtime.compile else "off")]
+JsonOpt = Annotated[bool, option("--json", metavar="", panel=OUTPUT, help="Print one JSON object for scripts.")]
+MpOpt = Annotated[Optional[int], option("--mp", metavar="N", panel=RUNTIME,
+                                        help="Model-parallel ranks: relaunches through torchrun with N local ranks (gloo on CPU, NCCL on GPU).",
+                                        default=_ROOT.runtime.mp or 1)]
+StrideOpt = Annotated[Optional[int], option("--stride", metavar="N", panel=WINDOW,
+                                            help="Tokens dropped when the window is full: each move costs one re-encode of the window, so a larger stride is faster but keeps less context right after a move.",
+                                            default=_ROOT.window.stride or "a quarter of the window")]
+KeepOpt = Annotated[Optional[int], option("--keep", metavar="N", panel=WINDOW,
+                                          help="The first N prompt tokens (a title, the first line) stay at the start of the window through every move.",
+                                          default=_ROOT.window.keep)]
+PathArg = Annotated[Optional[str], typer.Argument(help="Checkpoint folder (or -m/--model DIR).", metavar="DIR",
+                                                  show_default=False)]
+
+
+def examples(*lines: str) -> str:
+    """An Examples block for a command's --help (lines kept as written)."""
+    return "Examples:\n\n" + "\n".join(f"  {escape(line)}" for line in lines)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        console.stdout.print(f"cpmgen {version('cpmgen')}", markup=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", help="Show the version and exit.", is_eager=True,
+                                                callback=_show_version)] = False):
+    """Run CPM-1 to write lyrics and novels of unlimited length, exactly and fast."""
+
+
+def model_folder(path: Optional[str], model: Optional[str]) -> Optional[str]:
+    """The model folder named as DIR or with -m/--model (the same everywhere)."""
+    if path is not None and model is not None and path != model:
+        raise UserError(f"the model folder is given twice ({path} and --model {model}); give it once")
+    return model if model is not None else path
+TrustOpt = Annotated[bool, option("--trust-checkpoint", metavar="", panel=RUNTIME,
+                                 help="Load rank files that pickle Python objects beyond tensors, args and RNG states: this can run code from the file, so only for a file you wrote yourself.")]
+ThreadsOpt = Annotated[Optional[int], option("--threads", "-t", metavar="N", panel=RUNTIME,
+                                             help="CPU threads per process; 0: the cores this process may use, shared among the local ranks of a launcher.",
+                                             default=_ROOT.runtime.threads or "0: automatic")]
 
 
 def settings_from(config: Optional[str], sets: Optional[list[str]], task: Optional[str] = None, *,
@@ -99,14 +175,18 @@ def model_parallel(settings: Settings) -> tuple[int, int]:
 
 
 def load_for(settings: Settings, rank: int = 0, world: int = 1):
-    """Load the model (this rank's shard under --mp) with a progress bar."""
+    """(loaded model, tokenizer): the model (this rank's shard under --mp) and its vocab,
+    under a spinner and progress bar that name the model folder."""
     from cpmgen.loading import load_model, open_model
     from cpmgen.threads import apply_threads
 
     apply_threads(settings.runtime.threads)
     ckpt = open_model(settings, rank=rank, world=world)
-    with console.progress("loading weights", total=len(ckpt.names())) as advance:
-        return load_model(settings, advance=advance, checkpoint=ckpt, rank=rank, world=world)
+    with console.progress(f"loading {ckpt.path.name}", total=len(ckpt.names()) + 1) as advance:
+        loaded = load_model(settings, advance=advance, checkpoint=ckpt, rank=rank, world=world)
+        tokenizer = tokenizer_for(settings, loaded.args.vocab_size)
+        advance(1)
+    return loaded, tokenizer
 
 
 def tokenizer_for(settings: Settings, vocab_size: Optional[int] = None):
@@ -123,10 +203,12 @@ def tokenizer_for(settings: Settings, vocab_size: Optional[int] = None):
 # ----------------------------------------------------------------------------- checkpoints
 
 
-@app.command("inspect-ckpt")
+@app.command("inspect-ckpt", epilog=examples("cpmgen inspect-ckpt models/cpm-tiny",
+                                             "cpmgen inspect-ckpt -m models/cpm-tiny --check-values --json"))
 def inspect_ckpt(
-    path: Annotated[Optional[str], typer.Argument(help="Checkpoint folder [default: model.path or $CPMGEN_MODEL].", show_default=False)] = None,
-    check_values: Annotated[bool, typer.Option("--check-values", help="Also scan every tensor for NaN/Inf.")] = False,
+    path: PathArg = None,
+    model: ModelOpt = None,
+    check_values: Annotated[bool, option("--check-values", metavar="", panel=INPUT, help="Also scan every tensor for NaN/Inf.")] = False,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -138,7 +220,7 @@ def inspect_ckpt(
     from cpmgen.inspection import inspect_checkpoint
     from cpmgen.loading import model_path
 
-    settings = settings_from(config, sets, model=path, trust=trust)
+    settings = settings_from(config, sets, model=model_folder(path, model), trust=trust)
     report = inspect_checkpoint(model_path(settings), settings.model.num_heads, check_values,
                                 settings.model.trust_checkpoint)
     if as_json:
@@ -152,8 +234,11 @@ def _print_report(report: dict) -> None:
     from rich.table import Table
 
     out = console.stdout
-    out.print(f"[bold]{report['path']}[/bold]  format {report['format']}, iteration {report['iteration']}, "
-              f"model-parallel size {report['mp']}")
+    facts = [f"format {report['format']}"]
+    if report["iteration"] is not None:  # an HF folder has no training iteration
+        facts.append(f"iteration {report['iteration']}")
+    facts.append(f"model-parallel size {report['mp']}")
+    out.print(f"[bold]{escape(str(report['path']))}[/bold]  {', '.join(facts)}")
     files = Table("rank", "file", "size", box=None, pad_edge=False)
     for f in report["files"]:
         files.add_row(str(f["rank"]), f["path"], _size(f["bytes"]))
@@ -206,12 +291,14 @@ def _write_megatron_folder(ckpt, args, mp: int, output: Path, force: bool) -> No
         write_megatron(tmp, ckpt, args, mp, advance)
 
 
-@app.command()
+@app.command(epilog=examples("cpmgen reshard models/cpm-tiny --mp 2            # writes models/cpm-tiny_MP2",
+                             "cpmgen reshard -m models/cpm-tiny_MP2 --mp 4 -o tiny-mp4"))
 def reshard(
-    path: Annotated[Optional[str], typer.Argument(help="Checkpoint folder [default: model.path or $CPMGEN_MODEL].", show_default=False)] = None,
-    mp: Annotated[int, typer.Option("--mp", help="Target model-parallel size: any N dividing heads, hidden and vocab.")] = ...,
-    output: Annotated[Optional[str], typer.Option("--output", "-o", help="Output folder [default: DIR_MP<N> beside DIR].", show_default=False)] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    path: PathArg = None,
+    model: ModelOpt = None,
+    mp: Annotated[int, option("--mp", metavar="N", panel=INPUT, help="Target model-parallel size: any N dividing heads, hidden and vocab.")] = ...,
+    output: Annotated[Optional[str], option("--output", "-o", metavar="DIR", panel=OUTPUT, help="Output folder.", default="DIR_MP<N> beside DIR")] = None,
+    force: Annotated[bool, option("--force", metavar="", panel=OUTPUT, help="Replace an existing output folder.")] = False,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -221,7 +308,7 @@ def reshard(
 
     The source is never touched; the output is written to a temporary folder and renamed
     into place, keeping the iteration and RNG states and setting mp_world_size."""
-    settings = settings_from(config, sets, model=path, trust=trust)
+    settings = settings_from(config, sets, model=model_folder(path, model), trust=trust)
     ckpt, args = _open_for_writing(settings)
     source = ckpt.path.resolve()
     target = Path(output) if output else source.parent / f"{source.name}_MP{mp}"
@@ -234,14 +321,16 @@ def reshard(
         console.stdout.print(f"wrote {target} (model-parallel size {ckpt.mp} -> {mp}, {mp} rank file(s))")
 
 
-@app.command()
+@app.command(epilog=examples("cpmgen convert models/cpm-tiny --to hf -o tiny-hf",
+                             "cpmgen convert -m tiny-hf --to megatron --mp 2 -o tiny-mp2"))
 def convert(
-    path: Annotated[Optional[str], typer.Argument(help="Checkpoint folder [default: model.path or $CPMGEN_MODEL].", show_default=False)] = None,
-    to: Annotated[str, typer.Option("--to", help="Target format: hf or megatron.")] = ...,
-    output: Annotated[str, typer.Option("--output", "-o", help="Output folder.")] = ...,
-    mp: Annotated[int, typer.Option("--mp", help="Model-parallel size of a megatron output.")] = 1,
+    path: PathArg = None,
+    model: ModelOpt = None,
+    to: Annotated[str, option("--to", metavar="hf|megatron", panel=OUTPUT, help="Target format.")] = ...,
+    output: Annotated[str, option("--output", "-o", metavar="DIR", panel=OUTPUT, help="Output folder.")] = ...,
+    mp: Annotated[int, option("--mp", metavar="N", panel=OUTPUT, help="Model-parallel size of a megatron output.", default=1)] = 1,
     vocab: VocabOpt = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    force: Annotated[bool, option("--force", metavar="", panel=OUTPUT, help="Replace an existing output folder.")] = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
     trust: TrustOpt = False,
@@ -250,7 +339,7 @@ def convert(
     from cpmgen.checkpoint.hf import write_hf
     from cpmgen.tokenizer import find_vocab
 
-    settings = settings_from(config, sets, model=path, vocab=vocab, trust=trust)
+    settings = settings_from(config, sets, model=model_folder(path, model), vocab=vocab, trust=trust)
     ckpt, args = _open_for_writing(settings)
     target = Path(output)
     if to == "megatron":
@@ -263,8 +352,14 @@ def convert(
                 raise
             vocab_path = None
             console.warn("no chinese_vocab.model found: the HF folder will have no spiece.model (pass --vocab)")
-        with _output_folder(ckpt, target, force, 1) as tmp:
-            write_hf(tmp, dict(ckpt.full_tensors()), args, vocab_path)
+        with _output_folder(ckpt, target, force, 1) as tmp, \
+                console.progress("writing hf", len(ckpt.names()) + 1) as advance:
+            tensors = {}
+            for name, tensor in ckpt.full_tensors():
+                tensors[name] = tensor
+                advance(1)
+            write_hf(tmp, tensors, args, vocab_path)
+            advance(1)
     else:
         raise UserError(f"--to {to}: choose hf or megatron")
     console.stdout.print(f"wrote {target} ({to})")
@@ -273,10 +368,11 @@ def convert(
 # ----------------------------------------------------------------------------- text
 
 
-@app.command()
+@app.command(epilog=examples('cpmgen tokenize -m models/cpm-tiny "新年快乐"',
+                             "cpmgen tokenize --vocab chinese_vocab.model -f text.txt --json"))
 def tokenize(
-    text: Annotated[Optional[str], typer.Argument(help="Text to tokenize (or --file).", show_default=False)] = None,
-    file: Annotated[Optional[str], typer.Option("--file", "-f", help="Read the text from a UTF-8 file.", show_default=False)] = None,
+    text: Annotated[Optional[str], typer.Argument(help="Text to tokenize (or --file).", metavar="TEXT", show_default=False)] = None,
+    file: Annotated[Optional[str], option("--file", "-f", metavar="FILE", panel=INPUT, help="Read the text from a UTF-8 file.")] = None,
     vocab: VocabOpt = None,
     model: ModelOpt = None,
     as_json: JsonOpt = False,
@@ -300,15 +396,16 @@ def tokenize(
         console.stdout.print(" ".join(f"{i}:{p}" for i, p in zip(ids, result["pieces"])), markup=False)
 
 
-@app.command()
+@app.command(epilog=examples("cpmgen score models/cpm-tiny/heldout.txt -m models/cpm-tiny --window-report",
+                             "cat text.txt | cpmgen score - --stride 32 --json"))
 def score(
-    file: Annotated[str, typer.Argument(help="UTF-8 text file to score ('-' for stdin).")],
+    file: Annotated[str, typer.Argument(help="UTF-8 text file to score ('-' for stdin).", metavar="FILE")],
     model: ModelOpt = None,
     vocab: VocabOpt = None,
     stride: StrideOpt = None,
-    fast: Annotated[Optional[bool], typer.Option("--fast/--no-fast", help="One forward per window (fast) or per token (exact reference) [default: generate.fast].", show_default=False)] = None,
-    keep: Annotated[Optional[int], typer.Option("--keep", help="The first N tokens stay at the start of the window through every slide.", show_default=False)] = None,
-    report: Annotated[bool, typer.Option("--window-report", help="Also show perplexity by position: tokens 0..W, W..2W, ...")] = False,
+    fast: Annotated[Optional[bool], option("--fast/--no-fast", metavar="", panel=WINDOW, help="One forward per window (fast) or per token (the exact reference).", default="fast")] = None,
+    keep: KeepOpt = None,
+    report: Annotated[bool, option("--window-report", metavar="", panel=OUTPUT, help="Also show perplexity by position: tokens 0..W, W..2W, ...")] = False,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
@@ -333,8 +430,7 @@ def score(
         settings.window.keep = keep
     rank, world = model_parallel(settings)
     text = _input_text(file, rank, world)
-    loaded = load_for(settings, rank, world)
-    tokenizer = tokenizer_for(settings, loaded.args.vocab_size)
+    loaded, tokenizer = load_for(settings, rank, world)
     ids = tokenizer.encode(text)
     if len(ids) < 2:
         raise UserError(f"{file}: the text has {len(ids)} token(s); scoring needs at least 2")
@@ -361,40 +457,60 @@ def score(
 # ----------------------------------------------------------------------------- generation
 
 TASK_HELP = {
-    "lyric": """Continue song lyrics: INPUT holds lines ending with <eod>; generated <eod> are line breaks.
+    "lyric": """Continue song lyrics: the prompt holds lines ending with <eod>; generated <eod> are line breaks.
 
-    The window drops whole oldest lines (at least --stride tokens) when it is full, so the
+    When the window is full it drops whole oldest lines (at least --stride tokens), so the
     song goes on for as long as asked, token for token the same with --fast and --no-fast.""",
-    "novel": """Continue a novel: INPUT pieces between <eod> are joined; a generated <eod> ends the story.
+    "novel": """Continue a novel: prompt pieces between <eod> are joined; the model's end of text ends the story (unless --ignore-eos).
 
-    Past the window (1023 tokens) the oldest --stride tokens are dropped and the rest is
-    re-encoded once (fast path) or for every token (--no-fast); both give the same tokens.""",
+    When the window is full (the model's positions - 1 tokens) the oldest --stride tokens are
+    dropped and the rest is re-encoded once (fast path) or for every token (--no-fast); both
+    give the same tokens.""",
 }
+
+TASK_EXAMPLES = {
+    "lyric": ("cpmgen lyric -m models/cpm-tiny examples/lyric.txt --lines 6 -s 1",
+              'cpmgen lyric -m models/cpm-tiny -p "冬天的早晨<eod>阳光照在村庄的小路上<eod>" -n 100',
+              "cpmgen lyric -m models/cpm-tiny          # on a terminal: a prompt loop"),
+    "novel": ("cpmgen novel -m models/cpm-tiny examples/novel.txt -n 200 -s 1",
+              'cpmgen novel -m models/cpm-tiny -p "今天天气很好，" --temperature 0',
+              "cpmgen novel -m models/cpm-tiny examples/novel.txt -n 1000 --ignore-eos -o story.txt",
+              "echo 从前有座山 | cpmgen novel -m models/cpm-tiny --json"),
+}
+
+# Options one task has and the other does not: --help lists only a command's own options.
+TASK_ONLY = {"lines": "lyric", "ignore_eos": "novel", "min_new_tokens": "novel"}
 
 
 def _task_command(task_name: str):
+    d = help_defaults(task_name)
+    gen, samp = d.generate, d.sampling
+
     def command(
-        input: Annotated[Optional[str], typer.Argument(help="Prompt file, '-' for stdin; none on a terminal: interactive prompts.", show_default=False)] = None,
-        model: ModelOpt = None,
-        vocab: VocabOpt = None,
+        input: Annotated[Optional[str], typer.Argument(help="Prompt file; '-' or piped text: stdin; none on a terminal: a prompt loop.", metavar="FILE", show_default=False)] = None,
+        prompt: Annotated[Optional[str], option("--prompt", "-p", metavar="TEXT", panel=INPUT, help="The prompt text itself, instead of FILE.")] = None,
         config: ConfigOpt = None,
         sets: SetOpt = None,
-        fast: Annotated[Optional[bool], typer.Option("--fast/--no-fast", help="KV cache with one re-encode per slide, or recompute the window per token [default: fast].", show_default=False)] = None,
-        max_new_tokens: Annotated[Optional[int], typer.Option("--max-new-tokens", help="New tokens per sample; 0: no limit [default: generate.max_new_tokens].", show_default=False)] = None,
-        out_seq_length: Annotated[Optional[int], typer.Option("--out-seq-length", help="Total length, prompt + new tokens (older scripts' meaning).", show_default=False)] = None,
-        temperature: Annotated[Optional[float], typer.Option("--temperature", help="[default: 0.9]", show_default=False)] = None,
-        top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens; 0: off [default: 0].", show_default=False)] = None,
-        top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling, in (0, 1] [default: 0.9].", show_default=False)] = None,
-        repetition_penalty: Annotated[Optional[float], typer.Option("--repetition-penalty", help="CTRL penalty on tokens in the window; 1: off.", show_default=False)] = None,
-        frequency_penalty: Annotated[Optional[float], typer.Option("--frequency-penalty", help="Subtract this times each token's count in the window from its logit.", show_default=False)] = None,
-        presence_penalty: Annotated[Optional[float], typer.Option("--presence-penalty", help="Subtract this from the logit of every token present in the window.", show_default=False)] = None,
-        greedy: Annotated[Optional[bool], typer.Option("--greedy", help="Always take the most likely token.", show_default=False)] = None,
-        seed: Annotated[Optional[int], typer.Option("--seed", help="Random seed; the same seed gives the same text.", show_default=False)] = None,
-        stride: Annotated[Optional[int], typer.Option("--stride", help="Tokens dropped per window slide [default: a quarter of the window, 255]: each slide costs one re-encode of the window, so a larger stride is faster but keeps less context right after a slide; see README.", show_default=False)] = None,
-        keep: Annotated[Optional[int], typer.Option("--keep", help="The first N prompt tokens (a title, the first line) stay at the start of the window through every slide.", show_default=False)] = None,
-        stop: Annotated[Optional[list[str]], typer.Option("--stop", help="End a sample once its text contains TEXT (repeatable; kept in the text).", show_default=False)] = None,
-        lines: Annotated[Optional[int], typer.Option("--lines", help="lyric: end after N generated lines.", show_default=False)] = None,
-        num_samples: Annotated[Optional[int], typer.Option("--num-samples", help="Continuations generated together in one batch.", show_default=False)] = None,
+        max_new_tokens: Annotated[Optional[int], option("--max-new-tokens", "-n", metavar="N", panel=GENERATION, help="New tokens per sample; 0: no limit.", default=gen.max_new_tokens)] = None,
+        min_new_tokens: Annotated[Optional[int], option("--min-new-tokens", metavar="N", panel=GENERATION, help="An end of text among the first N new tokens does not end the story (it stays in the window, as with --ignore-eos).", default=gen.min_new_tokens)] = None,
+        ignore_eos: Annotated[Optional[bool], option("--ignore-eos", metavar="", panel=GENERATION, help="Write on past the model's end of text: the <eod> token stays in the window (the model starts a new text, as between two training articles) and shows as a line break.")] = None,
+        out_seq_length: Annotated[Optional[int], option("--out-seq-length", metavar="N", panel=GENERATION, help="Total length, prompt + new tokens (the older scripts' meaning); instead of --max-new-tokens.")] = None,
+        lines: Annotated[Optional[int], option("--lines", metavar="N", panel=GENERATION, help="End once the new text shows N line breaks (every line you see counts, <eod> or not).")] = None,
+        stop: Annotated[Optional[list[str]], option("--stop", metavar="TEXT", panel=GENERATION, help="End a sample once its text contains TEXT (repeatable; kept in the text).")] = None,
+        num_samples: Annotated[Optional[int], option("--num-samples", metavar="N", panel=GENERATION, help="Continuations generated together in one batch; the k-th draws from seed S + k - 1, so it is the single run with that --seed.", default=gen.num_samples)] = None,
+        fast: Annotated[Optional[bool], option("--fast/--no-fast", metavar="", panel=GENERATION, help="KV cache with one re-encode per window move, or recompute the window for every token (the older scripts' rule; same tokens, much slower).", default="fast" if gen.fast else "no-fast")] = None,
+        temperature: Annotated[Optional[float], option("--temperature", metavar="T", panel=SAMPLING, help="Divide the logits by T: lower is safer, higher more varied; 0: greedy.", default=samp.temperature)] = None,
+        top_k: Annotated[Optional[int], option("--top-k", metavar="K", panel=SAMPLING, help="Keep the K most likely tokens; 0: off.", default=samp.top_k)] = None,
+        top_p: Annotated[Optional[float], option("--top-p", metavar="P", panel=SAMPLING, help="Nucleus sampling: keep the most likely tokens up to probability P, in (0, 1]; 1: off.", default=samp.top_p)] = None,
+        greedy: Annotated[Optional[bool], option("--greedy", metavar="", panel=SAMPLING, help="Always take the most likely token (same as --temperature 0).")] = None,
+        repetition_penalty: Annotated[Optional[float], option("--repetition-penalty", metavar="X", panel=SAMPLING, help="CTRL penalty on tokens in the window; 1: off.", default=samp.repetition_penalty)] = None,
+        frequency_penalty: Annotated[Optional[float], option("--frequency-penalty", metavar="X", panel=SAMPLING, help="Subtract X times each token's count in the window from its logit.", default=samp.frequency_penalty)] = None,
+        presence_penalty: Annotated[Optional[float], option("--presence-penalty", metavar="X", panel=SAMPLING, help="Subtract X from the logit of every token present in the window.", default=samp.presence_penalty)] = None,
+        seed: Annotated[Optional[int], option("--seed", "-s", metavar="S", panel=SAMPLING, help="Random seed: the same seed gives the same text.", default=samp.seed if samp.seed is not None else "random, shown by --json")] = None,
+        stride: StrideOpt = None,
+        keep: KeepOpt = None,
+        model: ModelOpt = None,
+        vocab: VocabOpt = None,
         device: DeviceOpt = None,
         dtype: DtypeOpt = None,
         quantize: QuantizeOpt = None,
@@ -402,14 +518,17 @@ def _task_command(task_name: str):
         mp: MpOpt = None,
         threads: ThreadsOpt = None,
         trust: TrustOpt = False,
-        as_json: Annotated[Optional[bool], typer.Option("--json", help="Print one JSON object (a list with --num-samples > 1).", show_default=False)] = None,
-        output: Annotated[Optional[str], typer.Option("--output", "-o", help="Also write the text to FILE (checked before the work; holds the text so far if the run is stopped).", show_default=False)] = None,
-        force: Annotated[Optional[bool], typer.Option("--force", help="Replace an existing --output file.", show_default=False)] = None,
+        as_json: Annotated[Optional[bool], option("--json", metavar="", panel=OUTPUT, help="Print one JSON object (a list with --num-samples > 1).")] = None,
+        output: Annotated[Optional[str], option("--output", "-o", metavar="FILE", panel=OUTPUT, help="Also write the text to FILE (checked before the work; it holds the text so far however the run stops).")] = None,
+        force: Annotated[Optional[bool], option("--force", metavar="", panel=OUTPUT, help="Replace an existing --output file.")] = None,
     ):
+        if out_seq_length is not None and max_new_tokens is not None:
+            raise UserError("--out-seq-length and --max-new-tokens both set the length; give one of them")
         settings = settings_from(config, sets, task_name, model=model, vocab=vocab, device=device, dtype=dtype,
                                  quantize=quantize, compiled=compiled, trust=trust, threads=threads)
         for section, key, value in (
             ("generate", "fast", fast), ("generate", "max_new_tokens", max_new_tokens),
+            ("generate", "min_new_tokens", min_new_tokens), ("generate", "ignore_eos", ignore_eos),
             ("generate", "out_seq_length", out_seq_length), ("generate", "num_samples", num_samples),
             ("generate", "json", as_json), ("generate", "output", output), ("generate", "force", force),
             ("sampling", "temperature", temperature), ("sampling", "top_k", top_k), ("sampling", "top_p", top_p),
@@ -420,39 +539,70 @@ def _task_command(task_name: str):
         ):
             if value is not None:
                 setattr(getattr(settings, section), key, value)
-        _run_task(task_name, input, settings)
+        if out_seq_length is not None:
+            settings.generate.max_new_tokens = 0  # the total length alone decides (see _max_new_tokens)
+        _run_task(task_name, input, settings, prompt)
 
+    # the annotations name this task's defaults (gen, samp): evaluate them here, once
+    signature = inspect.signature(command, eval_str=True, locals={"gen": gen, "samp": samp})
+    command.__signature__ = signature.replace(parameters=[
+        p for p in signature.parameters.values() if TASK_ONLY.get(p.name, task_name) == task_name])
+    command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
     command.__doc__ = TASK_HELP[task_name]
     command.__name__ = task_name
-    app.command(task_name)(command)
+    app.command(task_name, epilog=examples(*TASK_EXAMPLES[task_name]))(command)
 
 
-def _run_task(task_name: str, input: Optional[str], settings: Settings) -> None:
-    from cpmgen.fileio import TextOutput
-
+def _check_generation(task_name: str, settings: Settings) -> None:
+    """Values that may have come from YAML or --set as well as from options."""
     gen, samp = settings.generate, settings.sampling
-    for option, value in (("--max-new-tokens", gen.max_new_tokens), ("--out-seq-length", gen.out_seq_length)):
+    for option_name, value in (("--max-new-tokens", gen.max_new_tokens), ("--out-seq-length", gen.out_seq_length),
+                               ("--min-new-tokens", gen.min_new_tokens)):
         if value is not None and value < 0:
-            raise UserError(f"{option} {value}: must not be negative")
+            raise UserError(f"{option_name} {value}: must not be negative")
     if gen.num_samples < 1:
         raise UserError(f"--num-samples {gen.num_samples}: must be at least 1")
-    samp.validate()  # values may have come from YAML or --set since it was made
+    if samp.temperature == 0:  # the usual spelling of greedy decoding
+        samp.greedy, samp.temperature = True, 1.0
+    samp.validate()
     if gen.lines is not None and (task_name != "lyric" or gen.lines < 1):
-        raise UserError(f"--lines {gen.lines}: only lyric has lines, and it needs at least 1" if task_name == "lyric"
+        raise UserError(f"--lines {gen.lines}: give at least 1" if task_name == "lyric"
                         else "--lines: only lyric counts lines; use --max-new-tokens or --stop for novel")
+    if task_name == "lyric" and (gen.ignore_eos or gen.min_new_tokens):
+        raise UserError("--ignore-eos / --min-new-tokens: only novel ends at end of text (in lyric, <eod> is a line break)")
+    if gen.min_new_tokens and gen.max_new_tokens and gen.out_seq_length is None and gen.min_new_tokens > gen.max_new_tokens:
+        raise UserError(f"--min-new-tokens {gen.min_new_tokens}: more than --max-new-tokens {gen.max_new_tokens}")
     if any(not s for s in gen.stop):
         raise UserError("--stop '': a stop text must not be empty")
-    interactive = input is None
+
+
+def _max_new_tokens(gen, prompt_length: int) -> Optional[int]:
+    """New tokens per sample: --out-seq-length (total length) when set, else --max-new-tokens; None: no limit."""
+    if gen.out_seq_length is None:
+        return gen.max_new_tokens or None
+    if gen.out_seq_length - prompt_length < 1:
+        raise UserError(f"--out-seq-length {gen.out_seq_length}: not longer than the prompt "
+                        f"({prompt_length} tokens); ask for more, or use --max-new-tokens")
+    return gen.out_seq_length - prompt_length
+
+
+def _run_task(task_name: str, input: Optional[str], settings: Settings, prompt: Optional[str] = None) -> None:
+    from cpmgen.fileio import TextOutput
+
+    gen = settings.generate
+    _check_generation(task_name, settings)
+    if prompt is not None and input is not None:
+        raise UserError(f"{input}: give the prompt either as FILE or with -p/--prompt, not both")
     # checked before the work (and before a model-parallel launch); rank 0 holds it to the end
     output = TextOutput(gen.output, gen.force, [input] if input not in (None, "-") else []) if gen.output else None
     rank, world = model_parallel(settings)
     if rank != 0:
         output = None
     with output or contextlib.nullcontext():
-        _generate_texts(task_name, input, settings, interactive, rank, world, output)
+        _generate_texts(task_name, input, prompt, settings, rank, world, output)
 
 
-def _generate_texts(task_name: str, input: Optional[str], settings: Settings, interactive: bool, rank: int,
+def _generate_texts(task_name: str, input: Optional[str], prompt: Optional[str], settings: Settings, rank: int,
                     world: int, output) -> None:
     from cpmgen.display import SavedView, make_view
     from cpmgen.memory import check_generation_memory
@@ -461,11 +611,13 @@ def _generate_texts(task_name: str, input: Optional[str], settings: Settings, in
     from cpmgen.window import Window
 
     gen, samp = settings.generate, settings.sampling
-    terminal = _Terminal()
-    prompts = _prompts(task_name, input, terminal, rank, world)
+    terminal = _Terminal(task_name, quit_on_interrupt=world > 1)
+    prompts = _prompts(input, prompt, terminal, rank, world)
+    # the other ranks receive rank 0's prompts (their stdin is not the user's)
+    interactive = input is None and prompt is None and (rank != 0 or sys.stdin.isatty())
+    where = "--prompt" if prompt is not None else "stdin" if input in (None, "-") else input
     task = TASKS[task_name]
-    loaded = load_for(settings, rank, world)
-    tokenizer = tokenizer_for(settings, loaded.args.vocab_size)
+    loaded, tokenizer = load_for(settings, rank, world)
     window = Window.from_settings(settings.window, loaded.args.max_positions, tokenizer.eod_id if task.lines else None)
     check_generation_memory(loaded.args, gen.num_samples, window.size + 1, loaded.dtype, loaded.device, world)
     if world > 1:
@@ -475,9 +627,8 @@ def _generate_texts(task_name: str, input: Optional[str], settings: Settings, in
     for text in prompts:
         prompt_ids = task.prompt_ids(text, tokenizer)
         if not prompt_ids:
-            where = "stdin" if input in (None, "-") else input
             if interactive:
-                console.stderr.print("empty prompt; type some text, or stop to quit")
+                console.stderr.print("empty prompt; type some text, or Ctrl-D to quit")
                 continue
             raise UserError(f"{where}: the prompt is empty; write the opening text (lyric: lines ending with <eod>)")
         if window.keep > len(prompt_ids):
@@ -485,49 +636,43 @@ def _generate_texts(task_name: str, input: Optional[str], settings: Settings, in
         if len(prompt_ids) > window.size:
             console.warn(f"the prompt has {len(prompt_ids)} tokens, more than the {window.size}-token window; "
                          "keeping its last part")
-        max_new = gen.max_new_tokens
-        if gen.out_seq_length is not None:
-            max_new = gen.out_seq_length - len(prompt_ids)
-            if max_new < 1:
-                raise UserError(f"--out-seq-length {gen.out_seq_length}: not longer than the prompt "
-                                f"({len(prompt_ids)} tokens); ask for more, or use --max-new-tokens")
-        job = Job(task, window, samp, max_new or None, gen.num_samples, gen.fast, samp.seed, tuple(gen.stop),
-                  gen.lines)
-        prompt_text = tokenizer.decode(task.display_ids(prompt_ids, tokenizer.eod_id))
-        view = make_view(gen.json or rank != 0, console.stdout, prompt_text, job.num_samples)
+        job = Job(task, window, samp, _max_new_tokens(gen, len(prompt_ids)), gen.num_samples, gen.fast, samp.seed,
+                  tuple(gen.stop), gen.lines, gen.ignore_eos, gen.min_new_tokens)
+        prompt_text = task.prompt_text(text)
+        view = make_view(gen.json or rank != 0, console.stdout, prompt_text, job.num_samples,
+                         limit=job.max_new_tokens, lines=job.max_lines)
         if output is not None:
             view = SavedView(view, output, prompt_text, job.num_samples)
         try:
             result = run(job, loaded.model, tokenizer, prompt_ids, view, agree)
-            view.finish(prompt_text, result.texts, result.stats)
+            view.finish(prompt_text, result.texts, result.stats, result.stop_reasons)
         finally:
             if output is not None:  # also when the run failed: the text so far is kept
                 view.save()
         if gen.json:
             objects = result.as_json(task_name)
             print_json(objects[0] if len(objects) == 1 else objects)
-        if result.interrupted:
+        if result.interrupted and not interactive:
             raise typer.Exit(130)
     if terminal.interrupted:
         raise typer.Exit(130)
 
 
-def _prompts(task_name: str, input: Optional[str], terminal: _Terminal, rank: int, world: int):
-    """The prompt texts. Under model parallel every rank gets the same ones, whichever machine
-    holds them: INPUT (or stdin, '-') is read on every machine that has it, and the copies must
-    agree; interactive prompts come from rank 0's terminal."""
-    no_input = f"{task_name}: give an INPUT file, or '-' to read the prompt from stdin"
+def _prompts(input: Optional[str], prompt: Optional[str], terminal: "_Terminal", rank: int, world: int):
+    """The prompt texts: -p TEXT, the INPUT file, stdin ('-', or piped without it), or the
+    prompt loop on a terminal. Under model parallel every rank gets the same ones, whichever
+    machine holds them: INPUT is read on every machine that has it, and the copies must agree;
+    piped stdin and interactive prompts come from rank 0."""
+    if prompt is not None:
+        return iter([prompt])
     if input is not None:
         return iter([_input_text(input, rank, world)])
     if world == 1:
-        if not sys.stdin.isatty():
-            raise UserError(no_input)
-        return iter(terminal)
+        return iter(terminal) if sys.stdin.isatty() else iter([sys.stdin.read()])
     from cpmgen import parallel
 
-    parallel.raise_together(None if rank or sys.stdin.isatty() else
-                            f"{no_input} (interactive prompts are typed at rank 0's terminal; rank 0 has none)")
-    return parallel.shared_items(iter(terminal) if rank == 0 else None)
+    own = (iter(terminal) if sys.stdin.isatty() else iter([sys.stdin.read()])) if rank == 0 else None
+    return parallel.shared_items(own)
 
 
 def _input_text(input: str, rank: int, world: int) -> str:
@@ -535,46 +680,65 @@ def _input_text(input: str, rank: int, world: int) -> str:
     has it (the copies must agree), so that it need not be on the machine of rank 0."""
     from cpmgen.fileio import read_text_utf8
 
+    missing = f"{input}: input file not found; to give the prompt text itself, use -p/--prompt TEXT"
     if world == 1:
-        return sys.stdin.read() if input == "-" else read_text_utf8(input)
+        if input == "-":
+            return sys.stdin.read()
+        if not Path(input).exists():
+            raise UserError(missing)
+        return read_text_utf8(input)
     from cpmgen.parallel import agreed_text
 
     if input == "-":
         # one reader per machine; a terminal only on rank 0, where a user may be typing the text
         reads = os.environ.get("LOCAL_RANK", "0") == "0" and (rank == 0 or not sys.stdin.isatty())
         return agreed_text(lambda: (sys.stdin.read() or None) if reads else None) or ""
-    return agreed_text(lambda: read_text_utf8(input) if Path(input).exists() else None, f"{input}: input file not found")
+    return agreed_text(lambda: read_text_utf8(input) if Path(input).exists() else None, missing)
+
+
+PROMPT_HINT = {
+    "lyric": "[bold]lyric[/bold] lines, separated by <eod> or \\n (Ctrl-D quits) >>> ",
+    "novel": "[bold]novel[/bold] opening, \\n for a line break (Ctrl-D quits) >>> ",
+}
 
 
 class _Terminal:
-    """The older scripts' prompt loop: empty input refused; `stop`, Ctrl-D or Ctrl-C ends it."""
+    """The prompt loop on a terminal. Ctrl-C while writing stops that text and comes back here;
+    Ctrl-D, `stop`, or Ctrl-C twice at the prompt quits (under model parallel, once: the
+    launcher passes it on to every rank). A typed \\n is a line break (lyric: a new line, as <eod>)."""
 
-    interrupted = False
+    def __init__(self, task_name: str, quit_on_interrupt: bool = False):
+        self.task_name, self.quit_on_interrupt = task_name, quit_on_interrupt
+        self.interrupted = False  # quit with Ctrl-C under model parallel: exit 130
 
     def __iter__(self):
+        line_break = "<eod>" if self.task_name == "lyric" else "\n"
+        pressed = False
         while True:
             try:
-                text = console.stderr.input("[bold]prompt[/bold] (stop to quit) >>> ")
+                text = console.stderr.input(PROMPT_HINT[self.task_name])
             except EOFError:
                 return
             except KeyboardInterrupt:
-                signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun passes the Ctrl-C on to its ranks once more
-                console.stderr.print()
-                self.interrupted = True
-                return
+                if self.quit_on_interrupt:
+                    signal.signal(signal.SIGINT, signal.SIG_IGN)  # torchrun passes the Ctrl-C on to its ranks once more
+                    console.stderr.print()
+                    self.interrupted = True
+                    return
+                if pressed:
+                    console.stderr.print()
+                    return
+                pressed = True
+                console.stderr.print("\n(Ctrl-C again or Ctrl-D to quit)")
+                continue
+            pressed = False
             if text.strip() == "stop":
                 return
-            yield text.replace("\\n", "\n")
+            yield text.replace("\\n", line_break)
 
 
 for _name in TASK_HELP:
     _task_command(_name)
-
-
-def _terminate(signum, frame) -> None:
-    """SIGTERM and SIGHUP end the command as an exception, so that outputs are finished or
-    removed on the way out (the generation loop answers them by stopping after the token)."""
-    raise SystemExit(128 + signum)
 
 
 # The launchers' own argument: the DeepSpeed launcher passes --local_rank=N, torch.distributed.launch
@@ -595,9 +759,9 @@ def _without_local_rank(argv: list[str]) -> list[str]:
 
 
 def main() -> None:
-    for sig in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, _terminate)
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # past `ulimit -f` a write fails (EFBIG) instead of killing
+    from cpmgen.signals import end_on_signals
+
+    end_on_signals()
     sys.argv[1:] = _without_local_rank(sys.argv[1:])
     if "--debug" in sys.argv:
         sys.argv.remove("--debug")

@@ -142,13 +142,18 @@ class GenerateSection:
     fast: bool = True
     max_new_tokens: int = 256
     """New tokens per sample; 0: no limit (until end of text or Ctrl-C)."""
+    min_new_tokens: int = 0
+    """novel: an end of text among the first N new tokens does not end the sample."""
+    ignore_eos: bool = False
+    """novel: an end of text never ends the sample; it stays in the window (the model starts a
+    new text, as after the <eod> between two training articles) and shows as a line break."""
     out_seq_length: Optional[int] = None
     """Older scripts' meaning: total length, prompt plus new tokens (overrides max_new_tokens)."""
     num_samples: int = 1
     stop: list[str] = field(default_factory=list)
     """A sample ends once its text contains one of these strings."""
     lines: Optional[int] = None
-    """lyric: a sample ends after this many generated lines."""
+    """lyric: a sample ends once its text shows this many line breaks."""
     output: Optional[str] = None
     """Also write the text (prompt and continuation) to this file; checked before the work,
     it holds the text so far if the run is stopped."""
@@ -252,24 +257,34 @@ def load_yaml(path: Path, option: str = "--config") -> dict:
     return values or {}
 
 
-def load_settings(config: Optional[str] = None, sets: Optional[list[str]] = None, task: Optional[str] = None) -> Settings:
-    """Defaults < task config (configs/<task>.yaml semantics) < user config < --config < --set.
-
-    The user config ($CPMGEN_CONFIG or ~/.config/cpmgen/config.yaml) is where a model folder
-    is configured once so that commands need no --model."""
+def default_settings(task: Optional[str] = None) -> Settings:
+    """The built-in defaults, with the task's (configs/<task>.yaml semantics) when given."""
     settings = Settings()
     if task is not None:
         apply_values(settings, TASK_DEFAULTS[task], f"{task} defaults")
+    return settings
+
+
+def load_settings(config: Optional[str] = None, sets: Optional[list[str]] = None, task: Optional[str] = None) -> Settings:
+    """One rule, later wins: built-in defaults < config files, each over the one before
+    (~/.config/cpmgen/config.yaml, then $CPMGEN_CONFIG, then --config) < environment
+    ($CPMGEN_MODEL) < --set < the command's own options (applied by the CLI).
+
+    The user config or $CPMGEN_MODEL is where a model folder is configured once so that
+    commands need no --model."""
+    settings = default_settings(task)
+    user = user_config_path()
+    if user.is_file():
+        apply_values(settings, load_yaml(user, "~/.config/cpmgen/config.yaml"), str(user))
     env_config = os.environ.get("CPMGEN_CONFIG")
-    user = Path(env_config) if env_config else user_config_path()
-    if env_config or user.is_file():
-        apply_values(settings, load_yaml(user, "CPMGEN_CONFIG"), str(user))
+    if env_config:
+        apply_values(settings, load_yaml(Path(env_config), "$CPMGEN_CONFIG"), env_config)
     if config:
         apply_values(settings, load_yaml(Path(config)), config)
+    if os.environ.get("CPMGEN_MODEL"):
+        settings.model.path = os.environ["CPMGEN_MODEL"]
     for assignment in sets or []:
         apply_values(settings, parse_set(assignment), f"--set {assignment}")
-    if settings.model.path is None and os.environ.get("CPMGEN_MODEL"):
-        settings.model.path = os.environ["CPMGEN_MODEL"]
     settings.model.validate()
     return settings
 

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 # Under `--mp N` the ranks' stderr is a pipe to the launching process, which ends on a terminal.
 stderr = Console(stderr=True, highlight=False, force_terminal=True if os.environ.get("CPMGEN_STDERR_TTY") else None)
@@ -24,7 +24,7 @@ def silence() -> None:
 @contextlib.contextmanager
 def progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
     """Yield an `advance(n)` callback; draws a bar on a terminal, stays silent otherwise."""
-    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+    bar = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                    console=stderr, transient=True, disable=not stderr.is_terminal)
     with bar:
         task = bar.add_task(description, total=total)

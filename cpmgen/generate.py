@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
@@ -61,15 +61,26 @@ def fit_prompt(prompt: list[int], window: Window) -> list[int]:
     return prompt[:window.keep] + prompt[len(prompt) - (window.size - window.keep):]
 
 
+def draw(logits: torch.Tensor, params: SamplingParams,
+         generator: Union[None, torch.Generator, Sequence[torch.Generator]], windows: list[list[int]]) -> torch.Tensor:
+    """The next token of every sample: one draw for the batch from one generator, or, given a
+    generator per sample, each sample's token from its own (so a sample does not depend on how
+    many were generated beside it)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return sample(logits, params, generator, windows)
+    return torch.cat([sample(logits[row:row + 1], params, g, windows[row:row + 1]) for row, g in enumerate(generator)])
+
+
 @torch.inference_mode()
 def generate(model: CPMModel, prompt: list[int], window: Window, params: SamplingParams,
              max_new_tokens: Optional[int], num_samples: int = 1, fast: bool = True,
-             generator: Optional[torch.Generator] = None, stats: Optional[Stats] = None,
+             generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None, stats: Optional[Stats] = None,
              choose: Optional[Callable[[torch.Tensor, list[list[int]]], torch.Tensor]] = None) -> Iterator[list[int]]:
     """Yield the next token of every sample, step after step (max_new_tokens None: without end).
 
     The caller decides when a sample is finished (end of text, stop strings) and stops
     iterating when all are; `stats` is updated in place so it is right at any interruption.
+    `generator`: one for the batch, or one per sample (see `draw`).
     `choose(logits, windows)` replaces sampling, e.g. to force the tokens of a text (teacher
     forcing, to measure perplexity through the very same loop)."""
     stats = stats if stats is not None else Stats()
@@ -89,7 +100,7 @@ def generate(model: CPMModel, prompt: list[int], window: Window, params: Samplin
     while max_new_tokens is None or step < max_new_tokens:
         if not fast:
             logits = torch.stack([recompute(model, w) for w in windows])
-        tokens = choose(logits, windows) if choose else sample(logits, params, generator, windows)
+        tokens = choose(logits, windows) if choose else draw(logits, params, generator, windows)
         new = tokens.tolist()
         step += 1
         stats.new_tokens = step

@@ -15,6 +15,7 @@ from cpmgen.memory import trim_heap
 from cpmgen.model import CPMModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch's spelling is accepted too
 QUANTIZE = ("none", "int8")
 
 
@@ -33,9 +34,9 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    if name not in DTYPES:
-        raise UserError(f"--dtype {name}: choose auto, fp32, bf16 or fp16")
-    return DTYPES[name]
+    if DTYPE_NAMES.get(name, name) not in DTYPES:
+        raise UserError(f"--dtype {name}: choose auto, fp32, bf16 or fp16 (or float32, bfloat16, float16)")
+    return DTYPES[DTYPE_NAMES.get(name, name)]
 
 
 def model_path(settings: Settings) -> Path:

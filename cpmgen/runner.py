@@ -34,7 +34,15 @@ class Job:
     fast: bool = True
     seed: Optional[int] = None
     stop: tuple[str, ...] = ()  # a sample ends once its text contains one of these (kept in the text)
-    max_lines: Optional[int] = None  # lyric: a sample ends after this many generated lines
+    max_lines: Optional[int] = None  # a sample ends once its text shows this many line breaks
+    ignore_eos: bool = False  # novel: an end of text does not end the sample (it stays in the window)
+    min_new_tokens: int = 0  # novel: an end of text among the first N new tokens is ignored so
+
+
+def sample_seed(seed: int, index: int) -> int:
+    """Sample `index` of a run with --seed S draws from seed S + index, so sample 0 is the
+    single run with --seed S and sample i is the single run with --seed S + i."""
+    return seed + index
 
 
 @dataclass
@@ -52,8 +60,8 @@ class Result:
 
     def as_json(self, task: str) -> list[dict]:
         return [{"task": task, "prompt_ids": self.prompt_ids, "ids": ids, "text": text, "stop_reason": reason,
-                 "seed": self.seed, "stats": self.stats.as_dict()}
-                for ids, text, reason in zip(self.samples, self.texts, self.stop_reasons)]
+                 "seed": sample_seed(self.seed, i), "stats": self.stats.as_dict()}
+                for i, (ids, text, reason) in enumerate(zip(self.samples, self.texts, self.stop_reasons))]
 
 
 @contextlib.contextmanager
@@ -84,7 +92,8 @@ def run(job: Job, model: CPMModel, tokenizer: CPMTokenizer, prompt_ids: list[int
         agree: Callable[[bool], bool] = bool) -> Result:
     """`agree(flag)` makes model-parallel ranks stop at the same step: true on all when true on any."""
     seed = job.seed if job.seed is not None else int.from_bytes(os.urandom(4), "little")
-    generator = torch.Generator(model.word_embeddings.weight.device).manual_seed(seed)
+    device = model.word_embeddings.weight.device
+    generators = [torch.Generator(device).manual_seed(sample_seed(seed, i)) for i in range(job.num_samples)]
     eod = tokenizer.eod_id
     samples: list[list[int]] = [[] for _ in range(job.num_samples)]
     reasons: list[Optional[str]] = [None] * job.num_samples
@@ -96,32 +105,35 @@ def run(job: Job, model: CPMModel, tokenizer: CPMTokenizer, prompt_ids: list[int
     lines = [0] * job.num_samples
     longest_stop = max(map(len, job.stop), default=0)
 
-    def show(row: int) -> None:
+    def show(row: int) -> str:
         # Catches up from `shown`, so a Ctrl-C between append and display loses nothing.
         new_ids, shown[row] = samples[row][shown[row]:], len(samples[row])
         chunk = decoders[row].push(job.task.display_ids(new_ids, eod))
         view.update(row, chunk, stats)
         # only the end of the text can hold a stop string that this chunk completed
         shown_text[row] = (shown_text[row] + chunk)[-(longest_stop + len(chunk)):]
+        return chunk
+
+    def ends_text(row: int, token: int) -> bool:
+        return (token == eod and job.task.ends_at_eod() and not job.ignore_eos
+                and len(samples[row]) >= job.min_new_tokens)
 
     steps = generate(model, prompt_ids, job.window, job.params, job.max_new_tokens, job.num_samples, job.fast,
-                     generator, stats)
+                     generators, stats)
     with stop_on_ctrl_c() as interrupted:
         for tokens in steps:
             for row, token in enumerate(tokens):
                 if reasons[row] is not None:
                     continue
-                if token == eod and job.task.ends_at_eod():
+                if ends_text(row, token):
                     reasons[row] = "eod"
                     continue
                 samples[row].append(token)
-                show(row)
+                lines[row] += show(row).count("\n")  # every line break the user sees
                 if any(s in shown_text[row] for s in job.stop):
                     reasons[row] = "stop"
-                elif token == eod and job.max_lines is not None:
-                    lines[row] += 1
-                    if lines[row] >= job.max_lines:
-                        reasons[row] = "length"
+                elif job.max_lines is not None and lines[row] >= job.max_lines:
+                    reasons[row] = "lines"
             if agree(interrupted.is_set()):
                 reasons = [r or "interrupt" for r in reasons]
             if all(r is not None for r in reasons):

@@ -3,7 +3,8 @@
 lyric: lines separated by `<eod>`; each non-empty piece is stripped, encoded and followed by
 the `<eod>` id, and generated `<eod>` ids are line breaks (the window drops whole lines).
 novel: pieces between `<eod>` are stripped, encoded and concatenated; a generated `<eod>`
-ends the story.
+ends the story (with --ignore-eos it stays in the window and shows as a line break, and the
+model starts a new text, as after the `<eod>` between two articles in training).
 """
 
 from __future__ import annotations
@@ -19,20 +20,25 @@ class Task:
     name: str
     lines: bool  # lyric: <eod> ends a line and the window drops whole lines
 
+    def pieces(self, text: str) -> list[str]:
+        return [piece.strip() for piece in text.split(EOD) if piece.strip()]
+
     def prompt_ids(self, text: str, tokenizer) -> list[int]:
         ids: list[int] = []
-        for piece in text.split(EOD):
-            piece = piece.strip()
-            if piece:
-                ids += tokenizer.encode(piece)
-                if self.lines:
-                    ids.append(tokenizer.eod_id)
+        for piece in self.pieces(text):
+            ids += tokenizer.encode(piece)
+            if self.lines:
+                ids.append(tokenizer.eod_id)
         return ids
 
-    def display_ids(self, ids: list[int], eod_id: int) -> list[int]:
-        """Ids to decode for display: lyric shows <eod> as a line break."""
-        if not self.lines:
-            return [i for i in ids if i != eod_id]
+    def prompt_text(self, text: str) -> str:
+        """The prompt as typed (full-width punctuation and all), laid out as its ids are:
+        lyric lines one a line, novel pieces joined."""
+        return "".join(piece + "\n" for piece in self.pieces(text)) if self.lines else "".join(self.pieces(text))
+
+    @staticmethod
+    def display_ids(ids: list[int], eod_id: int) -> list[int]:
+        """Ids to decode for display: <eod> shows as a line break."""
         return [NEWLINE_PIECE_ID if i == eod_id else i for i in ids]
 
     def ends_at_eod(self) -> bool:

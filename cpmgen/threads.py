@@ -29,9 +29,10 @@ def available_cores() -> int:
 
 
 def default_threads() -> int:
-    """The available cores shared among the local ranks of a launcher (torchrun, deepspeed:
-    LOCAL_WORLD_SIZE); outside a launcher, OMP_NUM_THREADS when the user set it."""
-    local_ranks = os.environ.get("LOCAL_WORLD_SIZE")
+    """The available cores shared among the local ranks of a launcher (torchrun:
+    LOCAL_WORLD_SIZE; the DeepSpeed launcher: LOCAL_SIZE); outside a launcher, OMP_NUM_THREADS
+    when the user set it (torchrun sets it to 1 itself, so under a launcher it is not the user's)."""
+    local_ranks = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE")
     if local_ranks is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
         return max(1, int(os.environ["OMP_NUM_THREADS"]))
     return max(1, available_cores() // max(1, int(local_ranks or 1)))

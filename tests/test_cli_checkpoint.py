@@ -301,12 +301,50 @@ def test_convert_to_hf_matches_transformers_and_back_to_megatron_mp2(write_ckpt,
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
 
     back = tmp_path / "back"
-    result = cpmgen_cli("convert", hf_dir, "--to", "megatron", "--mp", 2, "--output", back)
+    result = cpmgen_cli("convert", "-m", hf_dir, "--to", "megatron", "--mp", 2, "--output", back)
     assert result.code == 0, result.stderr
     assert (back / megatron.LATEST_FILE).read_text() == "release\n"
     states = load_rank_files(back / "release")
     assert [s["mp_world_size"] for s in states] == [2, 2]
     check_module(states, full, reference_shard)
+    # the HF config's head count lives on in Megatron's stored args: no --set needed to use it
+    assert [s["args"]["num_attention_heads"] for s in states] == [4, 4]
+    report = json.loads(cpmgen_cli("inspect-ckpt", back, "--json").stdout)
+    assert report["num_heads"] == 4 and report["problems"] == []
+
+
+def test_hf_export_files_are_0644_and_autotokenizer_is_cpm(write_ckpt, cpmgen_cli, tmp_path):
+    """Files readable by others as any new file is (0644 under umask 022), and tokenizer files so
+    that transformers' AutoTokenizer gives its CpmTokenizer on the same vocab: same ids for the
+    same pieces. transformers 5's CpmTokenizer leaves CPM's jieba cut to the caller (4 did it
+    itself), so it is given the cut text, as CPM's own encode makes it."""
+    transformers = pytest.importorskip("transformers")
+    import jieba
+
+    from cpmgen.tokenizer import CPMTokenizer
+
+    vocab = Path(__file__).resolve().parent.parent / "models" / "cpm-tiny" / "chinese_vocab.model"
+    hf_dir = tmp_path / "hf"
+    result = cpmgen_cli("convert", "-m", write_ckpt("ckpt"), "--to", "hf", "-o", hf_dir, "--vocab", vocab, *HEADS)
+    assert result.code == 0, result.stderr
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in hf_dir.iterdir()} == {
+        name: 0o666 & ~umask for name in ("config.json", "model.safetensors", "spiece.model",
+                                         "tokenizer_config.json", "special_tokens_map.json")}
+
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert type(hf_tokenizer).__name__ == "CpmTokenizer"
+    ours = CPMTokenizer(vocab)
+    to_pieces = str.maketrans(" \n", "\u2582\u2583")
+    for text in ["今天天气很好，我们去公园散步。", "新华社北京一月五日电 记者报道", "他说：“1998年是关键的一年。”\n第二段",
+                 "中国经济增长8.8%，超过预期"]:
+        ids = ours.encode(text)
+        cut = " ".join(word.translate(to_pieces) for word in jieba.cut(text, cut_all=False))
+        assert hf_tokenizer(cut, add_special_tokens=False)["input_ids"] == ids
+        assert hf_tokenizer.convert_ids_to_tokens(ids) == ours.pieces(ids)
+        assert hf_tokenizer.decode(ids) == ours.decode(ids)
+    assert hf_tokenizer.convert_tokens_to_ids("<eod>") == ours.eod_id
 
 
 # ----------------------------------------------------------------------------- inspect-ckpt
@@ -351,6 +389,8 @@ def test_inspect_hf_folder(write_ckpt, cpmgen_cli, tmp_path):
     report = json.loads(cpmgen_cli("inspect-ckpt", tmp_path / "hf", "--json").stdout)
     assert (report["format"], report["iteration"], report["mp"], report["num_heads"]) == ("hf", None, 1, 4)
     assert report["num_params"] == ARGS.num_params and report["problems"] == []
+    text = cpmgen_cli("inspect-ckpt", "-m", tmp_path / "hf").stdout
+    assert "None" not in text and text.splitlines()[0].endswith("format hf, model-parallel size 1")
 
 
 def _rewrite_rank(path: Path, edit) -> None:

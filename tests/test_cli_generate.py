@@ -66,7 +66,8 @@ def test_out_seq_length_is_the_total_length(cpmgen_cli, model_dir, prompt_file):
 
 
 def test_streamed_text_equals_the_full_decode(cpmgen_cli, model_dir, prompt_file, tmp_path):
-    """Not a terminal: plain streamed text, which must equal the decoded ids in the JSON and the --output file."""
+    """Not a terminal: plain streamed text, which must equal the typed prompt and the decoded ids
+    in the JSON, and the --output file."""
     common = ["novel", prompt_file, "-m", model_dir, *HEADS, "--seed", "9", "--max-new-tokens", "80"]
     code, streamed, _ = cpmgen_cli(*common, "--output", tmp_path / "out.txt")
     assert code == 0
@@ -75,8 +76,9 @@ def test_streamed_text_equals_the_full_decode(cpmgen_cli, model_dir, prompt_file
     from cpmgen.tokenizer import CPMTokenizer
 
     tokenizer = CPMTokenizer(model_dir / "chinese_vocab.model")
-    prompt_text = tokenizer.decode(result["prompt_ids"])
-    assert streamed == prompt_text + result["text"] + "\n"
+    # the prompt is echoed as typed (pieces between <eod> joined), not re-decoded: 岗 is not in
+    # this small vocab, and a re-decode would show it as ⁇
+    assert streamed == "春天的风吹过山岗我们一起唱歌" + result["text"] + "\n"
     assert result["text"] == tokenizer.decode([i for i in result["ids"] if i != tokenizer.eod_id])
     assert (tmp_path / "out.txt").read_text(encoding="utf-8") == streamed
 
@@ -185,13 +187,16 @@ def test_stop_string_ends_on_the_token_that_completes_it(cpmgen_cli, model_dir, 
     assert stopped["text"].endswith(stop)
 
 
-def test_lyric_lines_stops_after_n_lines(cpmgen_cli, model_dir, prompt_file):
-    code, out, _ = cpmgen_cli("lyric", prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", "1",
-                              "--temperature", "2", "--lines", "2", "--max-new-tokens", "0")
+@pytest.mark.parametrize("seed", ["1", "4"])
+def test_lyric_lines_counts_every_line_break_shown(cpmgen_cli, model_dir, prompt_file, seed):
+    """--lines N ends once the new text shows N line breaks: a generated <eod> (id 7) and the
+    newline piece ▃ (id 3) both show as one, so both count."""
+    code, out, _ = cpmgen_cli("lyric", prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", seed,
+                              "--temperature", "2", "--lines", "3", "--max-new-tokens", "0")
     result = json.loads(out)
-    assert code == 0 and result["stop_reason"] == "length"
-    assert result["ids"].count(7) == 2 and result["ids"][-1] == 7
-    assert result["text"].count("\n") == 2 + result["ids"].count(3)  # id 3 is the newline piece
+    assert code == 0 and result["stop_reason"] == "lines"
+    assert result["text"].count("\n") == 3 and result["text"].endswith("\n")
+    assert result["ids"].count(7) + result["ids"].count(3) == 3 and result["ids"][-1] in (3, 7)
 
 
 def test_keep_longer_than_the_prompt(cpmgen_cli, model_dir, prompt_file):
@@ -219,3 +224,116 @@ def test_prompt_longer_than_the_window_is_cut_with_a_warning(cpmgen_cli, model_d
     assert len(prompt_ids) > ARGS.max_positions
     assert err.strip() == (f"warning: the prompt has {len(prompt_ids)} tokens, more than the "
                            f"{ARGS.max_positions - 1}-token window; keeping its last part")
+
+
+# ----------------------------------------------------------------------------- the flags people type
+
+
+def _run_json(cpmgen_cli, *args):
+    result = cpmgen_cli(*args, "--json")
+    assert result.code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_prompt_option_and_piped_stdin_equal_a_prompt_file(cpmgen_cli, monkeypatch, model_dir, prompt_file):
+    import io
+
+    common = ["-m", model_dir, *HEADS, "-s", "4", "-n", "12"]
+    from_file = _run_json(cpmgen_cli, "novel", prompt_file, *common)
+    text = prompt_file.read_text(encoding="utf-8")
+    assert _run_json(cpmgen_cli, "novel", "-p", text, *common)["ids"] == from_file["ids"]
+    monkeypatch.setattr(sys, "stdin", io.StringIO(text))  # piped: not a terminal, no '-' needed
+    assert _run_json(cpmgen_cli, "novel", *common)["ids"] == from_file["ids"]
+
+
+def test_prompt_text_given_as_a_file_name_says_how(cpmgen_cli, model_dir):
+    code, out, err = cpmgen_cli("novel", "今天天气很好", "-m", model_dir, *HEADS)
+    assert code == 2 and out == ""
+    assert err.strip() == "error: 今天天气很好: input file not found; to give the prompt text itself, use -p/--prompt TEXT"
+
+
+def test_temperature_0_is_greedy_and_dtype_accepts_torch_names(cpmgen_cli, model_dir, prompt_file):
+    common = ["novel", prompt_file, "-m", model_dir, *HEADS, "-n", "20"]
+    greedy = _run_json(cpmgen_cli, *common, "--greedy", "-s", "1")
+    assert _run_json(cpmgen_cli, *common, "--temperature", "0", "-s", "2")["ids"] == greedy["ids"]
+    assert _run_json(cpmgen_cli, *common, "--greedy", "--dtype", "float32")["ids"] == greedy["ids"]
+
+
+def test_sample_k_of_a_batch_is_the_single_run_with_seed_s_plus_k(cpmgen_cli, model_dir, prompt_file):
+    common = ["novel", prompt_file, "-m", model_dir, *HEADS, "-n", "30", "--stride", "8"]
+    batch = _run_json(cpmgen_cli, *common, "-s", "7", "--num-samples", "3")
+    assert [s["seed"] for s in batch] == [7, 8, 9]
+    for k, sample in enumerate(batch):
+        assert _run_json(cpmgen_cli, *common, "-s", str(7 + k))["ids"] == sample["ids"]
+
+
+def test_out_seq_length_with_max_new_tokens_is_an_error(cpmgen_cli, model_dir, prompt_file):
+    code, out, err = cpmgen_cli("novel", prompt_file, "-m", model_dir, *HEADS, "--out-seq-length", "40", "-n", "5")
+    assert code == 2 and out == ""
+    assert err.strip() == "error: --out-seq-length and --max-new-tokens both set the length; give one of them"
+
+
+@pytest.mark.parametrize("extra, words", [
+    (["-n", "9"], "Stopped: reached the limit of 9 new tokens."),
+    (["-n", "0", "--lines", "1"], "Stopped: wrote 1 line(s) (--lines)."),
+])
+def test_plain_run_says_why_it_stopped(cpmgen_cli, model_dir, prompt_file, extra, words):
+    code, out, err = cpmgen_cli("lyric", prompt_file, "-m", model_dir, *HEADS, "-s", "3", "--temperature", "2", *extra)
+    assert code == 0
+    assert err.strip().startswith("done: ") and err.strip().endswith(words)
+
+
+def test_stop_text_reason_in_words(cpmgen_cli, model_dir, prompt_file):
+    first = _run_json(cpmgen_cli, "novel", prompt_file, "-m", model_dir, *HEADS, "-s", "3", "-n", "30")
+    stop = first["text"][5:7]
+    code, _, err = cpmgen_cli("novel", prompt_file, "-m", model_dir, *HEADS, "-s", "3", "-n", "30", "--stop", stop)
+    assert code == 0 and err.strip().endswith("Stopped: wrote a --stop text.")
+
+
+def test_version(cpmgen_cli):
+    from importlib.metadata import version
+
+    code, out, _ = cpmgen_cli("--version")
+    assert code == 0 and out.strip() == f"cpmgen {version('cpmgen')}"
+
+
+COMMANDS = ["lyric", "novel", "score", "tokenize", "inspect-ckpt", "reshard", "convert"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_help_names_the_model_the_same_way_and_only_options_the_command_takes(cpmgen_cli, command):
+    code, out, _ = cpmgen_cli(command, "--help")
+    assert code == 0
+    assert "--model" in out and "-m" in out
+    assert not any(kind in out for kind in ("<int>", "<float>", "<list[str]>"))  # options show what they take
+    rejected = {"novel": ["--lines"], "lyric": ["--ignore-eos", "--min-new-tokens"]}.get(command, [])
+    assert not any(option in out for option in rejected)
+    if command in ("lyric", "novel"):
+        for panel in ("Input", "Generation", "Sampling", "Window", "Model & runtime", "Output", "Examples"):
+            assert panel in out
+        assert "default: generate." not in out and "[default: 0.9]" in out
+
+
+def test_model_option_and_positional_folder_are_the_same(cpmgen_cli, model_dir, tmp_path):
+    by_option = json.loads(cpmgen_cli("inspect-ckpt", "-m", model_dir, *HEADS, "--json").stdout)
+    assert by_option == json.loads(cpmgen_cli("inspect-ckpt", model_dir, *HEADS, "--json").stdout)
+    code, _, err = cpmgen_cli("inspect-ckpt", model_dir, "-m", tmp_path, "--json")
+    assert code == 2 and err.startswith("error: the model folder is given twice")
+
+
+def test_interactive_loop_ctrl_c_at_the_prompt(monkeypatch):
+    """Ctrl-C once at the prompt says how to quit and asks again; twice in a row quits; a typed
+    \\n in a lyric prompt starts a new line (<eod>)."""
+    from cpmgen import cli, console
+
+    answers = iter([KeyboardInterrupt, "春天<eod>夏天\\n秋天", KeyboardInterrupt, KeyboardInterrupt, "never read"])
+
+    def fake_input(prompt):
+        answer = next(answers)
+        if answer is KeyboardInterrupt:
+            raise KeyboardInterrupt
+        return answer
+
+    monkeypatch.setattr(console.stderr, "input", fake_input)
+    assert list(cli._Terminal("lyric")) == ["春天<eod>夏天<eod>秋天"]
+    assert next(answers) == "never read"

@@ -109,14 +109,33 @@ def test_shipped_configs_are_the_defaults(cpmgen_env, task):
     assert shipped == load_settings(task=task).to_dict()
 
 
-def test_user_config_gives_the_model_path(cpmgen_env, monkeypatch, tmp_path):
-    config = tmp_path / "config.yaml"
-    config.write_text("model:\n  path: /models/cpm-large\n")
-    monkeypatch.setenv("CPMGEN_CONFIG", str(config))
-    assert load_settings().model.path == "/models/cpm-large"
-    monkeypatch.setenv("CPMGEN_MODEL", "/elsewhere")
-    assert load_settings().model.path == "/models/cpm-large"  # a configured path wins over the environment
-    assert load_settings(sets=["model.path=/x"]).model.path == "/x"
+def test_shipped_long_novel_config(cpmgen_env):
+    settings = load_settings(str(ROOT / "configs" / "long-novel.yaml"), ["sampling.seed=2"], task="novel")
+    assert (settings.generate.max_new_tokens, settings.generate.ignore_eos) == (5000, True)
+    assert (settings.sampling.repetition_penalty, settings.sampling.seed) == (1.1, 2)
+
+
+def test_config_precedence_one_rule(cpmgen_env, monkeypatch, tmp_path):
+    """Later wins: ~/.config/cpmgen/config.yaml < $CPMGEN_CONFIG < --config < $CPMGEN_MODEL < --set;
+    every file layers over the one before (none replaces another)."""
+    import os
+
+    home = Path(os.environ["XDG_CONFIG_HOME"]) / "cpmgen" / "config.yaml"
+    home.parent.mkdir(parents=True)
+    home.write_text("model:\n  path: /home-config\nwindow:\n  stride: 3\n  keep: 1\ngenerate:\n  num_samples: 2\n")
+    env_config = tmp_path / "env.yaml"
+    env_config.write_text("model:\n  path: /env-config\nwindow:\n  stride: 5\n")
+    cli_config = tmp_path / "cli.yaml"
+    cli_config.write_text("window:\n  keep: 2\n")
+
+    assert load_settings().model.path == "/home-config"
+    monkeypatch.setenv("CPMGEN_CONFIG", str(env_config))
+    settings = load_settings(str(cli_config))
+    assert settings.model.path == "/env-config"
+    assert (settings.window.stride, settings.window.keep, settings.generate.num_samples) == (5, 2, 2)
+    monkeypatch.setenv("CPMGEN_MODEL", "/from-environment")
+    assert load_settings(str(cli_config)).model.path == "/from-environment"  # the environment beats files
+    assert load_settings(sets=["model.path=/x"]).model.path == "/x"  # the command line beats the environment
 
 
 def test_window_report_buckets_by_position(cpmgen_cli, model_dir, story):

@@ -176,7 +176,7 @@ def test_reshard_rank_files_load_as_torch_save_of_the_same_state(write_ckpt, tmp
     for rank, path in enumerate(files):
         reference = tmp_path / f"reference_{rank}.pt"
         module = _own_storages(dict(ckpt.rank_tensors(mp, rank)))
-        torch.save({**rank_metadata(ckpt, mp, rank), "module": module}, reference)
+        torch.save({**rank_metadata(ckpt, ARGS, mp, rank), "module": module}, reference)
         expected = _load(reference, weights_only=False)
         assert expected["mp_world_size"] == mp and "torch_rng_state" in expected and "np_rng_state" in expected
         _assert_same(expected, _load(path, weights_only=False))

@@ -484,6 +484,9 @@ def test_default_threads_follow_affinity_and_local_ranks(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # torchrun's own setting, not the user's
     assert threads.default_threads() == 2
     monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    monkeypatch.setenv("LOCAL_SIZE", "4")  # the DeepSpeed launcher's name for it
+    assert threads.default_threads() == 1
+    monkeypatch.delenv("LOCAL_SIZE")
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert threads.default_threads() == 3
     before = torch.get_num_threads()

@@ -47,6 +47,7 @@ import os
 import platform
 import re
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -130,6 +131,16 @@ def init_weights(model: CPMModel, seed: int) -> None:
             else:
                 std = residual_std if name.endswith(("attention.dense.weight", "dense_4h_to_h.weight")) else 0.02
                 p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def load_start(model: CPMModel, folder: Path) -> None:
+    """Start from a checkpoint's weights: every tensor has the same shape for any head count
+    (the fused QKV and the attention output are hidden x hidden whatever the split into heads),
+    so a model can continue training with another number of heads."""
+    from cpmgen.checkpoint.reader import open_checkpoint
+
+    state = {name: tensor.float() for name, tensor in open_checkpoint(folder).full_tensors()}
+    model.load_state_dict(state)
 
 
 def lr_at(step: int, total: int, peak: float, warmup: int, min_ratio: float) -> float:
@@ -254,7 +265,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=1234)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=192)
-    p.add_argument("--heads", type=int, default=3)
+    p.add_argument("--heads", type=int, default=4)
     p.add_argument("--max-positions", type=int, default=128, help="positions of the model = training sequence length")
     p.add_argument("--vocab-size", type=int, default=8000)
     p.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
@@ -268,6 +279,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast for training steps")
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True, help="torch.compile the training step")
+    p.add_argument("--init-from", default=None,
+                   help="start from this checkpoint's weights and vocab (same layers, hidden and positions; "
+                        "the head count may differ) instead of random weights and a new vocab")
     p.add_argument("--sample-prompt", default="新华社北京一月五日电", help="prompt of the sample in TRAINING.md")
     p.add_argument("--no-save", action="store_true", help="train and evaluate only (for trial runs)")
     return p.parse_args(argv)
@@ -301,8 +315,11 @@ def main(argv=None) -> None:
         log(f"corpus: {len(articles)} articles, {sum(map(len, articles))} paragraphs, {chars} characters; "
             f"{n_heldout} articles held out")
         vocab_path = work / "chinese_vocab.model"
-        train_cpm_vocab((p + "\n" for a in train_articles for p in a), vocab_path, opts.vocab_size,
-                        max_sentence_length=1 << 15, merge_word_sep=True)
+        if opts.init_from:  # the starting weights' own vocab
+            shutil.copyfile(Path(opts.init_from) / "chinese_vocab.model", vocab_path)
+        else:
+            train_cpm_vocab((p + "\n" for a in train_articles for p in a), vocab_path, opts.vocab_size,
+                            max_sentence_length=1 << 15, merge_word_sep=True)
         os.chmod(vocab_path, 0o644)
         tokenizer = CPMTokenizer(vocab_path)
         train_ids = torch.tensor(encode_articles(tokenizer, train_articles))
@@ -319,7 +336,10 @@ def main(argv=None) -> None:
         args = ModelArgs(num_layers=opts.layers, hidden_size=opts.hidden, num_heads=opts.heads,
                          vocab_size=tokenizer.vocab_size, max_positions=T)
         model = CPMModel(args)
-        init_weights(model, opts.seed)
+        if opts.init_from:
+            load_start(model, Path(opts.init_from))
+        else:
+            init_weights(model, opts.seed)
         model.train()
         decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
         no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
@@ -483,6 +503,7 @@ also needs the same CPU kernels and `--threads`.
 | gradient clipping | {opts.clip} |
 | precision | {"bf16 autocast" if opts.bf16 else "fp32"}{", torch.compile" if opts.compile else ""}, fp32 master weights |
 | seed | {opts.seed} |
+| initial weights | {f"those of `{opts.init_from}` (see Notes)" if opts.init_from else "random (GPT-2 initialisation)"} |
 
 ## Result
 

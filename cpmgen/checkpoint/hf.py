@@ -4,6 +4,7 @@
       config.json                           # GPT2Config: n_layer, n_embd, n_head, n_positions, ...
       model.safetensors | pytorch_model.bin
       spiece.model                          # optional: the sentencepiece model (CpmTokenizer)
+      tokenizer_config.json, special_tokens_map.json   # with spiece.model: AutoTokenizer gives CpmTokenizer
 
 The weights are the Megatron mp=1 tensors under other names (`NAME_MAP`, one row per
 tensor, `{i}` the layer index). HF GPT-2 uses Conv1D, whose weight is stored [in, out]:
@@ -33,6 +34,16 @@ CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 BIN_NAME = "pytorch_model.bin"
 SPIECE_NAME = "spiece.model"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"
+SPECIAL_TOKENS_NAME = "special_tokens_map.json"
+
+# transformers' CpmTokenizer (an XLNet-style sentencepiece tokenizer) with CPM's special pieces,
+# as the CPM-Generate release configures it.
+SPECIAL_TOKENS = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "sep_token": "<sep>",
+                  "pad_token": "<pad>", "cls_token": "<cls>", "mask_token": "<mask>",
+                  "additional_special_tokens": ["<eop>", "<eod>"]}
+TOKENIZER_CONFIG = {"tokenizer_class": "CpmTokenizer", "do_lower_case": False, "remove_space": True,
+                    "keep_accents": False, **SPECIAL_TOKENS}
 
 # (Megatron name, HF name, HF stores it as a Conv1D weight, i.e. transposed)
 NAME_MAP: tuple[tuple[str, str, bool], ...] = (
@@ -331,7 +342,8 @@ def hf_config(args: ModelArgs, dtype: torch.dtype) -> dict:
 
 
 def write_hf(out_dir: Path, state_dict: dict, args, vocab: Optional[Path] = None) -> None:
-    """Write config.json, model.safetensors (and spiece.model from `vocab`) into `out_dir`.
+    """Write config.json, model.safetensors (and, from `vocab`, spiece.model with the tokenizer
+    configs) into `out_dir`, every file with the mode a new file gets (0644 under umask 022).
 
     `state_dict` holds Megatron mp=1 names matching `args`; `out_dir` exists already."""
     from safetensors.torch import save_file
@@ -350,7 +362,14 @@ def write_hf(out_dir: Path, state_dict: dict, args, vocab: Optional[Path] = None
         raise UserError(f"{vocab}: sentencepiece model not found; check the tokenizer path (chinese_vocab.model)")
     tensors = {name: tensor.detach().to("cpu").contiguous() for name, tensor in megatron_to_hf(state_dict).items()}
     dtype = state_dict["word_embeddings.weight"].dtype
+    config = out_dir / CONFIG_NAME
+    config.write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n", encoding="utf-8")
     save_file(tensors, str(out_dir / SAFETENSORS_NAME), metadata={"format": "pt"})
-    (out_dir / CONFIG_NAME).write_text(json.dumps(hf_config(args, dtype), indent=2) + "\n", encoding="utf-8")
+    written = [SAFETENSORS_NAME]
     if vocab is not None:
         shutil.copyfile(vocab, out_dir / SPIECE_NAME)
+        (out_dir / TOKENIZER_CONFIG_NAME).write_text(json.dumps(TOKENIZER_CONFIG, indent=2) + "\n", encoding="utf-8")
+        (out_dir / SPECIAL_TOKENS_NAME).write_text(json.dumps(SPECIAL_TOKENS, indent=2) + "\n", encoding="utf-8")
+        written.append(SPIECE_NAME)
+    for name in written:  # safetensors creates its file 0600; copyfile keeps the source's mode
+        shutil.copymode(config, out_dir / name)

@@ -9,13 +9,10 @@ Rank files are opened with mmap so that reading a checkpoint never holds two cop
 from __future__ import annotations
 
 import argparse
-import contextlib
 import io
 import pickle
 import re
-import signal
 import sys
-import threading
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -25,6 +22,7 @@ from typing import Optional
 import torch
 from torch.serialization import DEFAULT_PROTOCOL, location_tag
 
+from cpmgen import signals
 from cpmgen.errors import UserError
 from cpmgen.fileio import check_plain_name
 
@@ -108,7 +106,7 @@ def load_rank_file(path: Path, trust: bool = False) -> dict:
     if info.st_size == 0:
         raise UserError(f"{path}: empty file, not a PyTorch checkpoint; re-copy this rank file")
     try:
-        with _signals_after():
+        with signals.held():
             if trust:
                 state = torch.load(path, map_location="cpu", mmap=is_mappable(path), weights_only=False)
             else:
@@ -136,21 +134,6 @@ def load_rank_file(path: Path, trust: bool = False) -> dict:
     if len(_loaded) > _LOADED_MAX:
         _loaded.popitem(last=False)
     return state
-
-
-@contextlib.contextmanager
-def _signals_after():
-    """Hold Ctrl-C and SIGTERM until the block ends: raised inside the unpickler, an interrupt
-    came out as a damaged-file error. Memory-mapped loading takes moments."""
-    held = {signal.SIGINT, signal.SIGTERM, signal.SIGHUP}
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    signal.pthread_sigmask(signal.SIG_BLOCK, held)
-    try:
-        yield
-    finally:
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, held)
 
 
 def _first_line(e: Exception) -> str:

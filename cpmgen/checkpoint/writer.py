@@ -35,13 +35,20 @@ def check_mp(ckpt: Checkpoint, args: ModelArgs, mp: int, option: str = "--mp") -
             raise UserError(f"{option} {mp} cannot split {ckpt.path}: {problem}")
 
 
-def rank_metadata(ckpt: Checkpoint, mp: int, rank: int) -> dict:
+def megatron_args(args: ModelArgs, mp: int) -> dict:
+    """The architecture under Megatron's argument names (what its training `args` hold)."""
+    return {"num_layers": args.num_layers, "hidden_size": args.hidden_size, "num_attention_heads": args.num_heads,
+            "max_position_embeddings": args.max_positions, "padded_vocab_size": args.vocab_size,
+            "layernorm_epsilon": args.layernorm_eps, "model_parallel_size": mp}
+
+
+def rank_metadata(ckpt: Checkpoint, args: ModelArgs, mp: int, rank: int) -> dict:
     """change_mp.py's rule: keep iteration and RNG states, set mp_world_size, other keys None.
 
     One addition: Megatron's training `args` are kept too (with their model_parallel_size
     updated), since they hold the head count that a non-preset hidden size cannot give."""
-    if not ckpt.extra or not ckpt.extra[0]:
-        return {"mp_world_size": mp}
+    if not ckpt.extra or not ckpt.extra[0]:  # e.g. from an HF folder: the architecture, so the heads are known
+        return {"mp_world_size": mp, "args": megatron_args(args, mp)}
     source = ckpt.extra[min(rank * ckpt.mp // mp, len(ckpt.extra) - 1)]
     meta = {k: (v if k == "iteration" or "rng" in k else None) for k, v in source.items()}
     if source.get("args") is not None:
@@ -71,7 +78,7 @@ def write_megatron(out: Path, ckpt: Checkpoint, args: ModelArgs, mp: int,
     for rank in range(mp):
         path = folder / megatron.rank_file_name(rank)
         module = _rank_module(ckpt, mp, rank, advance)
-        megatron.save_rank_file(path, {**rank_metadata(ckpt, mp, rank), "module": module})
+        megatron.save_rank_file(path, {**rank_metadata(ckpt, args, mp, rank), "module": module})
         files.append(path)
     copy_vocab(ckpt.path, out)
     return files

@@ -1,0 +1,33 @@
+"""The `cpmgen` console script (and `python -m cpmgen`).
+
+Before anything imports torch: the OpenMP wait policy (cpmgen/threads.py), and on a terminal a
+spinner while torch loads (a few seconds on a busy machine). A Ctrl-C while the command is
+still importing exits 130 without a traceback, as at any later moment. This module imports
+only rich."""
+
+from __future__ import annotations
+
+import sys
+
+QUIET = {"-h", "--help", "--version"}  # these print at once; a spinner would only flicker
+
+
+def main() -> None:
+    from cpmgen import console
+    from cpmgen.signals import held
+    from cpmgen.threads import configure_wait_policy
+
+    configure_wait_policy()
+    status = None
+    if console.stderr.is_terminal and len(sys.argv) > 1 and not QUIET & set(sys.argv[1:]):
+        status = console.stderr.status("starting cpmgen", spinner="dots")
+        status.start()
+    try:
+        with held():  # cli imports torch: an interrupt inside that import would leave NumPy broken
+            from cpmgen import cli
+    except KeyboardInterrupt:
+        sys.exit(130)
+    finally:
+        if status is not None:
+            status.stop()
+    cli.main()
