@@ -117,7 +117,7 @@ def test_frequency_and_presence_penalties():
 def test_penalties_shift_the_sampled_distribution():
     logits = torch.zeros(20000, 3)
     contexts = [[0, 0]] * 20000
-    params = SamplingParams(temperature=1.0, top_p=1.0, presence_penalty=float("inf"))
+    params = SamplingParams(temperature=1.0, top_p=1.0, presence_penalty=100.0)  # the largest allowed
     drawn = sample(logits, params, torch.Generator().manual_seed(0), contexts)
     assert 0 not in drawn.tolist()  # a present token is never drawn again
     params = SamplingParams(temperature=1.0, top_p=1.0, frequency_penalty=0.5)  # token 0: logit -1
