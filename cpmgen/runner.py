@@ -80,56 +80,75 @@ def stop_on_ctrl_c():
             signal.signal(sig, old)
 
 
+class Follow:
+    """One sample's text as its tokens come: the live text chunks, and when it ends (end of
+    text, a stop string in its text, its last lyric line). Shared by `run` and the server's
+    batch scheduler, so a sample ends at the same token whichever runs it."""
+
+    def __init__(self, job: Job, tokenizer: CPMTokenizer):
+        self.job, self.eod = job, tokenizer.eod_id
+        self.ids: list[int] = []
+        self.reason: Optional[str] = None
+        self.decoder = StreamDecoder(tokenizer)
+        self.shown = 0
+        self.tail = ""  # the end of the text shown, long enough to hold any stop string
+        self.lines = 0
+        self.longest_stop = max(map(len, job.stop), default=0)
+
+    def push(self, token: int) -> str:
+        """Take the next token; return the text it makes printable (end of text: nothing)."""
+        if token == self.eod and self.job.task.ends_at_eod():
+            self.reason = "eod"
+            return ""
+        self.ids.append(token)
+        chunk = self.catch_up()
+        if any(s in self.tail for s in self.job.stop):
+            self.reason = "stop"
+        elif token == self.eod and self.job.max_lines is not None:
+            self.lines += 1
+            if self.lines >= self.job.max_lines:
+                self.reason = "length"
+        return chunk
+
+    def catch_up(self) -> str:
+        """The text of the ids not shown yet (after an interruption between push and show)."""
+        new_ids, self.shown = self.ids[self.shown:], len(self.ids)
+        chunk = self.decoder.push(self.job.task.display_ids(new_ids, self.eod))
+        # only the end of the text can hold a stop string that this chunk completed
+        self.tail = (self.tail + chunk)[-(self.longest_stop + len(chunk)):]
+        return chunk
+
+    def text(self, tokenizer: CPMTokenizer) -> str:
+        return tokenizer.decode(self.job.task.display_ids(self.ids, self.eod))
+
+
 def run(job: Job, model: CPMModel, tokenizer: CPMTokenizer, prompt_ids: list[int], view,
         agree: Callable[[bool], bool] = bool) -> Result:
     """`agree(flag)` makes model-parallel ranks stop at the same step: true on all when true on any."""
-    seed = job.seed if job.seed is not None else int.from_bytes(os.urandom(4), "little")
+    seed = job.seed if job.seed is not None else new_seed()
     generator = torch.Generator(model.word_embeddings.weight.device).manual_seed(seed)
-    eod = tokenizer.eod_id
-    samples: list[list[int]] = [[] for _ in range(job.num_samples)]
-    reasons: list[Optional[str]] = [None] * job.num_samples
-    decoders = [StreamDecoder(tokenizer) for _ in range(job.num_samples)]
-    shown = [0] * job.num_samples
+    follows = [Follow(job, tokenizer) for _ in range(job.num_samples)]
     stats = Stats()
-
-    shown_text = [""] * job.num_samples
-    lines = [0] * job.num_samples
-    longest_stop = max(map(len, job.stop), default=0)
-
-    def show(row: int) -> None:
-        # Catches up from `shown`, so a Ctrl-C between append and display loses nothing.
-        new_ids, shown[row] = samples[row][shown[row]:], len(samples[row])
-        chunk = decoders[row].push(job.task.display_ids(new_ids, eod))
-        view.update(row, chunk, stats)
-        # only the end of the text can hold a stop string that this chunk completed
-        shown_text[row] = (shown_text[row] + chunk)[-(longest_stop + len(chunk)):]
-
     steps = generate(model, prompt_ids, job.window, job.params, job.max_new_tokens, job.num_samples, job.fast,
                      generator, stats)
     with stop_on_ctrl_c() as interrupted:
         for tokens in steps:
             for row, token in enumerate(tokens):
-                if reasons[row] is not None:
-                    continue
-                if token == eod and job.task.ends_at_eod():
-                    reasons[row] = "eod"
-                    continue
-                samples[row].append(token)
-                show(row)
-                if any(s in shown_text[row] for s in job.stop):
-                    reasons[row] = "stop"
-                elif token == eod and job.max_lines is not None:
-                    lines[row] += 1
-                    if lines[row] >= job.max_lines:
-                        reasons[row] = "length"
+                if follows[row].reason is None:
+                    view.update(row, follows[row].push(token), stats)
             if agree(interrupted.is_set()):
-                reasons = [r or "interrupt" for r in reasons]
-            if all(r is not None for r in reasons):
+                for follow in follows:
+                    follow.reason = follow.reason or "interrupt"
+            if all(f.reason is not None for f in follows):
                 break
         steps.close()
-    reasons = [r or "length" for r in reasons]
-    for row, decoder in enumerate(decoders):
-        show(row)
-        view.update(row, decoder.flush(), stats)
-    texts = [tokenizer.decode(job.task.display_ids(s, eod)) for s in samples]
-    return Result(prompt_ids, samples, reasons, stats, seed, texts)
+    for row, follow in enumerate(follows):
+        follow.reason = follow.reason or "length"
+        view.update(row, follow.catch_up(), stats)
+        view.update(row, follow.decoder.flush(), stats)
+    return Result(prompt_ids, [f.ids for f in follows], [f.reason for f in follows], stats, seed,
+                  [f.text(tokenizer) for f in follows])
+
+
+def new_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
