@@ -8,7 +8,7 @@ install:
 	$(PIP) install -q --upgrade pip
 	# torch first and pinned: this machine serves the CPU build from local disk; an open range would pull a CUDA build
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.4"
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,serve]"
 
 test:
 	$(PY) -m pytest

@@ -42,7 +42,8 @@ class QueueFull(Exception):
 @dataclass
 class Request:
     """One generation request. `emit(event, data)` is called from the scheduler thread:
-    ("text", chunk) as text comes, then once ("done", reason) or ("error", message)."""
+    ("token", (id, text)) per generated token with the text it makes printable (id None: the
+    last held-back text), then once ("done", reason) or ("error", message)."""
 
     job: Job
     prompt_ids: list[int]
@@ -75,10 +76,6 @@ class Scheduler:
     """Runs the batch in its own thread; `submit` may be called from any thread."""
 
     def __init__(self, model, tokenizer, max_batch: int, max_queue: int):
-        if max_batch < 1:
-            raise UserError(f"--max-batch {max_batch}: must be at least 1")
-        if max_queue < 0:
-            raise UserError(f"--max-queue {max_queue}: must not be negative")
         self.model, self.tokenizer = model, tokenizer
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = model.word_embeddings.weight.device
@@ -102,9 +99,9 @@ class Scheduler:
         self.thread.join()
 
     def submit(self, request: Request) -> None:
-        """Queue a request; QueueFull when every row is taken and the queue holds max_queue."""
+        """Queue a request; QueueFull when max_batch requests run and max_queue more wait."""
         with self.lock:
-            if len(self.waiting) >= self.max_queue and len(self.rows) + len(self.waiting) >= self.max_batch:
+            if len(self.rows) + len(self.waiting) >= self.max_batch + self.max_queue:
                 self.counters["rejected"] += 1
                 raise QueueFull(f"{len(self.rows)} requests running and {len(self.waiting)} queued; try again later")
             self.waiting.append(request)
@@ -176,8 +173,8 @@ class Scheduler:
             if request.first_token is None:
                 request.first_token = time.perf_counter()
             chunk = row.follow.push(token)
-            if chunk:
-                request.emit("text", chunk)
+            if row.follow.reason != "eod":  # a novel's end of text is no part of it
+                request.emit("token", (token, chunk))
             if row.follow.reason is None and row.job.max_new_tokens is not None and row.steps >= row.job.max_new_tokens:
                 row.follow.reason = "length"
             if row.follow.reason is not None:
@@ -217,7 +214,7 @@ class Scheduler:
         follow = row.follow
         tail = follow.catch_up() + follow.decoder.flush()
         if tail:
-            row.request.emit("text", tail)
+            row.request.emit("token", (None, tail))
         self._account(row.request, reason)
         if reason == "error":
             row.request.emit("error", message)
