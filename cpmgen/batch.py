@@ -83,6 +83,7 @@ class Scheduler:
         self.cache: Optional[KVCache] = None  # allocated on the first request
         self.rows: list[Row] = []  # row i lives in cache row i
         self.waiting: collections.deque[Request] = collections.deque()
+        self.joining: list[Request] = []  # taken from the queue, being encoded into a row
         self.lock = threading.Condition()
         self.closed = False
         self.counters = collections.Counter()  # steps, slides, prompt_tokens, completion_tokens, requests_<reason>
@@ -101,7 +102,7 @@ class Scheduler:
     def submit(self, request: Request) -> None:
         """Queue a request; QueueFull when max_batch requests run and max_queue more wait."""
         with self.lock:
-            if len(self.rows) + len(self.waiting) >= self.max_batch + self.max_queue:
+            if len(self.rows) + len(self.joining) + len(self.waiting) >= self.max_batch + self.max_queue:
                 self.counters["rejected"] += 1
                 raise QueueFull(f"{len(self.rows)} requests running and {len(self.waiting)} queued; try again later")
             self.waiting.append(request)
@@ -125,20 +126,23 @@ class Scheduler:
                         self.lock.wait()
                     if self.closed:
                         break
-                    joining = []
-                    while self.waiting and len(self.rows) + len(joining) < self.max_batch:
-                        joining.append(self.waiting.popleft())
+                    while self.waiting and len(self.rows) + len(self.joining) < self.max_batch:
+                        self.joining.append(self.waiting.popleft())
                 try:
-                    for request in joining:
-                        self._admit(request)
+                    while self.joining:
+                        self._admit(self.joining[0])
+                        self.joining.pop(0)
                     self._step()
                 except Exception as e:  # noqa: BLE001 - fail the rows, keep serving
                     log.exception("batch step failed")
                     for row in list(self.rows):
                         self._finish(row, "error", f"{type(e).__name__}: {e}")
+                    for request in self.joining:
+                        request.emit("error", f"{type(e).__name__}: {e}")
+                    self.joining.clear()
         for row in list(self.rows):
             self._finish(row, "error", "the server is shutting down")
-        for request in self.waiting:
+        for request in self.joining + list(self.waiting):
             request.emit("error", "the server is shutting down")
 
     def _admit(self, request: Request) -> None:
@@ -148,9 +152,8 @@ class Scheduler:
         if self.cache is None:
             self.cache = self.model.new_kv_cache(self.max_batch, self.slots)
         row = Row(request, self.tokenizer, self.device)
+        row.logits = prefill(self.model, row.window_ids, self.cache, len(self.rows))
         self.rows.append(row)
-        index = len(self.rows) - 1
-        row.logits = prefill(self.model, row.window_ids, self.cache, index)
         request.stats.prefill_tokens += len(row.window_ids)
         self.counters["prompt_tokens"] += len(request.prompt_ids)
 
