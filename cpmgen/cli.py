@@ -570,6 +570,14 @@ def serve(
             raise UserError(f"{option} {value}: must be at least {least}")
     if api_key is not None and not api_key.strip():
         raise UserError("--api-key '': the key must not be empty")
+    import socket
+
+    with socket.socket() as probe:  # before the model loads: a taken port fails in a second, not after
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); "
+                            "choose another --port") from None
     settings = settings_from(config, sets, model=model, vocab=vocab, device=device, dtype=dtype, quantize=quantize,
                              compiled=compiled, trust=trust, threads=threads)
     engine = Engine(settings)
