@@ -3,6 +3,7 @@ the `openai` client, raw HTTP and a real browser (Debian's chromium through Play
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import re
@@ -192,9 +193,19 @@ def test_a_client_that_goes_away_frees_its_row(server):
     assert len(texts) == 20
     stream.close()
     assert server.wait_idle()["running"] == 0
+    # a plain (not streamed) request whose client goes away before the answer
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    connection.request("POST", "/v1/completions", json.dumps({"prompt": "从前", "max_tokens": 0}),
+                       {"Content-Type": "application/json"})
+    deadline = time.monotonic() + 30
+    while json.loads(server.get("/health")[1])["running"] == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    connection.close()
+    assert server.wait_idle()["running"] == 0
     metrics = server.get("/metrics")[1]
     assert "cpmgen_batch_rows 0" in metrics
-    assert int(re.search(r'cpmgen_requests_total\{reason="cancel"\} (\d+)', metrics).group(1)) >= 1
+    assert int(re.search(r'cpmgen_requests_total\{reason="cancel"\} (\d+)', metrics).group(1)) >= 2
 
 
 def test_models_health_and_metrics(server):

@@ -266,13 +266,16 @@ class Server:
     async def _complete(self, request: HttpRequest, gen: Request, events: asyncio.Queue, created: int,
                         task: str) -> Response:
         texts, ids, reason = [], [], "cancel"
+        checked = time.monotonic()
         try:
             while True:
+                if time.monotonic() - checked > 1.0:  # a client that went away frees its row
+                    if await request.is_disconnected():
+                        return Response(status_code=499)
+                    checked = time.monotonic()
                 try:
                     kind, data = await asyncio.wait_for(events.get(), timeout=1.0)
                 except asyncio.TimeoutError:
-                    if await request.is_disconnected():
-                        return Response(status_code=499)
                     continue
                 if kind == "token":
                     token, text = data
