@@ -8,8 +8,8 @@ install:
 	python3 -m venv .venv
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.4"
-	# deepspeed: its launcher is tested (tests/test_parallel.py); it installs without CUDA
-	$(PIP) install -q -e ".[dev,deepspeed]"
+	# deepspeed: its launcher is tested (tests/test_parallel.py); it installs without CUDA. serve: cpmgen serve
+	$(PIP) install -q -e ".[dev,deepspeed,serve]"
 
 test:
 	$(PY) -m pytest

@@ -177,6 +177,7 @@ def model_parallel(settings: Settings) -> tuple[int, int]:
 def load_for(settings: Settings, rank: int = 0, world: int = 1):
     """(loaded model, tokenizer): the model (this rank's shard under --mp) and its vocab,
     under a spinner and progress bar that name the model folder."""
+    from cpmgen.engine import open_tokenizer
     from cpmgen.loading import load_model, open_model
     from cpmgen.threads import apply_threads
 
@@ -184,20 +185,9 @@ def load_for(settings: Settings, rank: int = 0, world: int = 1):
     ckpt = open_model(settings, rank=rank, world=world)
     with console.progress(f"loading {ckpt.path.name}", total=len(ckpt.names()) + 1) as advance:
         loaded = load_model(settings, advance=advance, checkpoint=ckpt, rank=rank, world=world)
-        tokenizer = tokenizer_for(settings, loaded.args.vocab_size)
+        tokenizer = open_tokenizer(settings, loaded.args.vocab_size)
         advance(1)
     return loaded, tokenizer
-
-
-def tokenizer_for(settings: Settings, vocab_size: Optional[int] = None):
-    from cpmgen.tokenizer import CPMTokenizer, find_vocab
-
-    path = find_vocab(None, settings.tokenizer.vocab, settings.model.path)
-    tokenizer = CPMTokenizer(path)
-    if vocab_size is not None and tokenizer.vocab_size != vocab_size:
-        raise UserError(f"{path}: vocab has {tokenizer.vocab_size} pieces but the model {settings.model.path} "
-                        f"has vocab size {vocab_size}; pass the --vocab the model was trained with")
-    return tokenizer
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -386,7 +376,7 @@ def tokenize(
     if (text is None) == (file is None):
         raise UserError("tokenize: give either TEXT or --file FILE")
     content = read_text_utf8(file, "--file") if file is not None else text
-    tokenizer = tokenizer_for(settings)
+    tokenizer = open_tokenizer(settings)
     ids = tokenizer.encode(content)
     result = {"ids": ids, "pieces": tokenizer.pieces(ids), "decoded": tokenizer.decode(ids)}
     if as_json:
@@ -739,6 +729,62 @@ class _Terminal:
 
 for _name in TASK_HELP:
     _task_command(_name)
+
+
+# ----------------------------------------------------------------------------- serving
+
+
+@app.command()
+def serve(
+    model: ModelOpt = None,
+    vocab: VocabOpt = None,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on; 127.0.0.1 serves this machine only.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="TCP port.")] = 8000,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Requests generated together in one batch.")] = 4,
+    max_queue: Annotated[int, typer.Option("--max-queue", help="Requests waiting for a batch row; more get 429.")] = 16,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="CPMGEN_API_KEY", help="Require Authorization: Bearer KEY on /v1 and /metrics [default: $CPMGEN_API_KEY, none].", show_default=False)] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", help="Most tokens a request may ask for; 0: no limit (a request may generate until it is stopped).")] = 0,
+    max_prompt_chars: Annotated[int, typer.Option("--max-prompt-chars", help="Longest prompt accepted, in characters.")] = 100_000,
+    device: DeviceOpt = None,
+    dtype: DtypeOpt = None,
+    quantize: QuantizeOpt = None,
+    compiled: CompileOpt = None,
+    threads: ThreadsOpt = None,
+    trust: TrustOpt = False,
+):
+    """Serve the model over HTTP: OpenAI-style /v1/completions (streamed or not) and a writing page at /.
+
+    Requests join and leave one running batch between decode steps; each has its own window
+    and seed and gets the tokens that `cpmgen novel`/`lyric` gives for the same settings."""
+    try:
+        from cpmgen.serve.app import Limits, serve as run_server
+    except ImportError as e:
+        raise UserError(f"serve needs the serving packages ({e.name} is missing): pip install -e '.[serve]'") from None
+    from cpmgen.engine import Engine
+
+    if not 0 < port < 65536:
+        raise UserError(f"--port {port}: must be between 1 and 65535")
+    for option, value, least in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
+                                 ("--max-tokens", max_tokens, 0), ("--max-prompt-chars", max_prompt_chars, 1)):
+        if value < least:
+            raise UserError(f"{option} {value}: must be at least {least}")
+    if api_key is not None and not api_key.strip():
+        raise UserError("--api-key '': the key must not be empty")
+    import socket
+
+    with socket.socket() as probe:  # before the model loads: a taken port fails in a second, not after
+        try:
+            probe.bind((host, port))
+        except OSError as e:
+            raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); "
+                            "choose another --port") from None
+    settings = settings_from(config, sets, model=model, vocab=vocab, device=device, dtype=dtype, quantize=quantize,
+                             compiled=compiled, trust=trust, threads=threads)
+    engine = Engine(settings)
+    run_server(engine, host, port, max_batch, max_queue, Limits(max_tokens=max_tokens, max_prompt_chars=max_prompt_chars),
+               api_key, Path(settings.model.path).name)
 
 
 # The launchers' own argument: the DeepSpeed launcher passes --local_rank=N, torch.distributed.launch

@@ -88,60 +88,80 @@ def stop_on_ctrl_c():
             signal.signal(sig, old)
 
 
+class Follow:
+    """One sample's text as its tokens come: the live text chunks, and when it ends (end of
+    text, a stop string in its text, its last lyric line). Shared by `run` and the server's
+    batch scheduler, so a sample ends at the same token whichever runs it."""
+
+    def __init__(self, job: Job, tokenizer: CPMTokenizer):
+        self.job, self.eod = job, tokenizer.eod_id
+        self.ids: list[int] = []
+        self.reason: Optional[str] = None
+        self.decoder = StreamDecoder(tokenizer)
+        self.shown = 0
+        self.tail = ""  # the end of the text shown, long enough to hold any stop string
+        self.lines = 0
+        self.longest_stop = max(map(len, job.stop), default=0)
+
+    def push(self, token: int) -> str:
+        """Take the next token; return the text it makes printable (end of text: nothing)."""
+        if self.ends_text(token):
+            self.reason = "eod"
+            return ""
+        self.ids.append(token)
+        chunk = self.catch_up()
+        self.lines += chunk.count("\n")  # every line break the user sees
+        if any(s in self.tail for s in self.job.stop):
+            self.reason = "stop"
+        elif self.job.max_lines is not None and self.lines >= self.job.max_lines:
+            self.reason = "lines"
+        return chunk
+
+    def ends_text(self, token: int) -> bool:
+        """A novel ends at an end of text, unless --ignore-eos or before --min-new-tokens."""
+        return (token == self.eod and self.job.task.ends_at_eod() and not self.job.ignore_eos
+                and len(self.ids) >= self.job.min_new_tokens)
+
+    def catch_up(self) -> str:
+        """The text of the ids not shown yet (after an interruption between push and show)."""
+        new_ids, self.shown = self.ids[self.shown:], len(self.ids)
+        chunk = self.decoder.push(self.job.task.display_ids(new_ids, self.eod))
+        # only the end of the text can hold a stop string that this chunk completed
+        self.tail = (self.tail + chunk)[-(self.longest_stop + len(chunk)):]
+        return chunk
+
+    def text(self, tokenizer: CPMTokenizer) -> str:
+        return tokenizer.decode(self.job.task.display_ids(self.ids, self.eod))
+
+
 def run(job: Job, model: CPMModel, tokenizer: CPMTokenizer, prompt_ids: list[int], view,
         agree: Callable[[bool], bool] = bool) -> Result:
     """`agree(flag)` makes model-parallel ranks stop at the same step: true on all when true on any."""
-    seed = job.seed if job.seed is not None else int.from_bytes(os.urandom(4), "little")
+    seed = job.seed if job.seed is not None else new_seed()
     device = model.word_embeddings.weight.device
     generators = [torch.Generator(device).manual_seed(sample_seed(seed, i)) for i in range(job.num_samples)]
-    eod = tokenizer.eod_id
-    samples: list[list[int]] = [[] for _ in range(job.num_samples)]
-    reasons: list[Optional[str]] = [None] * job.num_samples
-    decoders = [StreamDecoder(tokenizer) for _ in range(job.num_samples)]
-    shown = [0] * job.num_samples
+    follows = [Follow(job, tokenizer) for _ in range(job.num_samples)]
     stats = Stats()
-
-    shown_text = [""] * job.num_samples
-    lines = [0] * job.num_samples
-    longest_stop = max(map(len, job.stop), default=0)
-
-    def show(row: int) -> str:
-        # Catches up from `shown`, so a Ctrl-C between append and display loses nothing.
-        new_ids, shown[row] = samples[row][shown[row]:], len(samples[row])
-        chunk = decoders[row].push(job.task.display_ids(new_ids, eod))
-        view.update(row, chunk, stats)
-        # only the end of the text can hold a stop string that this chunk completed
-        shown_text[row] = (shown_text[row] + chunk)[-(longest_stop + len(chunk)):]
-        return chunk
-
-    def ends_text(row: int, token: int) -> bool:
-        return (token == eod and job.task.ends_at_eod() and not job.ignore_eos
-                and len(samples[row]) >= job.min_new_tokens)
-
     steps = generate(model, prompt_ids, job.window, job.params, job.max_new_tokens, job.num_samples, job.fast,
                      generators, stats)
     with stop_on_ctrl_c() as interrupted:
         for tokens in steps:
             for row, token in enumerate(tokens):
-                if reasons[row] is not None:
-                    continue
-                if ends_text(row, token):
-                    reasons[row] = "eod"
-                    continue
-                samples[row].append(token)
-                lines[row] += show(row).count("\n")  # every line break the user sees
-                if any(s in shown_text[row] for s in job.stop):
-                    reasons[row] = "stop"
-                elif job.max_lines is not None and lines[row] >= job.max_lines:
-                    reasons[row] = "lines"
+                if follows[row].reason is None:
+                    view.update(row, follows[row].push(token), stats)
             if agree(interrupted.is_set()):
-                reasons = [r or "interrupt" for r in reasons]
-            if all(r is not None for r in reasons):
+                for follow in follows:
+                    follow.reason = follow.reason or "interrupt"
+            if all(f.reason is not None for f in follows):
                 break
         steps.close()
-    reasons = [r or "length" for r in reasons]
-    for row, decoder in enumerate(decoders):
-        show(row)
-        view.update(row, decoder.flush(), stats)
-    texts = [tokenizer.decode(job.task.display_ids(s, eod)) for s in samples]
-    return Result(prompt_ids, samples, reasons, stats, seed, texts)
+    for row, follow in enumerate(follows):
+        follow.reason = follow.reason or "length"
+        view.update(row, follow.catch_up(), stats)
+        view.update(row, follow.decoder.flush(), stats)
+    return Result(prompt_ids, [f.ids for f in follows], [f.reason for f in follows], stats, seed,
+                  [f.text(tokenizer) for f in follows])
+
+
+def new_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
