@@ -370,6 +370,7 @@ def tokenize(
     sets: SetOpt = None,
 ):
     """Show the ids and pieces of a text, exactly as CPM-1 tokenizes it."""
+    from cpmgen.engine import open_tokenizer
     from cpmgen.fileio import read_text_utf8
 
     settings = settings_from(config, sets, model=model, vocab=vocab)
