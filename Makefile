@@ -17,7 +17,7 @@ test:
 # lyric and novel end to end on the small trained CPM-1 shipped in models/cpm-tiny (seconds, CPU);
 # the novel writes on past end of text for 400 tokens, moving its 127-token window several times
 demo:
-	.venv/bin/cpmgen lyric -m models/cpm-tiny examples/lyric.txt --lines 4 -n 120 -s 1
+	.venv/bin/cpmgen lyric -m models/cpm-tiny examples/lyric.txt --lines 4 -n 120 -s 2
 	.venv/bin/cpmgen novel -m models/cpm-tiny examples/novel.txt --ignore-eos -n 400 -s 1
 
 bench:

@@ -100,7 +100,7 @@ def _show_version(value: bool) -> None:
 
 
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", help="Show the version and exit.", is_eager=True,
+def _root(version: Annotated[bool, typer.Option("--version", help="Show the version and exit.", is_eager=True, metavar="",
                                                 callback=_show_version)] = False):
     """Run CPM-1 to write lyrics and novels of unlimited length, exactly and fast."""
 

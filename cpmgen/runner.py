@@ -36,7 +36,7 @@ class Job:
     stop: tuple[str, ...] = ()  # a sample ends once its text contains one of these (kept in the text)
     max_lines: Optional[int] = None  # a sample ends once its text shows this many line breaks
     ignore_eos: bool = False  # novel: an end of text does not end the sample (it stays in the window)
-    min_new_tokens: int = 0  # novel: an end of text among the first N new tokens is ignored so
+    min_new_tokens: int = 0  # novel: an end of text among the first N new tokens does not end the sample either
 
 
 def sample_seed(seed: int, index: int) -> int:

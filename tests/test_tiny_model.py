@@ -14,7 +14,10 @@ on a short slice an in-sample unigram is unrealistically good (on the first 1500
 from __future__ import annotations
 
 import collections
+import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,6 +30,7 @@ from cpmgen.tokenizer import CPMTokenizer, find_vocab
 from cpmgen.window import Window
 
 MODEL = Path(__file__).resolve().parent.parent / "models" / "cpm-tiny"
+EOD_SEED = 2  # a seed at which the model writes end of text within 400 tokens of PROMPT
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +51,7 @@ def test_inspect_reports_the_architecture_heads_included():
     assert report["format"] == "megatron" and report["mp"] == 1
     assert report["dtype"] == "float16"
     # hidden 192 is no public CPM-1 size: the heads come from the Megatron args in the rank file
-    assert (report["num_layers"], report["hidden_size"], report["num_heads"]) == (4, 192, 3)
+    assert (report["num_layers"], report["hidden_size"], report["num_heads"]) == (4, 192, 4)
     assert (report["vocab_size"], report["max_positions"]) == (8000, 128)
     assert report["bytes"] < 8_000_000  # a few MB, committed with the project
 
@@ -55,7 +59,7 @@ def test_inspect_reports_the_architecture_heads_included():
 def test_loads_through_the_normal_path(loaded, tokenizer):
     _, result = loaded
     assert result.checkpoint.format == "megatron"
-    assert (result.args.num_layers, result.args.hidden_size, result.args.num_heads) == (4, 192, 3)
+    assert (result.args.num_layers, result.args.hidden_size, result.args.num_heads) == (4, 192, 4)
     assert tokenizer.path == MODEL / "chinese_vocab.model"  # --model DIR alone finds the vocab
     assert tokenizer.vocab_size == result.args.vocab_size
 
@@ -105,3 +109,55 @@ def test_heads_come_from_megatron_args_in_the_rank_file(tmp_path, kind):
     torch.save(state, tmp_path / "release" / megatron.rank_file_name(0))
     with pytest.raises(UserError, match="number of attention heads"):
         architecture(open_checkpoint(tmp_path))
+
+
+# ----------------------------------------------------------------------------- every command on the shipped model
+
+PROMPT = "新华社北京一月五日电"
+
+
+def _json(cpmgen_cli, *args):
+    result = cpmgen_cli(*args, "--json")
+    assert result.code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_ignore_eos_writes_on_past_several_windows(cpmgen_cli, tokenizer):
+    """At this seed the model ends its text early; with --ignore-eos the same tokens come, then
+    the end of text (kept in the window, shown as a line break) and the rest, window after window,
+    the fast path token for token the slow one."""
+    common = ["novel", "-m", MODEL, "-p", PROMPT, "-n", "400", "-s", str(EOD_SEED)]
+    ended = _json(cpmgen_cli, *common)
+    assert ended["stop_reason"] == "eod" and len(ended["ids"]) < 400
+    on = _json(cpmgen_cli, *common, "--ignore-eos")
+    assert on["stop_reason"] == "length" and len(on["ids"]) == 400 and on["stats"]["slides"] >= 3
+    n = len(ended["ids"])
+    assert on["ids"][:n] == ended["ids"] and on["ids"][n] == tokenizer.eod_id
+    assert on["text"].startswith(ended["text"] + "\n")
+    slow = _json(cpmgen_cli, *common, "--ignore-eos", "--no-fast", "-n", "200")
+    assert slow["ids"] == on["ids"][:200]
+    # --min-new-tokens: an end of text before that many tokens is passed over the same way
+    at_least = _json(cpmgen_cli, *common, "--min-new-tokens", str(n + 1))
+    assert at_least["ids"][:n + 1] == on["ids"][:n + 1] and len(at_least["ids"]) > n + 1
+
+
+def test_reshard_2_and_4_and_mp2_generation_on_the_shipped_model(cpmgen_cli, tmp_path):
+    for mp in (2, 4):
+        result = cpmgen_cli("reshard", "-m", MODEL, "--mp", mp, "-o", tmp_path / f"mp{mp}")
+        assert result.code == 0, result.stderr
+        report = json.loads(cpmgen_cli("inspect-ckpt", tmp_path / f"mp{mp}", "--json").stdout)
+        assert (report["mp"], report["num_heads"], report["problems"]) == (mp, 4, [])
+    single = _json(cpmgen_cli, "novel", "-m", MODEL, "-p", PROMPT, "-n", "40", "-s", "3", "--ignore-eos")
+    proc = subprocess.run([sys.executable, "-m", "cpmgen", "novel", "-m", str(tmp_path / "mp2"), "-p", PROMPT,
+                           "-n", "40", "-s", "3", "--ignore-eos", "--mp", "2", "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["ids"] == single["ids"]
+
+
+def test_convert_round_trip_on_the_shipped_model(cpmgen_cli, tmp_path):
+    assert cpmgen_cli("convert", "-m", MODEL, "--to", "hf", "-o", tmp_path / "hf").code == 0
+    assert cpmgen_cli("convert", "-m", tmp_path / "hf", "--to", "megatron", "--mp", "2", "-o", tmp_path / "back").code == 0
+    ids = [_json(cpmgen_cli, "novel", "-m", folder, "-p", PROMPT, "-n", "30", "--greedy")["ids"]
+           for folder in (MODEL, tmp_path / "hf", tmp_path / "back")]
+    assert ids[0] == ids[1] == ids[2]

@@ -32,10 +32,13 @@ bf16 autocast ran the training step 2x faster than fp32, torch.compile 1.8x fast
 164), per token as well as per second; residual dropout 0.1 was worse at equal time, even
 over 8 epochs of a 600k-token subset.
 
-`--steps N` (default: the committed model's 12000) fixes the schedule, and the run is
-deterministic for a given machine and thread count. `--minutes M` instead fits the cosine to a
-time budget from the measured step time (the steps reached are recorded, but the learning
-rates depend on the speed of the machine, so such a run is not bit-reproducible).
+`--steps N` (default 12000) fixes the schedule, and the run is deterministic for a given
+machine and thread count. `--minutes M` instead fits the cosine to a time budget from the
+measured step time (the steps reached are recorded, but the learning rates depend on the speed
+of the machine, so such a run is not bit-reproducible). `--init-from DIR` starts from another
+checkpoint's weights and vocab instead of random ones; every tensor's shape is the same for any
+head count, so a model can go on training with another number of heads (how the shipped
+4-head cpm-tiny was made from the earlier 3-head one: models/cpm-tiny/TRAINING.md).
 """
 
 from __future__ import annotations
@@ -474,7 +477,7 @@ part-of-speech tags stripped). Produced by `tools/train_tiny.py` (`make tiny-mod
 
     .venv/bin/python {command}
 
-`make tiny-model` runs the same command with the defaults. With `--steps` the run is
+`make tiny-model` runs `tools/train_tiny.py` with its defaults. With `--steps` the run is
 deterministic (seeded initialisation, data order and schedule); bitwise equality of the weights
 also needs the same CPU kernels and `--threads`.
 
@@ -507,7 +510,7 @@ also needs the same CPU kernels and `--threads`.
 
 ## Result
 
-- Training time: {seconds / 60:.1f} min on {cpu} ({opts.threads} threads, shared with other jobs),
+- Training time: {seconds / 60:.1f} min on {cpu} ({opts.threads} thread(s), shared with other jobs),
   {steps} steps, {tokens_seen / 1e6:.2f} M tokens seen ({tokens_seen / n_train:.1f} epochs).
 - Held-out perplexity (packed {args.max_positions}-token sequences, fp32): **{ppl:.1f}**
   ({ppl_half:.1f} with the stored fp16 weights), against **{uni_ppl:.1f}** for an add-one-smoothed
