@@ -9,6 +9,9 @@ install:
 	# torch first and pinned: this machine serves the CPU build from local disk; an open range would pull a CUDA build
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.4"
 	$(PIP) install -q -e ".[dev]"
+	# the int8/int4 CPU kernels (cpmgen/kernels): compiled for this machine; where that fails,
+	# --quantize falls back to slower torch operations with a warning
+	$(PY) -m cpmgen.kernels
 
 test:
 	$(PY) -m pytest
@@ -27,7 +30,7 @@ bench-quality:
 	$(PY) benchmarks/bench_quality.py
 
 clean:
-	rm -rf .venv build *.egg-info
+	rm -rf .venv build *.egg-info cpmgen/kernels/*.so
 
 .PHONY: tiny-model
 # Train models/cpm-tiny (about 20 minutes on 2 idle CPU cores, longer on a busy machine); see models/cpm-tiny/TRAINING.md

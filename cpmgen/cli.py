@@ -29,7 +29,7 @@ ConfigOpt = Annotated[Optional[str], typer.Option("--config", "-c", help="YAML c
 SetOpt = Annotated[Optional[list[str]], typer.Option("--set", help="Override a config key, e.g. --set model.num_heads=4 (repeatable).", show_default=False)]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto, cpu or cuda [default: runtime.device, auto]", show_default=False)]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help="auto, fp32, bf16 or fp16 [default: runtime.dtype, auto: fp32 on CPU]", show_default=False)]
-QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="none, or int8: weight-only int8 linears, about 4x less weight memory to read per token [default: runtime.quantize, none].", show_default=False)]
+QuantizeOpt = Annotated[Optional[str], typer.Option("--quantize", help="none, int8 or int4: int8 or 4-bit weights, about 4x or 7x less weight memory to read per token than fp32 [default: runtime.quantize, none].", show_default=False)]
 CompileOpt = Annotated[Optional[bool], typer.Option("--compile/--no-compile", help="torch.compile the decode step (a CUDA graph on GPU) after a one-time compile of tens of seconds; on CPU the default prepacked linears are faster [default: runtime.compile, off].", show_default=False)]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON object for scripts.")]
 MpOpt = Annotated[Optional[int], typer.Option("--mp", help="Model-parallel ranks: relaunches through torchrun with N local ranks (gloo on CPU, NCCL on GPU) [default: runtime.mp, 1].", show_default=False)]

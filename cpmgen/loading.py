@@ -15,7 +15,7 @@ from cpmgen.errors import UserError
 from cpmgen.model import CPMModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "int4")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -64,7 +64,7 @@ def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = No
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = resolve_dtype(settings.runtime.dtype, device)
     if settings.runtime.quantize not in QUANTIZE:
-        raise UserError(f"--quantize {settings.runtime.quantize}: choose {' or '.join(QUANTIZE)}")
+        raise UserError(f"--quantize {settings.runtime.quantize}: choose {', '.join(QUANTIZE[:-1])} or {QUANTIZE[-1]}")
     ckpt = checkpoint or open_checkpoint(model_path(settings))
     args = resolve_args(ckpt, settings.model)
     with torch.device("meta"):
@@ -101,7 +101,7 @@ def compile_decode(model: CPMModel) -> None:
 
 
 def optimize(model: CPMModel, runtime: RuntimeSection, ckpt: Optional[Checkpoint] = None) -> None:
-    """Swap the linears for faster forms of the same weights (int8 or oneDNN-prepacked), and let
+    """Swap the linears for faster forms of the same weights (int8, int4 or oneDNN-prepacked), and let
     go of the mapped checkpoint pages of every weight they replaced."""
     from cpmgen.prepack import prepack_linears
 
@@ -112,10 +112,10 @@ def optimize(model: CPMModel, runtime: RuntimeSection, ckpt: Optional[Checkpoint
             ckpt.release(names[weight.data_ptr()])
         trim_heap()  # the conversion's temporaries, before the next weight makes its own
 
-    if runtime.quantize == "int8":
-        from cpmgen.quantize import quantize_int8
+    if runtime.quantize != "none":
+        from cpmgen.quantize import quantize_model
 
-        quantize_int8(model, replaced)
+        quantize_model(model, runtime.quantize, replaced)
     if runtime.compile:
         compile_decode(model)
     elif runtime.prepack:
