@@ -152,6 +152,9 @@ def _print_report(report: dict) -> None:
                   f"{report['hidden_size']}, {heads} heads, vocab {report['vocab_size']}, "
                   f"{report['max_positions']} positions")
         out.print(f"parameters: {report['num_params']:,} ({report['dtype']}, {_size(report['bytes'])} on disk)")
+        if report.get("quantize"):
+            out.print(f"quantized: {report['quantize']} linear weights (cpmgen quantize); embeddings and "
+                      f"LayerNorms {report['dtype']}")
     if report["problems"]:
         out.print(f"[red]{len(report['problems'])} problem(s):[/red]")
         for problem in report["problems"]:
@@ -173,6 +176,9 @@ def _open_for_writing(settings: Settings):
     from cpmgen.loading import model_path
 
     ckpt = open_checkpoint(model_path(settings))
+    if ckpt.format == "quantized":
+        raise UserError(f"{ckpt.path}: a quantized folder cannot be resharded, converted or quantized again; "
+                        "use the checkpoint it was made from")
     return ckpt, resolve_args(ckpt, settings.model)
 
 
@@ -248,6 +254,37 @@ def convert(
     else:
         raise UserError(f"--to {to}: choose hf or megatron")
     console.stdout.print(f"wrote {target} ({to})")
+
+
+@app.command("quantize")
+def quantize_command(
+    path: Annotated[Optional[str], typer.Argument(help="Checkpoint folder [default: model.path or $CPMGEN_MODEL].", show_default=False)] = None,
+    to: Annotated[str, typer.Option("--to", help="int8 or int4 (4-bit weights in groups of 32).")] = ...,
+    output: Annotated[str, typer.Option("--output", "-o", help="Output folder.")] = ...,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output folder.")] = False,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+):
+    """Write a quantized copy of a checkpoint (safetensors) that loads in seconds: pass it as --model."""
+    from cpmgen.fileio import atomic_folder
+    from cpmgen.loading import QUANTIZE
+    from cpmgen.quantized_checkpoint import write_quantized
+
+    if to not in QUANTIZE[1:]:
+        raise UserError(f"--to {to}: choose {' or '.join(QUANTIZE[1:])}")
+    settings = settings_from(config, sets, model=path)
+    ckpt, args = _open_for_writing(settings)
+    target = Path(output)
+    if target.resolve() == ckpt.path.resolve():
+        raise UserError(f"{output}: the output would overwrite the source checkpoint; choose another --output")
+    with atomic_folder(target, force=force) as tmp, console.progress(f"quantizing to {to}", len(ckpt.names())) as advance:
+        write_quantized(tmp, ckpt, args, to, advance)
+    weights = target / "model.safetensors"
+    if as_json:
+        print_json({"source": str(ckpt.path), "output": str(target), "quantize": to, "bytes": weights.stat().st_size})
+    else:
+        console.stdout.print(f"wrote {target} ({to}, {_size(weights.stat().st_size)})")
 
 
 # ----------------------------------------------------------------------------- text

@@ -67,6 +67,8 @@ def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = No
         raise UserError(f"--quantize {settings.runtime.quantize}: choose {', '.join(QUANTIZE[:-1])} or {QUANTIZE[-1]}")
     ckpt = checkpoint or open_checkpoint(model_path(settings))
     args = resolve_args(ckpt, settings.model)
+    if ckpt.format == "quantized":
+        return _load_quantized(settings, ckpt, args, device, dtype, advance, world)
     with torch.device("meta"):
         model = CPMModel(args)
     if world > 1:
@@ -85,6 +87,26 @@ def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = No
     del state
     optimize(model, settings.runtime, ckpt)
     trim_heap()  # converted and replaced copies were freed one by one; hand their memory back
+    return Loaded(model.eval(), args, ckpt, device, dtype)
+
+
+def _load_quantized(settings: Settings, ckpt: Checkpoint, args: ModelArgs, device: torch.device, dtype: torch.dtype,
+                    advance: Optional[Callable[[int], None]], world: int) -> Loaded:
+    """A `cpmgen quantize` folder: the quantized modules are built from its tensors as stored."""
+    from cpmgen.quantized_checkpoint import build_quantized_model
+
+    stored = ckpt.quantization["quantize"]
+    if settings.runtime.quantize not in ("none", stored):
+        raise UserError(f"--quantize {settings.runtime.quantize}: {ckpt.path} holds {stored} weights; "
+                        f"drop --quantize or quantize the original checkpoint")
+    if world > 1:
+        raise UserError(f"--mp {world}: {ckpt.path} is a quantized folder, which runs on one rank; "
+                        "pass the original checkpoint with --quantize instead")
+    model = build_quantized_model(ckpt, args, dtype).to(device)
+    if advance:
+        advance(len(ckpt.names()))
+    if settings.runtime.compile:
+        compile_decode(model)
     return Loaded(model.eval(), args, ckpt, device, dtype)
 
 
