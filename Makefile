@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test demo bench bench-quality clean
+.PHONY: install test demo bench bench-quality bench-peers clean
 
 install:
 	python3 -m venv .venv
@@ -23,6 +23,12 @@ demo:
 
 bench:
 	$(PY) benchmarks/bench_generate.py
+
+# cpmgen against transformers, CTranslate2 and llama.cpp on the same weights (JSON, a table);
+# llama-cpp-python compiles llama.cpp from source on first install (about 10 minutes)
+bench-peers:
+	$(PIP) install -q -e ".[peers]"
+	$(PY) benchmarks/bench_peers.py
 
 # perplexity and tokens/s against stride on the trained cpm-tiny (JSON, a table, benchmarks/results/quality.png)
 bench-quality:
