@@ -13,9 +13,11 @@ Each system decodes greedily after a short (16-token) and a long (~900-token) pr
 threads; the decode rate is (tokens - 1) / (time of the last token - time of the first),
 timestamped per token, so the prompt's prefill is left out. Systems are interleaved round by
 round and the median of the rounds is reported, beside the read-bandwidth bound measured in
-the same run (peers.memory_bandwidth) over the bytes each system reads per token. Each peer's
-top-1 over the first positions of a random sequence is compared with cpmgen fp32's, so no one
-is timing a broken model.
+the same run (peers.memory_bandwidth) over the weight bytes each system reads per token (the
+KV cache a long context also reads is not in the bound). Each system's top-1 over 32 positions
+of a random sequence is compared with cpmgen fp32's, so no one is timing a broken model: random
+weights give nearly tied logits, so quantized precisions agree less than they would on a
+trained model, while a broken conversion agrees at chance (about 0).
 
     .venv/bin/python benchmarks/bench_peers.py [--rounds 3] [--tokens 32]  (make bench-peers)
 
@@ -25,6 +27,7 @@ Writes benchmarks/results/peers.json and prints a table.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import sys
@@ -103,7 +106,9 @@ def ctranslate2_systems(plain, folder: Path) -> list[System]:
     import ctranslate2
     from ctranslate2.converters.transformers import GPT2Loader
 
-    hf = peers.hf_model_from_cpmgen(plain, torch.float32)
+    # A copy: the converter works on numpy views of the HF tensors, which share memory with
+    # `plain` (and with the transformers system); its conversions changed them in place.
+    hf = peers.hf_model_from_cpmgen(copy.deepcopy(plain), torch.float32)
     vocab = [f"t{i}" for i in range(plain.args.vocab_size)]
     systems = []
     supported = ctranslate2.get_supported_compute_types("cpu")

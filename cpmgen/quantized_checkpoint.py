@@ -12,6 +12,7 @@ than the file.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -74,6 +75,7 @@ def write_quantized(out: Path, ckpt: Checkpoint, args: ModelArgs, kind: str,
               "num_layers": args.num_layers, "hidden_size": args.hidden_size, "num_heads": args.num_heads,
               "vocab_size": args.vocab_size, "max_positions": args.max_positions, "layernorm_eps": args.layernorm_eps}
     (out / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    shutil.copymode(out / CONFIG_NAME, out / WEIGHTS_NAME)  # safetensors writes 0600; give it the usual mode
     copy_vocab(ckpt.path, out)
     return out / WEIGHTS_NAME
 

@@ -33,6 +33,7 @@ def test_quantized_folder_loads_as_the_quantize_option_does(cpmgen_cli, model_di
     assert code == 0
     assert json.loads(stdout)["output"] == str(out)
     assert sorted(p.name for p in out.iterdir()) == ["chinese_vocab.model", "model.safetensors", "quantized.json"]
+    assert (out / "model.safetensors").stat().st_mode == (out / "quantized.json").stat().st_mode
     config = json.loads((out / "quantized.json").read_text())
     assert config["quantize"] == kind and config["num_heads"] == 4 and config["num_layers"] == 2
     with safe_open(str(out / "model.safetensors"), framework="pt") as f:
