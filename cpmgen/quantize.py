@@ -230,7 +230,7 @@ def set_lm_head(model: CPMModel, head: QuantizedLinear) -> None:
 
 def quantize_model(model: CPMModel, kind: str, replaced: Callable[[torch.Tensor], None] = lambda weight: None) -> CPMModel:
     """Replace, in place, the four linears of every block and the output layer by quantized ones
-    (`kind` "int8" or "int4"; the output layer is int8 either way: int4 costs it the most quality).
+    (`kind` "int8" or "int4"; the output layer is int8 for both).
 
     Call it on a loaded model (after load_state_dict) and before anything else rewrites its
     layers: a layer that is neither nn.Linear nor parallel.RowParallelLinear is an error. The

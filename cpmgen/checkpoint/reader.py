@@ -82,9 +82,9 @@ def open_checkpoint(path: str | Path, strict: bool = True, rank: Optional[int] =
 
     For rank `rank` of a model-parallel run of size `world` equal to the checkpoint's, only
     that rank's file is opened."""
-    path = Path(path)
-    from cpmgen import quantized_checkpoint
+    from cpmgen import quantized_checkpoint  # here: it imports this module
 
+    path = Path(path)
     if path.is_dir() and quantized_checkpoint.is_quantized_folder(path):
         config, file, tensors = quantized_checkpoint.read_quantized(path)
         return Checkpoint("quantized", path, None, 1, [file], [tensors], [{}], quantization=config)

@@ -254,13 +254,10 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   return y;
 }
 
-bool vectorized() { return CPMGEN_VNNI; }
-
 }  // namespace
 
 TORCH_LIBRARY(cpmgen, m) {
   m.def("qlinear(Tensor x, Tensor packed, Tensor gparams, Tensor scale, Tensor? bias, int n, int bits, int group) -> Tensor");
-  m.def("qlinear_vectorized() -> bool", vectorized);
 }
 
 TORCH_LIBRARY_IMPL(cpmgen, CPU, m) { m.impl("qlinear", qlinear); }
