@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test demo bench bench-quality clean
+.PHONY: install test demo bench bench-quality bench-peers clean
 
 # torch first and pinned: the CPU build is served from local disk here; an open range would pull a CUDA build
 install:
@@ -10,6 +10,9 @@ install:
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.4"
 	# deepspeed: its launcher is tested (tests/test_parallel.py); it installs without CUDA. serve: cpmgen serve
 	$(PIP) install -q -e ".[dev,deepspeed,serve]"
+	# the int8/int4 CPU kernels (cpmgen/kernels): compiled for this machine; where that fails,
+	# --quantize falls back to slower torch operations with a warning
+	$(PY) -m cpmgen.kernels
 
 test:
 	$(PY) -m pytest
@@ -23,13 +26,19 @@ demo:
 bench:
 	$(PY) benchmarks/bench_generate.py
 
+# cpmgen against transformers, CTranslate2 and llama.cpp on the same weights (JSON, a table);
+# llama-cpp-python compiles llama.cpp from source on first install (about 10 minutes)
+bench-peers:
+	$(PIP) install -q -e ".[peers]"
+	$(PY) benchmarks/bench_peers.py
+
 # perplexity and tokens/s against stride on the trained cpm-tiny (JSON, a table, benchmarks/results/quality.png)
 bench-quality:
 	$(PIP) install -q -e ".[bench]"
 	$(PY) benchmarks/bench_quality.py
 
 clean:
-	rm -rf .venv build *.egg-info
+	rm -rf .venv build *.egg-info cpmgen/kernels/*.so
 
 .PHONY: tiny-model
 # Train models/cpm-tiny (about 20 minutes on 2 idle CPU cores, longer on a busy machine); see models/cpm-tiny/TRAINING.md

@@ -6,7 +6,7 @@ Measures in one run, on the same weights, through the real loading and generatio
    decode reads every weight once per token, so tokens/s <= read bandwidth / weight bytes;
 2. cpmgen's fast decode tokens/s within the window, per kernel variant: fp32 and bf16 on
    oneDNN-prepacked linears (the CLI's default on CPU), fp32 on plain `F.linear` (MKL GEMV),
-   int8 weights (`--quantize int8`), and fp32 under `--compile` with its compile time counted;
+   int8 and int4 weights (`--quantize int8|int4`), and fp32 under `--compile` with its compile time counted;
 3. HF transformers GPT2LMHeadModel.generate on the same weights (converted in-process), fp32
    and bf16, timed the same way (tokens after the first; best of --reps runs);
 4. the fast path at a nearly full window, over `--windows` windows of unlimited generation at
@@ -267,6 +267,7 @@ VARIANTS = [
     ("bf16", "bf16", {}),
     ("int8", "fp32", {"runtime.quantize": "int8"}),
     ("int8-bf16", "bf16", {"runtime.quantize": "int8"}),
+    ("int4", "fp32", {"runtime.quantize": "int4"}),
 ]
 COMPILED = ("fp32-compile", "fp32", {"runtime.compile": True})
 
@@ -332,6 +333,10 @@ def add_targets(result: dict) -> None:
         "bf16_over_fp32": (bf16["tokens_per_s"] / fp32["tokens_per_s"], 1.6),
         "bf16_over_hf_bf16": (bf16["tokens_per_s"] / rates["hf-bf16"]["tokens_per_s"], None),
         "int8_over_fp32": (rates["int8"]["tokens_per_s"] / fp32["tokens_per_s"], None),
+        "int8_over_bf16": (rates["int8"]["tokens_per_s"] / bf16["tokens_per_s"], 1.8),
+        "int8_of_bandwidth_bound": (rates["int8"]["of_bound"], 0.8),
+        "int4_over_bf16": (rates["int4"]["tokens_per_s"] / bf16["tokens_per_s"], 3.0),
+        "int4_of_bandwidth_bound": (rates["int4"]["of_bound"], 0.7),
         "peak_rss_over_weights_kv_mb": (max(r["peak_minus_weights_kv_mb"] for r in result["peak_rss"]), 300),
     }
     result["targets"] = {

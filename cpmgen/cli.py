@@ -66,8 +66,8 @@ DeviceOpt = Annotated[Optional[str], option("--device", metavar="auto|cpu|cuda",
 DtypeOpt = Annotated[Optional[str], option("--dtype", metavar="auto|fp32|bf16|fp16", panel=RUNTIME,
                                            help="Weight type; float32, bfloat16 and float16 are accepted too.",
                                            default=f"{_ROOT.runtime.dtype}: fp32 on CPU, bf16 or fp16 on GPU")]
-QuantizeOpt = Annotated[Optional[str], option("--quantize", metavar="none|int8", panel=RUNTIME,
-                                              help="int8: weight-only int8 linears, about 4x less weight memory to read per token.",
+QuantizeOpt = Annotated[Optional[str], option("--quantize", metavar="none|int8|int4", panel=RUNTIME,
+                                              help="int8 or int4 weights: about 4x or 7x less weight memory to read per token than fp32.",
                                               default=_ROOT.runtime.quantize)]
 CompileOpt = Annotated[Optional[bool], option("--compile/--no-compile", metavar="", panel=RUNTIME,
                                               help="torch.compile the decode step (a CUDA graph on GPU) after a one-time compile of tens of seconds; on CPU the default prepacked linears are faster.",
@@ -110,6 +110,8 @@ def model_folder(path: Optional[str], model: Optional[str]) -> Optional[str]:
     if path is not None and model is not None and path != model:
         raise UserError(f"the model folder is given twice ({path} and --model {model}); give it once")
     return model if model is not None else path
+
+
 TrustOpt = Annotated[bool, option("--trust-checkpoint", metavar="", panel=RUNTIME,
                                  help="Load rank files that pickle Python objects beyond tensors, args and RNG states: this can run code from the file, so only for a file you wrote yourself.")]
 ThreadsOpt = Annotated[Optional[int], option("--threads", "-t", metavar="N", panel=RUNTIME,
@@ -239,6 +241,9 @@ def _print_report(report: dict) -> None:
                   f"{report['hidden_size']}, {heads} heads, vocab {report['vocab_size']}, "
                   f"{report['max_positions']} positions")
         out.print(f"parameters: {report['num_params']:,} ({report['dtype']}, {_size(report['bytes'])} on disk)")
+        if report.get("quantize"):
+            out.print(f"quantized: {report['quantize']} linear weights (cpmgen quantize); embeddings and "
+                      f"LayerNorms {report['dtype']}")
     if report["problems"]:
         out.print(f"[red]{len(report['problems'])} problem(s):[/red]")
         for problem in report["problems"]:
@@ -260,6 +265,9 @@ def _open_for_writing(settings: Settings):
     from cpmgen.loading import open_model
 
     ckpt = open_model(settings)
+    if ckpt.format == "quantized":
+        raise UserError(f"{ckpt.path}: a quantized folder cannot be resharded, converted or quantized again; "
+                        "use the checkpoint it was made from")
     return ckpt, resolve_args(ckpt, settings.model)
 
 
@@ -353,6 +361,41 @@ def convert(
     else:
         raise UserError(f"--to {to}: choose hf or megatron")
     console.stdout.print(f"wrote {target} ({to})")
+
+
+@app.command("quantize", epilog=examples("cpmgen quantize models/cpm-tiny --to int8 -o tiny-int8",
+                                          "cpmgen novel -m tiny-int8 -p 今天天气很好"))
+def quantize_command(
+    path: PathArg = None,
+    model: ModelOpt = None,
+    to: Annotated[str, option("--to", metavar="int8|int4", panel=OUTPUT, help="int8, or int4 (4-bit weights in groups of 32).")] = ...,
+    output: Annotated[str, option("--output", "-o", metavar="DIR", panel=OUTPUT, help="Output folder.")] = ...,
+    force: Annotated[bool, option("--force", metavar="", panel=OUTPUT, help="Replace an existing output folder.")] = False,
+    as_json: JsonOpt = False,
+    config: ConfigOpt = None,
+    sets: SetOpt = None,
+    trust: TrustOpt = False,
+):
+    """Write a quantized copy of a checkpoint (safetensors) that loads in seconds: pass it as --model."""
+    from cpmgen.fileio import atomic_folder, check_space
+    from cpmgen.loading import QUANTIZE
+    from cpmgen.quantized_checkpoint import write_quantized
+
+    if to not in QUANTIZE[1:]:
+        raise UserError(f"--to {to}: choose {' or '.join(QUANTIZE[1:])}")
+    settings = settings_from(config, sets, model=model_folder(path, model), trust=trust)
+    ckpt, args = _open_for_writing(settings)
+    target = Path(output)
+    weights = ckpt.nbytes() // ckpt.dtype().itemsize // (2 if to == "int4" else 1)  # a byte or half a byte each
+    folder = atomic_folder(target, force=force, protect=[ckpt.path, *ckpt.files])
+    check_space(target, weights * 11 // 10, weights * 11 // 10)  # and the scales
+    with folder as tmp, console.progress(f"quantizing to {to}", len(ckpt.names())) as advance:
+        write_quantized(tmp, ckpt, args, to, advance)
+    written = target / "model.safetensors"
+    if as_json:
+        print_json({"source": str(ckpt.path), "output": str(target), "quantize": to, "bytes": written.stat().st_size})
+    else:
+        console.stdout.print(f"wrote {target} ({to}, {_size(written.stat().st_size)})")
 
 
 # ----------------------------------------------------------------------------- text

@@ -105,7 +105,8 @@ class RuntimeSection:
     mp: Optional[int] = None
     """Model-parallel ranks (tensor parallel through torchrun); default 1, or torchrun's WORLD_SIZE."""
     quantize: str = "none"
-    """none, or int8: weight-only int8 linears (per-channel scales), for memory-bound decode."""
+    """none, int8 or int4: int8 (per-row scales) or 4-bit (per-group scales) linear weights, for
+    memory-bound decode; their inputs are quantized to int8 per row on the fly (cpmgen/quantize.py)."""
     prepack: bool = True
     """CPU: run linears on oneDNN-prepacked weights (about 2x faster decode and prefill)."""
     threads: int = 0

@@ -27,7 +27,7 @@ from cpmgen.errors import UserError
 CHECKPOINT_FILES = {
     "latest_checkpointed_iteration.txt", "config.json", "generation_config.json", "model.safetensors",
     "pytorch_model.bin", "spiece.model", "chinese_vocab.model", "vocab.json", "tokenizer_config.json",
-    "special_tokens_map.json", "tokenizer.json", "added_tokens.json", "quantization.json",
+    "special_tokens_map.json", "tokenizer.json", "added_tokens.json", "quantized.json",
 }
 RANK_FILE = re.compile(r"^mp_rank_\d+_model_states\.pt$")
 # Plain folder names only: an iteration name read from a file must not lead out of the folder.
@@ -97,7 +97,10 @@ def _writable_parent(target: Path, option: str) -> Path:
 
 
 def check_space(target: Path, total_bytes: int, largest_file: int, option: str = "--output") -> None:
-    """Refuse work whose output cannot fit: free space beside the target, and `ulimit -f`."""
+    """Refuse work whose output cannot fit: free space beside the target, and `ulimit -f`.
+    (A missing folder is left to the output's own check, which names it.)"""
+    if not target.parent.is_dir():
+        return
     free = shutil.disk_usage(target.parent).free
     if total_bytes > free:
         raise UserError(f"{target}: needs about {_mb(total_bytes)} but {target.parent} has {_mb(free)} free; "

@@ -24,6 +24,8 @@ def inspect_checkpoint(path: Path, num_heads: Optional[int] = None, check_values
         "bytes": sum(f.stat().st_size for f in ckpt.files),
         "problems": list(ckpt.problems),
     }
+    if ckpt.quantization:
+        report["quantize"] = ckpt.quantization["quantize"]
     if ckpt.format == "megatron":
         for rank, f in zip(range(ckpt.mp), ckpt.files):
             report["files"][rank]["rank"] = int(f.name.split("_")[2])

@@ -16,7 +16,7 @@ from cpmgen.model import CPMModel
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch's spelling is accepted too
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "int4")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -72,9 +72,11 @@ def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = No
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = resolve_dtype(settings.runtime.dtype, device)
     if settings.runtime.quantize not in QUANTIZE:
-        raise UserError(f"--quantize {settings.runtime.quantize}: choose {' or '.join(QUANTIZE)}")
+        raise UserError(f"--quantize {settings.runtime.quantize}: choose {', '.join(QUANTIZE[:-1])} or {QUANTIZE[-1]}")
     ckpt = checkpoint or open_model(settings)
     args = resolve_args(ckpt, settings.model)
+    if ckpt.format == "quantized":
+        return _load_quantized(settings, ckpt, args, device, dtype, advance, world)
     with torch.device("meta"):
         model = CPMModel(args)
     if world > 1:
@@ -96,6 +98,26 @@ def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = No
     return Loaded(model.eval(), args, ckpt, device, dtype)
 
 
+def _load_quantized(settings: Settings, ckpt: Checkpoint, args: ModelArgs, device: torch.device, dtype: torch.dtype,
+                    advance: Optional[Callable[[int], None]], world: int) -> Loaded:
+    """A `cpmgen quantize` folder: the quantized modules are built from its tensors as stored."""
+    from cpmgen.quantized_checkpoint import build_quantized_model
+
+    stored = ckpt.quantization["quantize"]
+    if settings.runtime.quantize not in ("none", stored):
+        raise UserError(f"--quantize {settings.runtime.quantize}: {ckpt.path} holds {stored} weights; "
+                        f"drop --quantize or quantize the original checkpoint")
+    if world > 1:
+        raise UserError(f"--mp {world}: {ckpt.path} is a quantized folder, which runs on one rank; "
+                        "pass the original checkpoint with --quantize instead")
+    model = build_quantized_model(ckpt, args, dtype).to(device)
+    if advance:
+        advance(len(ckpt.names()))
+    if settings.runtime.compile:
+        compile_decode(model)
+    return Loaded(model.eval(), args, ckpt, device, dtype)
+
+
 def compile_decode(model: CPMModel) -> None:
     """torch.compile the one-token step (prefill lengths vary, so it stays eager).
 
@@ -109,7 +131,7 @@ def compile_decode(model: CPMModel) -> None:
 
 
 def optimize(model: CPMModel, runtime: RuntimeSection, ckpt: Optional[Checkpoint] = None) -> None:
-    """Swap the linears for faster forms of the same weights (int8 or oneDNN-prepacked), and let
+    """Swap the linears for faster forms of the same weights (int8, int4 or oneDNN-prepacked), and let
     go of the mapped checkpoint pages of every weight they replaced."""
     from cpmgen.prepack import prepack_linears
 
@@ -120,10 +142,10 @@ def optimize(model: CPMModel, runtime: RuntimeSection, ckpt: Optional[Checkpoint
             ckpt.release(names[weight.data_ptr()])
         trim_heap()  # the conversion's temporaries, before the next weight makes its own
 
-    if runtime.quantize == "int8":
-        from cpmgen.quantize import quantize_int8
+    if runtime.quantize != "none":
+        from cpmgen.quantize import quantize_model
 
-        quantize_int8(model, replaced)
+        quantize_model(model, runtime.quantize, replaced)
     if runtime.compile:
         compile_decode(model)
     elif runtime.prepack:

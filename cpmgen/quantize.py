@@ -1,28 +1,30 @@
-"""Weight-only int8 quantization of a loaded CPMModel (`--quantize int8`).
+"""Int8 and int4 weights for a loaded CPMModel (`--quantize int8|int4`).
 
 Decoding one token reads every weight once, so its speed is the speed at which the weights
-stream from memory; int8 weights are a quarter of fp32 and half of bf16. Each output row of a
-weight matrix gets one scale (symmetric, per output channel): W ~ W_int8 * scale[:, None],
-with |W - W_int8 * scale| <= scale / 2. Activations stay in floating point.
+stream from memory: int8 weights are a quarter of fp32 and half of bf16, int4 about an eighth
+of fp32 (4.25 bits per weight with the group scales).
 
-On CPU the product x @ W_int8^T runs in `torch._weight_int8pack_mm`, whose vectorized kernels
-take bf16 activations only (its fp32 and fp16 kernels are scalar, ten times slower): an fp32
-model rounds the linear's input to bf16 for it and gets the product back in bf16 (accumulated
-in fp32). The kernel gets unit scales; scale and bias are applied after it in the model's
-dtype, so an fp32 model keeps fp32 scales. On a CPM-Small stack at batch 1 the kernel reads
-28 GB/s of int8 weights on two cores, against 36 GB/s of fp32 weights for oneDNN's prepacked
-linear: a whole decode step takes 6.1 ms instead of 13.8 (7.0 prepacked bf16). The kernel
-converts the weights again for every 4 input rows, so beyond KERNEL_MAX_ROWS rows (prefill, a
-window re-encode, the slow path) F.linear on the weight converted to bf16 once is faster; a
-1023-token prefill then runs near a bf16 model's speed.
+- int8: per output row, symmetric: W ~ scale[n] * w, w in -127..127.
+- int4: per output row and group of GROUP inputs, asymmetric: W ~ scale[n] * q[n, g] * (u - z[n, g]),
+  u in 0..15, with an integer group scale q in 1..63 and zero point z in 0..15.
 
-On CUDA the weight is dequantized to the activation dtype for each call and F.linear does the
-rest: the memory is saved, the speed is not gained (untested here: no GPU).
+The linears quantize their input on the fly, per row, symmetric (xq = round(x * 127 / max|x|),
+as CTranslate2's int8 compute type does), and sum the integer products exactly in int32; only the
+epilogue y = acc * (sx * scale) + bias is floating point (fp32). So every output element is
+computed the same way whatever the number of rows (a decode step, a window's prefill, the slow
+recompute): fast and slow generation see bitwise the same logits, and the C++ kernel
+(cpmgen/kernels/qlinear.cpp, AVX-512 VNNI) and the torch reference here agree bitwise.
+
+Weights are stored in the kernel's blocked layout (see qlinear.cpp): 16 output rows interleaved
+4 inputs at a time, offset to unsigned; `QuantizedLinear.int_weight()` unpacks them. The
+quantized checkpoint folders of cpmgen/quantized_checkpoint.py store these same tensors.
+
+On CUDA the weight is unpacked to the activation dtype for each call and F.linear does the
+rest (inputs not quantized): the memory is saved, the speed is not gained.
 
 Tensor parallel (parallel.py) is supported: a rank quantizes its own shards, RowParallelLinear
-becomes Int8RowParallelLinear (the partial products are scaled, all-reduced, then the bias is
-added once), and the gathered vocab-parallel output layer stays gathered. A rank's row-parallel
-shard has its own scales, so an mp=2 model is not bit-equal to the mp=1 quantized one.
+becomes QuantizedRowParallelLinear (each rank's partial product is scaled, all-reduced, then
+the bias is added once), and the gathered vocab-parallel output layer stays gathered.
 """
 
 from __future__ import annotations
@@ -35,131 +37,222 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from cpmgen.kernels import qlinear
 from cpmgen.model import CPMModel
 from cpmgen.parallel import RowParallelLinear, VocabParallelEmbedding
 
-QMAX = 127  # symmetric: -127..127, so that -W quantizes to -W_int8
-QUANTIZE_ROWS = 1024  # rows quantized at a time (see quantize_rows)
-
-# Up to this many input rows the int8 kernel is faster than converting the weight to bf16
-# for F.linear (CPM-Small stack, two cores: 32 rows 24 ms against 30, 64 rows 49 against 43).
-KERNEL_MAX_ROWS = 32
-
-# `_weight_int8pack_mm`'s AVX-512 kernel loads 16 values at a time with aligned loads: other
-# input widths give wrong results or crash the process, and so do misaligned inputs.
-KERNEL_K_MULTIPLE = 16
-KERNEL_ALIGNMENT = 32  # bytes, for the activation rows
+BITS = {"int8": 8, "int4": 4}
+LANES = 16  # output rows per block of the packed layout
+GROUP = 32  # int4: inputs per group
+GROUP_SCALE_MAX = 63  # int4 group scales 1..63: |q * (u - z) * xq| * 17,000 inputs < 2^31
+MAX_INT4_INPUTS = 17_000
+# int4 group scales tried, relative to the one that spans the group's range: the one with the
+# least squared error is kept (a slightly smaller step often fits a group better).
+SCALE_SEARCH = (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1)
+QUANTIZE_ROWS = 1024  # weight rows quantized at a time: bounds the float temporaries
 
 
-def quantize_rows(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row symmetric int8: (W_int8 [N, K], scale [N] in weight's dtype), W ~ W_int8 * scale[:, None].
-
-    The scale is rounded to the stored dtype before the weights are divided by it, so the
-    bound |W - W_int8 * scale| <= scale / 2 holds for the scale actually stored. Rows go
-    QUANTIZE_ROWS at a time: whole-matrix float temporaries of the 30000-row output layer
-    took the loading peak of an int8 CPM-Small from 0.4 to 1 GB."""
-    weight_int8 = torch.empty(weight.shape, dtype=torch.int8, device=weight.device)
-    scale = torch.empty(weight.shape[0], dtype=weight.dtype, device=weight.device)
-    for start in range(0, weight.shape[0], QUANTIZE_ROWS):
-        rows = slice(start, start + QUANTIZE_ROWS)
-        w = weight[rows].detach().float()
-        scale[rows] = w.abs().amax(dim=1) / QMAX
-        divisor = scale[rows].float().clamp(min=torch.finfo(torch.float32).tiny)[:, None]  # zero rows stay zero
-        weight_int8[rows] = torch.round(w / divisor).clamp(-QMAX, QMAX)
-    return weight_int8, scale
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
 
 
-class Int8Linear(nn.Module):
-    """y = (x @ W_int8^T) * scale + bias: an nn.Linear whose weight is stored as int8."""
+def _int4_groups(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric 4-bit of groups [rows, G, group] with integer group scales:
+    (unit [rows], q [rows, G], z [rows, G], u [rows, G, group]), W ~ unit * q * (u - z)."""
+    tiny = torch.finfo(torch.float32).tiny  # zero rows and groups stay zero
+    low, high = groups.amin(dim=2).clamp(max=0), groups.amax(dim=2).clamp(min=0)
+    span = (high - low) / 15
+    unit = span.amax(dim=1) / GROUP_SCALE_MAX
+    best = None
+    for factor in SCALE_SEARCH:
+        q = torch.round(span * factor / unit.clamp(min=tiny)[:, None]).clamp(1, GROUP_SCALE_MAX)
+        step = (q * unit[:, None]).clamp(min=tiny)
+        z = torch.round(-low / step).clamp(0, 15)
+        u = (torch.round(groups / step[..., None]) + z[..., None]).clamp(0, 15)
+        error = ((u - z[..., None]) * step[..., None] - groups).square().sum(dim=2)
+        if best is None:
+            best = [error, q, z, u]
+        else:
+            better = error < best[0]
+            best = [torch.where(better, error, best[0]), torch.where(better, q, best[1]),
+                    torch.where(better, z, best[2]), torch.where(better[..., None], u, best[3])]
+    return unit, best[1], best[2], best[3]
 
-    def __init__(self, weight: torch.Tensor, bias: Optional[torch.Tensor]):
+
+def quantize_weight(weight: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+    """{"packed", "gparams", "scale"}: the layout qlinear.cpp reads (gparams is empty for int8).
+
+    int8: symmetric per row. int4: asymmetric per group of GROUP inputs, an integer scale and
+    zero point per group and one float scale per row. Rows go QUANTIZE_ROWS at a time, so the
+    temporaries stay small next to the weight."""
+    n, k = weight.shape
+    n_pad, k_pad = _round_up(n, LANES), _round_up(k, 4 if bits == 8 else GROUP)
+    ints = torch.full((n_pad, k_pad), 128 if bits == 8 else 0, dtype=torch.uint8)  # padding: weight 0
+    gparams = torch.zeros(n_pad, 2, k_pad // GROUP if bits == 4 else 0, dtype=torch.uint8)
+    gparams[:, 0] = 1
+    scale = torch.zeros(n_pad, dtype=torch.float32)
+    for start in range(0, n, QUANTIZE_ROWS):
+        rows = slice(start, min(start + QUANTIZE_ROWS, n))
+        w = torch.zeros(rows.stop - start, k_pad)
+        w[:, :k] = weight[rows].detach().float().cpu()
+        if bits == 8:
+            scale[rows] = w.abs().amax(dim=1) / 127
+            q = torch.round(w / scale[rows].clamp(min=torch.finfo(torch.float32).tiny)[:, None]).clamp(-127, 127)
+            ints[rows] = (q + 128).to(torch.uint8)
+        else:
+            scale[rows], q, z, u = _int4_groups(w.view(w.shape[0], -1, GROUP))
+            ints[rows] = u.to(torch.uint8).view(w.shape)
+            gparams[rows, 0], gparams[rows, 1] = q.to(torch.uint8), z.to(torch.uint8)
+    blocks = n_pad // LANES
+    if bits == 8:
+        packed = ints.view(blocks, LANES, k_pad // 4, 4).permute(0, 2, 1, 3)
+    else:
+        nibbles = ints.view(blocks, LANES, k_pad // 8, 2, 4).permute(0, 2, 3, 1, 4)  # [b, k/8, lo|hi, 16, 4]
+        packed = nibbles[:, :, 0] | (nibbles[:, :, 1] << 4)
+    return {"packed": packed.contiguous(), "scale": scale[:n].clone(),
+            "gparams": gparams.view(blocks, LANES, 2, -1).permute(0, 3, 2, 1).contiguous()}
+
+
+def unpack_int_weight(packed: torch.Tensor, gparams: torch.Tensor, n: int, k: int, bits: int) -> torch.Tensor:
+    """The integer weight [n, k] (int16) the packed tensors stand for: w, or q * (u - z) for int4."""
+    rows = packed.shape[0] * LANES
+    if bits == 8:
+        return (packed.permute(0, 2, 1, 3).reshape(rows, -1).to(torch.int16) - 128)[:n, :k]
+    nibbles = torch.stack((packed & 15, packed >> 4), dim=2)  # [b, k/8, 2, 16, 4]
+    u = nibbles.permute(0, 3, 1, 2, 4).reshape(rows, -1).to(torch.int16)
+    q, z = (gparams[:, :, i].permute(0, 2, 1).reshape(rows, -1).to(torch.int16) for i in (0, 1))
+    group = u.shape[1] // q.shape[1]
+    return ((u - z.repeat_interleave(group, dim=1)) * q.repeat_interleave(group, dim=1))[:n, :k]
+
+
+def quantize_rows_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row symmetric int8 of activations [m, k]: (xq int8, sx fp32 [m, 1]), x ~ sx * xq."""
+    x = x.float()
+    amax = x.abs().amax(dim=1, keepdim=True)
+    inverse = torch.full_like(amax, 127.0) / amax  # not 127 / amax: torch computes that as 127 * (1 / amax)
+    xq = torch.where(amax > 0, torch.round(x * inverse), 0.0).clamp(-127, 127)
+    return xq.to(torch.int8), amax / 127
+
+
+def reference_linear(x: torch.Tensor, int_weight: torch.Tensor, scale: torch.Tensor,
+                     bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """What the kernel computes, in torch operations: x [m, k] fp32 or bf16 -> [m, n] in x's dtype.
+    The integer sums are exact in float64 (far below 2^53)."""
+    xq, sx = quantize_rows_int8(x)
+    out = (xq.double() @ int_weight.double().t()).float() * (sx * scale)
+    if bias is not None:
+        out = out + bias
+    return out.to(x.dtype)
+
+
+class QuantizedLinear(nn.Module):
+    """y = x @ W^T + b with W stored as int8 or group-scaled int4 (see the module docstring)."""
+
+    def __init__(self, packed: torch.Tensor, gparams: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor],
+                 in_features: int, bits: int):
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        weight_int8, scale = quantize_rows(weight)
-        self.register_buffer("weight_int8", weight_int8)
+        self.in_features, self.out_features, self.bits = in_features, scale.shape[0], bits
+        self.group = GROUP if bits == 4 else 0
+        self.register_buffer("packed", packed)
+        self.register_buffer("gparams", gparams)
         self.register_buffer("scale", scale)
-        # The CPU kernel takes scales in bf16 only: it gets ones, and the real scales are
-        # applied to its output in the model's dtype.
-        self.register_buffer("unit_scale", torch.ones_like(scale, dtype=torch.bfloat16), persistent=False)
-        self.bias = bias
+        # fp32: the epilogue's precision whatever the model's dtype.
+        self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     @classmethod
-    def from_linear(cls, linear: nn.Module) -> "Int8Linear":
-        return cls(linear.weight, linear.bias)
+    def from_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int) -> "QuantizedLinear":
+        t = quantize_weight(weight, bits)
+        device = weight.device
+        return cls(t["packed"].to(device), t["gparams"].to(device), t["scale"].to(device), bias, weight.shape[1], bits)
 
-    def dequantized(self) -> torch.Tensor:
-        """W_int8 * scale in the model's dtype (what the CUDA path multiplies by)."""
-        return self.weight_int8.to(self.scale.dtype) * self.scale[:, None]
+    def int_weight(self) -> torch.Tensor:
+        return unpack_int_weight(self.packed, self.gparams, self.out_features, self.in_features, self.bits)
+
+    def dequantized(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return (self.int_weight().float() * self.scale[:, None]).to(dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+        group = f", group={self.group}" if self.bits == 4 else ""
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}{group}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._linear(x, self.bias)
 
     def _linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         if x.device.type != "cpu":
-            return F.linear(x, self.dequantized(), bias)
-        rows = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        if rows.shape[0] <= KERNEL_MAX_ROWS and self.in_features % KERNEL_K_MULTIPLE == 0:
-            # (A compiled graph cannot read pointers; the buffers it allocates are aligned.)
-            if not torch.compiler.is_compiling() and rows.data_ptr() % KERNEL_ALIGNMENT:
-                rows = rows.clone()
-            product = torch._weight_int8pack_mm(rows, self.weight_int8, self.unit_scale)
+            return F.linear(x, self.dequantized(x.dtype), None if bias is None else bias.to(x.dtype))
+        rows = x.reshape(-1, self.in_features)
+        if rows.dtype not in (torch.float32, torch.bfloat16):
+            rows = rows.float()
+        kernel = qlinear()
+        if kernel is not None:
+            out = kernel(rows.contiguous(), self.packed, self.gparams, self.scale, bias, self.out_features,
+                         self.bits, self.group)
         else:
-            product = F.linear(rows, self.weight_int8.to(torch.bfloat16))  # |W_int8| <= 127: exact in bf16
-        product = product.view(*x.shape[:-1], self.out_features)
-        out = product * self.scale if bias is None else torch.addcmul(bias, product, self.scale)
-        return out.to(x.dtype)
+            out = reference_linear(rows, self.int_weight(), self.scale, bias)
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-class Int8RowParallelLinear(Int8Linear):
-    """RowParallelLinear on int8 shards: y = all_reduce((x_r @ W_r^T) * scale_r) + b."""
+class QuantizedRowParallelLinear(QuantizedLinear):
+    """RowParallelLinear on quantized shards: y = all_reduce(x_r @ W_r^T) + b."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self._linear(x, None)  # each rank's shard has its own scales: scale before the sum
+        out = self._linear(x, None)  # each rank's partial sum, scaled by its own scales
         dist.all_reduce(out)
-        return out + self.bias
+        return out + self.bias.to(out.dtype)
 
 
-def _int8_lm_head(self: CPMModel, x: torch.Tensor) -> torch.Tensor:
-    return self.lm_head_int8(x)
+def _quantized_lm_head(self: CPMModel, x: torch.Tensor) -> torch.Tensor:
+    return self.lm_head_quantized(x)
 
 
-def _int8_gathered_lm_head(self: CPMModel, x: torch.Tensor) -> torch.Tensor:
-    """parallel.py's gathered head on the int8 copy of this rank's vocab slice."""
-    local = self.lm_head_int8(x).contiguous()
+def _quantized_gathered_lm_head(self: CPMModel, x: torch.Tensor) -> torch.Tensor:
+    """parallel.py's gathered head on the quantized copy of this rank's vocab slice."""
+    local = self.lm_head_quantized(x).contiguous()
     parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(parts, local)
     return torch.cat(parts, dim=-1)
 
 
-def quantize_int8(model: CPMModel, replaced: Callable[[torch.Tensor], None] = lambda weight: None) -> CPMModel:
-    """Replace, in place, the four linears of every block and the output layer by int8 ones.
+def block_linears(model: CPMModel):
+    """(parent module, attribute name, dotted name) of the four linears of every block."""
+    for i, block in enumerate(model.transformer.layers):
+        for parent_name, parent in (("attention", block.attention), ("mlp", block.mlp)):
+            for name, _ in list(parent.named_children()):
+                yield parent, name, f"transformer.layers.{i}.{parent_name}.{name}"
+
+
+def set_lm_head(model: CPMModel, head: QuantizedLinear) -> None:
+    model.lm_head_quantized = head
+    gathered = isinstance(model.word_embeddings, VocabParallelEmbedding)
+    model.lm_head = types.MethodType(_quantized_gathered_lm_head if gathered else _quantized_lm_head, model)
+
+
+def quantize_model(model: CPMModel, kind: str, replaced: Callable[[torch.Tensor], None] = lambda weight: None) -> CPMModel:
+    """Replace, in place, the four linears of every block and the output layer by quantized ones
+    (`kind` "int8" or "int4"; the output layer is int8 for both).
 
     Call it on a loaded model (after load_state_dict) and before anything else rewrites its
     layers: a layer that is neither nn.Linear nor parallel.RowParallelLinear is an error. The
     model holds no reference to the float weights of the block linears afterwards (only their
-    int8 copies and the biases); `replaced(weight)` is called with each as soon as its int8
-    copy exists, so a loader can release its memory-mapped pages before the next one is
-    read (as prepack.prepack_linears does). The output layer is tied to the word embedding, whose float table the input
-    lookup still needs: it gets an int8 copy (vocab x hidden bytes) and keeps the table."""
+    quantized copies and the biases); `replaced(weight)` is called with each as soon as its copy
+    exists, so a loader can release its memory-mapped pages before the next one is read (as
+    prepack.prepack_linears does). The output layer is tied to the word embedding, whose float
+    table the input lookup still needs: it gets a quantized copy and keeps the table."""
     if "lm_head" in vars(model) and not isinstance(model.word_embeddings, VocabParallelEmbedding):
         raise ValueError("the output layer was already replaced (prepacked or quantized); quantize a freshly loaded model")
-    for i, block in enumerate(model.transformer.layers):
-        for parent_name, parent in (("attention", block.attention), ("mlp", block.mlp)):
-            for name, child in list(parent.named_children()):
-                if type(child) is nn.Linear:
-                    replacement = Int8Linear.from_linear(child)
-                elif type(child) is RowParallelLinear:
-                    replacement = Int8RowParallelLinear.from_linear(child)
-                else:
-                    raise ValueError(f"cannot quantize transformer.layers.{i}.{parent_name}.{name}: "
-                                     f"{type(child).__name__} is not a plain or row-parallel linear")
-                setattr(parent, name, replacement)  # the last reference to the float weight goes
-                replaced(child.weight)
-    gathered = isinstance(model.word_embeddings, VocabParallelEmbedding)
-    model.lm_head_int8 = Int8Linear(model.word_embeddings.weight, None)
-    model.lm_head = types.MethodType(_int8_gathered_lm_head if gathered else _int8_lm_head, model)
+    bits = BITS[kind]
+    for parent, name, dotted in block_linears(model):
+        child = getattr(parent, name)
+        if type(child) is nn.Linear:
+            cls = QuantizedLinear
+        elif type(child) is RowParallelLinear:
+            cls = QuantizedRowParallelLinear
+        else:
+            raise ValueError(f"cannot quantize {dotted}: {type(child).__name__} is not a plain or row-parallel linear")
+        bits_here = bits if child.weight.shape[1] <= MAX_INT4_INPUTS else 8
+        setattr(parent, name, cls.from_weight(child.weight, child.bias, bits_here))  # the float weight's last reference
+        replaced(child.weight)
+    set_lm_head(model, QuantizedLinear.from_weight(model.word_embeddings.weight, None, 8))
     replaced(model.word_embeddings.weight)  # from now on only looked up: a few rows a step
     return model

@@ -39,8 +39,8 @@ def test_json_fast_equals_no_fast_past_the_window(cpmgen_cli, model_dir, prompt_
         assert len(fast["ids"]) == 150 and fast["stats"]["slides"] >= 3
 
 
-@pytest.mark.parametrize("kernels", [["--quantize", "int8"], ["--set", "runtime.prepack=false"]],
-                         ids=["int8", "plain-linears"])
+@pytest.mark.parametrize("kernels", [["--quantize", "int8"], ["--quantize", "int4"], ["--set", "runtime.prepack=false"]],
+                         ids=["int8", "int4", "plain-linears"])
 def test_other_kernels_fast_equal_no_fast(cpmgen_cli, model_dir, prompt_file, kernels):
     common = ["novel", prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", "5", "--stride", "8",
               "--max-new-tokens", "100", *kernels]
@@ -111,7 +111,7 @@ BAD = [
                                   "window.size, window.stride, window.keep"),
     (["--num-samples", "0"], "error: --num-samples 0: must be at least 1"),
     (["--stride", "0"], "error: --stride 0: must be between 1 and window.size - keep (63)"),
-    (["--quantize", "int4"], "error: --quantize int4: choose none or int8"),
+    (["--quantize", "int3"], "error: --quantize int3: choose none, int8 or int4"),
 ]
 
 

@@ -36,6 +36,7 @@ class Checkpoint:
     hf_config: Optional[dict] = None
     ranks: Optional[list[int]] = None  # the stored ranks of `shards`, when not all of them are open
     mapped: bool = False  # the tensors are memory-mapped rank files
+    quantization: Optional[dict] = None  # a `cpmgen quantize` folder's quantized.json
 
     def release(self, name: str) -> None:
         """Done with tensor `name` (and any copy made of it): let its mapped pages go."""
@@ -110,7 +111,12 @@ def open_checkpoint(path: str | Path, strict: bool = True, rank: Optional[int] =
     For rank `rank` of a model-parallel run of size `world`, only the files that hold its
     slices are opened (needed_ranks), and only they need to be on this machine. `trust`
     unpickles rank files without the safe allow-list."""
+    from cpmgen import quantized_checkpoint  # here: it imports this module
+
     path = Path(path)
+    if path.is_dir() and quantized_checkpoint.is_quantized_folder(path):
+        config, file, tensors = quantized_checkpoint.read_quantized(path)
+        return Checkpoint("quantized", path, None, 1, [file], [tensors], [{}], quantization=config)
     if path.is_dir() and hf.is_hf_folder(path) and not (path / megatron.LATEST_FILE).exists():
         config = hf.read_hf_config(path)
         weights = hf.read_hf_state_dict(path)
@@ -209,6 +215,9 @@ def architecture(ckpt: Checkpoint, num_heads: Optional[int] = None) -> ModelArgs
     if ckpt.hf_config:
         num_heads = num_heads or ckpt.hf_config["num_heads"]
         eps = ckpt.hf_config.get("layernorm_eps", eps)
+    if ckpt.quantization:
+        num_heads = num_heads or ckpt.quantization["num_heads"]
+        eps = ckpt.quantization["layernorm_eps"]
     if num_heads is None:
         num_heads = _megatron_heads(ckpt)
     if num_heads is None:
