@@ -130,8 +130,9 @@ def open_checkpoint(path: str | Path, strict: bool = True, rank: Optional[int] =
         absent = [r for r in needed or () if r not in folder.rank_files]
         if absent:
             raise UserError(f"{folder.folder}: rank {rank} of this {world}-rank run reads "
-                            f"{', '.join(megatron.rank_file_name(r) for r in absent)}, which is not on this "
-                            f"machine ({socket.gethostname()}); copy it there, or start this machine's ranks "
+                            f"{', '.join(megatron.rank_file_name(r) for r in absent)}, "
+                            f"{'which is' if len(absent) == 1 else 'which are'} not on this machine "
+                            f"({socket.gethostname()}); copy it there, or start this machine's ranks "
                             "as the ranks whose files it holds (static rendezvous: torchrun --node-rank)")
         problems = folder.problems(needed)
         if strict and problems:
