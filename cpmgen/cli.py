@@ -587,29 +587,6 @@ def _task_command(task_name: str):
     app.command(task_name, epilog=examples(*TASK_EXAMPLES[task_name]))(command)
 
 
-def _check_generation(task_name: str, settings: Settings) -> None:
-    """Values that may have come from YAML or --set as well as from options."""
-    gen, samp = settings.generate, settings.sampling
-    for option_name, value in (("--max-new-tokens", gen.max_new_tokens), ("--out-seq-length", gen.out_seq_length),
-                               ("--min-new-tokens", gen.min_new_tokens)):
-        if value is not None and value < 0:
-            raise UserError(f"{option_name} {value}: must not be negative")
-    if gen.num_samples < 1:
-        raise UserError(f"--num-samples {gen.num_samples}: must be at least 1")
-    if samp.temperature == 0:  # the usual spelling of greedy decoding
-        samp.greedy, samp.temperature = True, 1.0
-    samp.validate()
-    if gen.lines is not None and (task_name != "lyric" or gen.lines < 1):
-        raise UserError(f"--lines {gen.lines}: give at least 1" if task_name == "lyric"
-                        else "--lines: only lyric counts lines; use --max-new-tokens or --stop for novel")
-    if task_name == "lyric" and (gen.ignore_eos or gen.min_new_tokens):
-        raise UserError("--ignore-eos / --min-new-tokens: only novel ends at end of text (in lyric, <eod> is a line break)")
-    if gen.min_new_tokens and gen.max_new_tokens and gen.out_seq_length is None and gen.min_new_tokens > gen.max_new_tokens:
-        raise UserError(f"--min-new-tokens {gen.min_new_tokens}: more than --max-new-tokens {gen.max_new_tokens}")
-    if any(not s for s in gen.stop):
-        raise UserError("--stop '': a stop text must not be empty")
-
-
 def _max_new_tokens(gen, prompt_length: int) -> Optional[int]:
     """New tokens per sample: --out-seq-length (total length) when set, else --max-new-tokens; None: no limit."""
     if gen.out_seq_length is None:
@@ -621,10 +598,11 @@ def _max_new_tokens(gen, prompt_length: int) -> Optional[int]:
 
 
 def _run_task(task_name: str, input: Optional[str], settings: Settings, prompt: Optional[str] = None) -> None:
+    from cpmgen.engine import check_generation
     from cpmgen.fileio import TextOutput
 
     gen = settings.generate
-    _check_generation(task_name, settings)
+    check_generation(task_name, settings)
     if prompt is not None and input is not None:
         raise UserError(f"{input}: give the prompt either as FILE or with -p/--prompt, not both")
     # checked before the work (and before a model-parallel launch); rank 0 holds it to the end

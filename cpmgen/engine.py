@@ -28,8 +28,8 @@ from cpmgen.window import Window
 
 # The per-job options of `generate` and `job`, each with the settings section it overrides.
 JOB_OPTIONS = {
-    "max_new_tokens": "generate", "stop": "generate", "lines": "generate", "fast": "generate",
-    "num_samples": "generate",
+    "max_new_tokens": "generate", "min_new_tokens": "generate", "ignore_eos": "generate", "stop": "generate",
+    "lines": "generate", "fast": "generate", "num_samples": "generate",
     "temperature": "sampling", "top_k": "sampling", "top_p": "sampling", "repetition_penalty": "sampling",
     "frequency_penalty": "sampling", "presence_penalty": "sampling", "greedy": "sampling", "seed": "sampling",
     "stride": "window", "keep": "window",
@@ -45,6 +45,31 @@ def open_tokenizer(settings: Settings, vocab_size: Optional[int] = None) -> CPMT
         raise UserError(f"{path}: vocab has {tokenizer.vocab_size} pieces but the model {settings.model.path} "
                         f"has vocab size {vocab_size}; pass the --vocab the model was trained with")
     return tokenizer
+
+
+def check_generation(task_name: str, settings: Settings) -> None:
+    """The generation settings of a job, checked in one place for the CLI and the engine
+    (values may have come from YAML, --set, options or a request)."""
+    gen, samp = settings.generate, settings.sampling
+    for option_name, value in (("--max-new-tokens", gen.max_new_tokens), ("--out-seq-length", gen.out_seq_length),
+                               ("--min-new-tokens", gen.min_new_tokens)):
+        if value is not None and value < 0:
+            raise UserError(f"{option_name} {value}: must not be negative")
+    if gen.num_samples < 1:
+        raise UserError(f"--num-samples {gen.num_samples}: must be at least 1")
+    if samp.temperature == 0:  # the usual spelling of greedy decoding
+        samp.greedy, samp.temperature = True, 1.0
+    samp.validate()
+    if gen.lines is not None and (task_name != "lyric" or gen.lines < 1):
+        raise UserError(f"--lines {gen.lines}: give at least 1" if task_name == "lyric"
+                        else "--lines: only lyric counts lines; use --max-new-tokens or --stop for novel")
+    if task_name == "lyric" and (gen.ignore_eos or gen.min_new_tokens):
+        raise UserError("--ignore-eos / --min-new-tokens: only novel ends at end of text (in lyric, <eod> is a line break)")
+    if gen.min_new_tokens and gen.max_new_tokens and gen.out_seq_length is None and gen.min_new_tokens > gen.max_new_tokens:
+        raise UserError(f"--min-new-tokens {gen.min_new_tokens}: more than --max-new-tokens {gen.max_new_tokens}")
+    if any(not s for s in gen.stop):
+        raise UserError("--stop '': a stop text must not be empty")
+
 
 
 class Engine:
@@ -86,22 +111,13 @@ class Engine:
                 raise UserError(f"{key}: not a generation option (choose from {', '.join(JOB_OPTIONS)})")
             if value is not None:
                 setattr(getattr(settings, JOB_OPTIONS[key]), key, value)
+        check_generation(task, settings)
         gen, samp = settings.generate, settings.sampling
-        if gen.max_new_tokens is not None and gen.max_new_tokens < 0:
-            raise UserError(f"--max-new-tokens {gen.max_new_tokens}: must not be negative")
-        if gen.num_samples < 1:
-            raise UserError(f"--num-samples {gen.num_samples}: must be at least 1")
-        samp.validate()
-        if gen.lines is not None and (task != "lyric" or gen.lines < 1):
-            raise UserError(f"--lines {gen.lines}: only lyric has lines, and it needs at least 1" if task == "lyric"
-                            else "--lines: only lyric counts lines; use --max-new-tokens or --stop for novel")
-        if any(not s for s in gen.stop):
-            raise UserError("--stop '': a stop text must not be empty")
         tsk = TASKS[task]
         window = Window.from_settings(settings.window, self.args.max_positions,
                                       self.tokenizer.eod_id if tsk.lines else None)
         return Job(tsk, window, samp, gen.max_new_tokens or None, gen.num_samples, gen.fast, samp.seed,
-                   tuple(gen.stop), gen.lines)
+                   tuple(gen.stop), gen.lines, gen.ignore_eos, gen.min_new_tokens)
 
     def prompt_ids(self, text: str, job: Job) -> list[int]:
         ids = job.task.prompt_ids(text, self.tokenizer)

@@ -20,10 +20,12 @@ MODEL = Path(__file__).resolve().parent.parent / "models" / "cpm-tiny"
 
 # prompt, task, options: different settings and seeds, all sliding several times
 CASES = [
-    ("今天天气很好，我们一起去公园散步。", "novel", dict(max_new_tokens=300, seed=1)),
-    ("从前有座山，山里有座庙。", "novel", dict(max_new_tokens=260, seed=2, temperature=1.0, top_k=50, stride=20)),
+    ("今天天气很好，我们一起去公园散步。", "novel", dict(max_new_tokens=300, seed=1, ignore_eos=True)),
+    ("从前有座山，山里有座庙。", "novel", dict(max_new_tokens=260, seed=2, temperature=1.0, top_k=50, stride=20,
+                                       min_new_tokens=200)),
     ("春天来了<eod>花儿开了<eod>", "lyric", dict(max_new_tokens=240, seed=3, repetition_penalty=1.2)),
-    ("中国经济发展", "novel", dict(max_new_tokens=280, seed=4, top_p=0.95, frequency_penalty=0.3, keep=2)),
+    ("中国经济发展", "novel", dict(max_new_tokens=280, seed=4, top_p=0.95, frequency_penalty=0.3, keep=2,
+                             ignore_eos=True)),
 ]
 
 
