@@ -121,12 +121,13 @@ def command_run(cpmgen_cli, tmp_path, prompt: str, task: str, *options) -> dict:
 
 def test_streaming_and_plain_answers_agree_and_count_tokens(server):
     client = server.client()
-    plain = client.completions.create(model="cpm-tiny", prompt="今天天气很好", max_tokens=30, seed=7)
+    plain = client.completions.create(model="cpm-tiny", prompt="今天天气很好", max_tokens=30, seed=7,
+                                      extra_body={"ignore_eos": True})
     assert plain.choices[0].finish_reason == "length"
     assert plain.usage.completion_tokens == len(plain.model_extra["cpmgen"]["ids"]) == 30
     assert plain.usage.prompt_tokens == 5 and plain.usage.total_tokens == 35  # the prompt is 5 tokens
     chunks = list(client.completions.create(model="cpm-tiny", prompt="今天天气很好", max_tokens=30, seed=7,
-                                            stream=True))
+                                            stream=True, extra_body={"ignore_eos": True}))
     assert "".join(c.choices[0].text for c in chunks) == plain.choices[0].text
     assert chunks[-1].choices[0].finish_reason == "length"
     assert [i for c in chunks for i in c.model_extra["cpmgen"].get("ids", [])] == plain.model_extra["cpmgen"]["ids"]
@@ -160,7 +161,7 @@ def test_stop_strings_and_end_of_text_as_the_command(server, cpmgen_cli, tmp_pat
     ({"prompt": 5}, 400, "prompt: must be text (one string)"),
     ({"prompt": ["a", "b"]}, 400, "prompt: must be text (one string)"),
     ({"prompt": " "}, 400, "the prompt is empty; write the opening text (lyric: lines ending with <eod>)"),
-    ({"prompt": "a", "temperature": 0}, 400, "temperature 0: must be greater than 0 (use greedy for argmax)"),
+    ({"prompt": "a", "temperature": -1}, 400, "temperature -1: must be greater than 0 (use greedy for argmax)"),
     ({"prompt": "a", "top_p": 2}, 400, "top_p 2: must be in (0, 1]; 1 turns nucleus sampling off"),
     ({"prompt": "a", "max_tokens": -1}, 400, "max_tokens -1: must not be negative"),
     ({"prompt": "a", "max_tokens": "9"}, 400, "max_tokens: must be an integer or null"),
@@ -188,14 +189,15 @@ def test_not_json_and_too_long(server):
 
 def test_a_client_that_goes_away_frees_its_row(server):
     client = server.client()
-    stream = client.completions.create(model="m", prompt="今天天气很好", max_tokens=0, seed=2, stream=True)
+    stream = client.completions.create(model="m", prompt="今天天气很好", max_tokens=0, seed=2, stream=True,
+                                       extra_body={"ignore_eos": True})
     texts = [next(iter(stream)).choices[0].text for _ in range(20)]
     assert len(texts) == 20
     stream.close()
     assert server.wait_idle()["running"] == 0
     # a plain (not streamed) request whose client goes away before the answer
     connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
-    connection.request("POST", "/v1/completions", json.dumps({"prompt": "从前", "max_tokens": 0}),
+    connection.request("POST", "/v1/completions", json.dumps({"prompt": "从前", "max_tokens": 0, "ignore_eos": True}),
                        {"Content-Type": "application/json"})
     deadline = time.monotonic() + 30
     while json.loads(server.get("/health")[1])["running"] == 0:
@@ -222,13 +224,18 @@ def test_four_concurrent_streams_each_equal_their_own_command_run(server, cpmgen
     """Different prompts, settings and seeds, started at different times, each past several
     window slides (cpm-tiny's window is 127 tokens), token for token as `cpmgen novel`/`lyric`."""
     cases = [
-        ("今天天气很好，我们一起去公园散步。", {"max_tokens": 300, "seed": 13}, ["--max-new-tokens", 300, "--seed", 13]),
-        ("从前有座山，山里有座庙。", {"max_tokens": 260, "seed": 12, "temperature": 1.0, "top_k": 50, "stride": 20},
-         ["--max-new-tokens", 260, "--seed", 12, "--temperature", 1.0, "--top-k", 50, "--stride", 20]),
+        ("今天天气很好，我们一起去公园散步。", {"max_tokens": 300, "seed": 13, "ignore_eos": True},
+         ["--max-new-tokens", 300, "--seed", 13, "--ignore-eos"]),
+        ("从前有座山，山里有座庙。", {"max_tokens": 260, "seed": 12, "temperature": 1.0, "top_k": 50, "stride": 20,
+                             "min_tokens": 200},
+         ["--max-new-tokens", 260, "--seed", 12, "--temperature", 1.0, "--top-k", 50, "--stride", 20,
+          "--min-new-tokens", 200]),
         ("春天来了<eod>花儿开了<eod>", {"task": "lyric", "max_tokens": 240, "seed": 11, "repetition_penalty": 1.2},
          ["--max-new-tokens", 240, "--seed", 11, "--repetition-penalty", 1.2]),
-        ("中国经济发展", {"max_tokens": 280, "seed": 13, "top_p": 0.95, "presence_penalty": 0.3, "keep": 2},
-         ["--max-new-tokens", 280, "--seed", 13, "--top-p", 0.95, "--presence-penalty", 0.3, "--keep", 2]),
+        ("中国经济发展", {"max_tokens": 280, "seed": 13, "top_p": 0.95, "presence_penalty": 0.3, "keep": 2,
+                    "ignore_eos": True},
+         ["--max-new-tokens", 280, "--seed", 13, "--top-p", 0.95, "--presence-penalty", 0.3, "--keep", 2,
+          "--ignore-eos"]),
     ]
     results = [None] * len(cases)
     first_chunk = [threading.Event() for _ in cases]

@@ -59,7 +59,7 @@ FIELDS: dict[str, tuple[tuple[type, ...], Optional[str]]] = {
     "task": ((str,), None), "top_k": ((int,), "top_k"), "repetition_penalty": ((int, float), "repetition_penalty"),
     "frequency_penalty": ((int, float), "frequency_penalty"), "presence_penalty": ((int, float), "presence_penalty"),
     "keep": ((int,), "keep"), "stride": ((int,), "stride"), "lines": ((int, type(None)), "lines"),
-    "greedy": ((bool,), "greedy"),
+    "greedy": ((bool,), "greedy"), "ignore_eos": ((bool,), "ignore_eos"), "min_tokens": ((int,), "min_new_tokens"),
     # OpenAI fields accepted at the one value cpmgen supports
     "n": ((int,), None), "echo": ((bool,), None), "logprobs": ((type(None),), None), "best_of": ((int,), None),
     "suffix": ((type(None),), None), "user": ((str,), None), "stream_options": ((dict, type(None)), None),
