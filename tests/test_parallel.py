@@ -411,5 +411,5 @@ def test_the_interactive_loop_under_mp_ends_every_rank(cpmgen_env, checkpoints, 
     exit_code, output = _on_a_terminal(["-m", "cpmgen", "lyric", "-m", str(folders[2]), *HEADS, "--mp", "2",
                                          "--max-new-tokens", "8", *GREEDY], prompt.parent, [b"\xe6\x98\xa5<eod>\r", end])
     assert exit_code == code, output
-    assert "done: 8 tokens" in output
+    assert "done: 8 new" in output  # the closing status line (wrapped at the terminal width)
     assert "Traceback" not in output and "error" not in output
