@@ -28,7 +28,7 @@ import torch
 
 from cpmgen.errors import UserError
 from cpmgen.generate import Stats, fit_prompt, prefill
-from cpmgen.model import KVCache
+from cpmgen.model import KVCache, decode_step
 from cpmgen.runner import Follow, Job, new_seed
 from cpmgen.sampling import sample
 
@@ -75,8 +75,8 @@ class Row:
 class Scheduler:
     """Runs the batch in its own thread; `submit` may be called from any thread."""
 
-    def __init__(self, model, tokenizer, max_batch: int, max_queue: int):
-        self.model, self.tokenizer = model, tokenizer
+    def __init__(self, model, tokenizer, max_batch: int, max_queue: int, decode: Callable = decode_step):
+        self.model, self.tokenizer, self.decode = model, tokenizer, decode
         self.max_batch, self.max_queue = max_batch, max_queue
         self.device = model.word_embeddings.weight.device
         self.slots = model.args.max_positions
@@ -196,7 +196,7 @@ class Scheduler:
             # Every running row decodes; a slid row's token lands in a slot its re-encode overwrites.
             tokens = torch.tensor([new[row] for row in self.rows], device=self.device)
             positions = torch.tensor([len(row.window_ids) - 1 for row in self.rows], device=self.device)
-            logits = self.model.decode_step(tokens, positions, self.cache.rows(slice(0, n)))
+            logits = self.decode(self.model, tokens, positions, self.cache.rows(slice(0, n)))
             for i, row in enumerate(self.rows):
                 row.logits = logits[i]
         for row in slid:

@@ -20,8 +20,9 @@ import typer
 from rich.markup import escape
 
 from cpmgen import console
-from cpmgen.config import Settings, default_settings, load_settings
+from cpmgen.config import OPTION_KEYS, Settings, apply_options, default_settings, load_settings
 from cpmgen.errors import UserError
+from cpmgen.tasks import TASKS
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode="rich",
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -112,35 +113,19 @@ def model_folder(path: Optional[str], model: Optional[str]) -> Optional[str]:
     return model if model is not None else path
 
 
-TrustOpt = Annotated[bool, option("--trust-checkpoint", metavar="", panel=RUNTIME,
+TrustOpt = Annotated[Optional[bool], option("--trust-checkpoint", metavar="", panel=RUNTIME,
                                  help="Load rank files that pickle Python objects beyond tensors, args and RNG states: this can run code from the file, so only for a file you wrote yourself.")]
 ThreadsOpt = Annotated[Optional[int], option("--threads", "-t", metavar="N", panel=RUNTIME,
                                              help="CPU threads per process; 0: the cores this process may use, shared among the local ranks of a launcher.",
                                              default=_ROOT.runtime.threads or "0: automatic")]
 
 
-def settings_from(config: Optional[str], sets: Optional[list[str]], task: Optional[str] = None, *,
-                  model: Optional[str] = None, vocab: Optional[str] = None, device: Optional[str] = None,
-                  dtype: Optional[str] = None, quantize: Optional[str] = None,
-                  compiled: Optional[bool] = None, trust: bool = False, threads: Optional[int] = None) -> Settings:
-    """Config files and --set first, then the explicit options, which win."""
-    settings = load_settings(config, sets, task)
-    if model is not None:
-        settings.model.path = model
-    if vocab is not None:
-        settings.tokenizer.vocab = vocab
-    if device is not None:
-        settings.runtime.device = device
-    if dtype is not None:
-        settings.runtime.dtype = dtype
-    if quantize is not None:
-        settings.runtime.quantize = quantize
-    if compiled is not None:
-        settings.runtime.compile = compiled
-    if trust:
-        settings.model.trust_checkpoint = True
-    if threads is not None:
-        settings.runtime.threads = threads
+def command_settings(options: dict, task: Optional[str] = None) -> Settings:
+    """A command's settings: config files and --set, then its own options (its parameters that
+    config.OPTION_KEYS names; None: not given), checked as a whole."""
+    settings = load_settings(options.get("config"), options.get("sets"), task)
+    apply_options(settings, {name: value for name, value in options.items() if name in OPTION_KEYS})
+    settings.validate(task)
     return settings
 
 
@@ -165,10 +150,12 @@ def model_parallel(settings: Settings) -> tuple[int, int]:
         return 0, 1
     if not parallel.launched():
         from cpmgen.checkpoint.reader import resolve_args
+        from cpmgen.checkpoint.splits import check_split
         from cpmgen.loading import open_model
 
         # Fail here, once, on what every rank would fail on; opening is cheap (memory-mapped).
-        parallel.check_split(resolve_args(open_model(settings), settings.model), world)
+        ckpt = open_model(settings)
+        check_split(resolve_args(ckpt, settings.model), world, ckpt.path)
         raise typer.Exit(parallel.launch(world, sys.argv[1:], os.environ.get("CPMGEN_DEBUG") == "1"))
     rank, world = parallel.init(resolve_device(settings.runtime.device).type)
     if rank != 0:
@@ -176,20 +163,12 @@ def model_parallel(settings: Settings) -> tuple[int, int]:
     return rank, world
 
 
-def load_for(settings: Settings, rank: int = 0, world: int = 1):
-    """(loaded model, tokenizer): the model (this rank's shard under --mp) and its vocab,
-    under a spinner and progress bar that name the model folder."""
-    from cpmgen.engine import open_tokenizer
-    from cpmgen.loading import load_model, open_model
-    from cpmgen.threads import apply_threads
+def load_engine(settings: Settings, rank: int = 0, world: int = 1):
+    """The engine on the model (this rank's shard under --mp) and its vocab, under a progress
+    bar that names the model folder."""
+    from cpmgen.engine import Engine
 
-    apply_threads(settings.runtime.threads)
-    ckpt = open_model(settings, rank=rank, world=world)
-    with console.progress(f"loading {ckpt.path.name}", total=len(ckpt.names()) + 1) as advance:
-        loaded = load_model(settings, advance=advance, checkpoint=ckpt, rank=rank, world=world)
-        tokenizer = open_tokenizer(settings, loaded.args.vocab_size)
-        advance(1)
-    return loaded, tokenizer
+    return Engine(settings, rank, world, progress=console.progress)
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -204,7 +183,7 @@ def inspect_ckpt(
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
-    trust: TrustOpt = False,
+    trust: TrustOpt = None,
 ):
     """Show what a checkpoint folder holds and what is wrong with it.
 
@@ -212,7 +191,7 @@ def inspect_ckpt(
     from cpmgen.inspection import inspect_checkpoint
     from cpmgen.loading import model_path
 
-    settings = settings_from(config, sets, model=model_folder(path, model), trust=trust)
+    settings = command_settings(dict(locals(), model=model_folder(path, model)))
     report = inspect_checkpoint(model_path(settings), settings.model.num_heads, check_values,
                                 settings.model.trust_checkpoint)
     if as_json:
@@ -281,9 +260,10 @@ def _output_folder(ckpt, output: Path, force: bool, files: int):
 
 
 def _write_megatron_folder(ckpt, args, mp: int, output: Path, force: bool) -> None:
-    from cpmgen.checkpoint.writer import check_mp, write_megatron
+    from cpmgen.checkpoint.splits import check_split
+    from cpmgen.checkpoint.writer import write_megatron
 
-    check_mp(ckpt, args, mp)
+    check_split(args, mp, ckpt.path)  # before anything is written
     with _output_folder(ckpt, output, force, mp) as tmp, \
             console.progress(f"writing mp={mp}", len(ckpt.names()) * mp) as advance:
         write_megatron(tmp, ckpt, args, mp, advance)
@@ -294,29 +274,29 @@ def _write_megatron_folder(ckpt, args, mp: int, output: Path, force: bool) -> No
 def reshard(
     path: PathArg = None,
     model: ModelOpt = None,
-    mp: Annotated[int, option("--mp", metavar="N", panel=INPUT, help="Target model-parallel size: any N dividing heads, hidden and vocab.")] = ...,
-    output: Annotated[Optional[str], option("--output", "-o", metavar="DIR", panel=OUTPUT, help="Output folder.", default="DIR_MP<N> beside DIR")] = None,
+    target_mp: Annotated[int, option("--mp", metavar="N", panel=INPUT, help="Target model-parallel size: any N dividing heads, hidden and vocab.")] = ...,
+    output_dir: Annotated[Optional[str], option("--output", "-o", metavar="DIR", panel=OUTPUT, help="Output folder.", default="DIR_MP<N> beside DIR")] = None,
     force: Annotated[bool, option("--force", metavar="", panel=OUTPUT, help="Replace an existing output folder.")] = False,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
-    trust: TrustOpt = False,
+    trust: TrustOpt = None,
 ):
     """Split or merge a checkpoint to another model-parallel size (any N that divides the split dimensions).
 
     The source is never touched; the output is written to a temporary folder and renamed
     into place, keeping the iteration and RNG states and setting mp_world_size."""
-    settings = settings_from(config, sets, model=model_folder(path, model), trust=trust)
+    settings = command_settings(dict(locals(), model=model_folder(path, model)))
     ckpt, args = _open_for_writing(settings)
     source = ckpt.path.resolve()
-    target = Path(output) if output else source.parent / f"{source.name}_MP{mp}"
-    _write_megatron_folder(ckpt, args, mp, target, force)
-    result = {"source": str(ckpt.path), "source_mp": ckpt.mp, "output": str(target), "mp": mp,
+    target = Path(output_dir) if output_dir else source.parent / f"{source.name}_MP{target_mp}"
+    _write_megatron_folder(ckpt, args, target_mp, target, force)
+    result = {"source": str(ckpt.path), "source_mp": ckpt.mp, "output": str(target), "mp": target_mp,
               "files": sorted(str(p) for p in target.rglob("mp_rank_*.pt"))}
     if as_json:
         print_json(result)
     else:
-        console.stdout.print(f"wrote {target} (model-parallel size {ckpt.mp} -> {mp}, {mp} rank file(s))")
+        console.stdout.print(f"wrote {target} (model-parallel size {ckpt.mp} -> {target_mp}, {target_mp} rank file(s))")
 
 
 @app.command(epilog=examples("cpmgen convert models/cpm-tiny --to hf -o tiny-hf",
@@ -325,23 +305,23 @@ def convert(
     path: PathArg = None,
     model: ModelOpt = None,
     to: Annotated[str, option("--to", metavar="hf|megatron", panel=OUTPUT, help="Target format.")] = ...,
-    output: Annotated[str, option("--output", "-o", metavar="DIR", panel=OUTPUT, help="Output folder.")] = ...,
-    mp: Annotated[int, option("--mp", metavar="N", panel=OUTPUT, help="Model-parallel size of a megatron output.", default=1)] = 1,
+    output_dir: Annotated[str, option("--output", "-o", metavar="DIR", panel=OUTPUT, help="Output folder.")] = ...,
+    target_mp: Annotated[int, option("--mp", metavar="N", panel=OUTPUT, help="Model-parallel size of a megatron output.", default=1)] = 1,
     vocab: VocabOpt = None,
     force: Annotated[bool, option("--force", metavar="", panel=OUTPUT, help="Replace an existing output folder.")] = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
-    trust: TrustOpt = False,
+    trust: TrustOpt = None,
 ):
     """Export to an HF GPT2LMHeadModel folder (config.json, model.safetensors, spiece.model), or back to Megatron."""
     from cpmgen.checkpoint.hf import write_hf
     from cpmgen.tokenizer import find_vocab
 
-    settings = settings_from(config, sets, model=model_folder(path, model), vocab=vocab, trust=trust)
+    settings = command_settings(dict(locals(), model=model_folder(path, model)))
     ckpt, args = _open_for_writing(settings)
-    target = Path(output)
+    target = Path(output_dir)
     if to == "megatron":
-        _write_megatron_folder(ckpt, args, mp, target, force)
+        _write_megatron_folder(ckpt, args, target_mp, target, force)
     elif to == "hf":
         try:
             vocab_path = find_vocab(None, settings.tokenizer.vocab, settings.model.path)
@@ -369,26 +349,25 @@ def quantize_command(
     path: PathArg = None,
     model: ModelOpt = None,
     to: Annotated[str, option("--to", metavar="int8|int4", panel=OUTPUT, help="int8, or int4 (4-bit weights in groups of 32).")] = ...,
-    output: Annotated[str, option("--output", "-o", metavar="DIR", panel=OUTPUT, help="Output folder.")] = ...,
+    output_dir: Annotated[str, option("--output", "-o", metavar="DIR", panel=OUTPUT, help="Output folder.")] = ...,
     force: Annotated[bool, option("--force", metavar="", panel=OUTPUT, help="Replace an existing output folder.")] = False,
     as_json: JsonOpt = False,
     config: ConfigOpt = None,
     sets: SetOpt = None,
-    trust: TrustOpt = False,
+    trust: TrustOpt = None,
 ):
     """Write a quantized copy of a checkpoint (safetensors) that loads in seconds: pass it as --model."""
+    from cpmgen.config import QUANTIZE
     from cpmgen.fileio import atomic_folder, check_space
-    from cpmgen.loading import QUANTIZE
-    from cpmgen.quantized_checkpoint import write_quantized
+    from cpmgen.quantized_checkpoint import quantized_bytes, write_quantized
 
     if to not in QUANTIZE[1:]:
         raise UserError(f"--to {to}: choose {' or '.join(QUANTIZE[1:])}")
-    settings = settings_from(config, sets, model=model_folder(path, model), trust=trust)
+    settings = command_settings(dict(locals(), model=model_folder(path, model)))
     ckpt, args = _open_for_writing(settings)
-    target = Path(output)
-    weights = ckpt.nbytes() // ckpt.dtype().itemsize // (2 if to == "int4" else 1)  # a byte or half a byte each
+    target = Path(output_dir)
     folder = atomic_folder(target, force=force, protect=[ckpt.path, *ckpt.files])
-    check_space(target, weights * 11 // 10, weights * 11 // 10)  # and the scales
+    check_space(target, quantized_bytes(ckpt, to), quantized_bytes(ckpt, to))  # one file
     with folder as tmp, console.progress(f"quantizing to {to}", len(ckpt.names())) as advance:
         write_quantized(tmp, ckpt, args, to, advance)
     written = target / "model.safetensors"
@@ -416,7 +395,7 @@ def tokenize(
     from cpmgen.engine import open_tokenizer
     from cpmgen.fileio import read_text_utf8
 
-    settings = settings_from(config, sets, model=model, vocab=vocab)
+    settings = command_settings(locals())
     if (text is None) == (file is None):
         raise UserError("tokenize: give either TEXT or --file FILE")
     content = read_text_utf8(file, "--file") if file is not None else text
@@ -448,36 +427,23 @@ def score(
     quantize: QuantizeOpt = None,
     mp: MpOpt = None,
     threads: ThreadsOpt = None,
-    trust: TrustOpt = False,
+    trust: TrustOpt = None,
 ):
     """Log-likelihood and perplexity of a text; longer texts slide the window by --stride, as generation does."""
-    from cpmgen.score import score_ids, summary, window_report
-    from cpmgen.window import Window
+    from cpmgen.engine import TextError
 
-    settings = settings_from(config, sets, model=model, vocab=vocab, device=device, dtype=dtype, quantize=quantize,
-                             trust=trust, threads=threads)
-    if stride is not None:
-        settings.window.stride = stride
-    if mp is not None:
-        settings.runtime.mp = mp
-    if keep is not None:
-        settings.window.keep = keep
+    settings = command_settings(locals())
     rank, world = model_parallel(settings)
     text = _input_text(file, rank, world)
-    loaded, tokenizer = load_for(settings, rank, world)
-    ids = tokenizer.encode(text)
-    if len(ids) < 2:
-        raise UserError(f"{file}: the text has {len(ids)} token(s); scoring needs at least 2")
-    window = Window.from_settings(settings.window, loaded.args.max_positions)
-    with console.progress("scoring", total=len(ids) - 1) as advance:
-        logprobs = score_ids(loaded.model, ids, window, settings.generate.fast if fast is None else fast, advance)
-    result = summary(ids, logprobs)
-    if report:
-        result["window_report"] = window_report(logprobs, window.size)
+    engine = load_engine(settings, rank, world)
+    try:
+        result = engine.score(text, progress=console.progress, window_report=report)
+    except TextError as e:
+        raise UserError(f"{file}: {e}") from None
     if as_json:
         print_json(result)
         return
-    console.stdout.print(f"{len(ids)} tokens, nll {result['nll']:.4f}, perplexity {result['perplexity']:.2f}")
+    console.stdout.print(f"{len(result['ids'])} tokens, nll {result['nll']:.4f}, perplexity {result['perplexity']:.2f}")
     if report:
         from rich.table import Table
 
@@ -490,33 +456,8 @@ def score(
 
 # ----------------------------------------------------------------------------- generation
 
-TASK_HELP = {
-    "lyric": """Continue song lyrics: the prompt holds lines ending with <eod>; generated <eod> are line breaks.
-
-    When the window is full it drops whole oldest lines (at least --stride tokens), so the
-    song goes on for as long as asked, token for token the same with --fast and --no-fast.""",
-    "novel": """Continue a novel: prompt pieces between <eod> are joined; the model's end of text ends the story (unless --ignore-eos).
-
-    When the window is full (the model's positions - 1 tokens) the oldest --stride tokens are
-    dropped and the rest is re-encoded once (fast path) or for every token (--no-fast); both
-    give the same tokens.""",
-}
-
-TASK_EXAMPLES = {
-    "lyric": ("cpmgen lyric -m models/cpm-tiny examples/lyric.txt --lines 6 -s 1",
-              'cpmgen lyric -m models/cpm-tiny -p "冬天的早晨<eod>阳光照在村庄的小路上<eod>" -n 100',
-              "cpmgen lyric -m models/cpm-tiny          # on a terminal: a prompt loop"),
-    "novel": ("cpmgen novel -m models/cpm-tiny examples/novel.txt -n 200 -s 1",
-              'cpmgen novel -m models/cpm-tiny -p "今天天气很好，" --temperature 0',
-              "cpmgen novel -m models/cpm-tiny examples/novel.txt -n 1000 --ignore-eos -o story.txt",
-              "echo 从前有座山 | cpmgen novel -m models/cpm-tiny --json"),
-}
-
-# Options one task has and the other does not: --help lists only a command's own options.
-TASK_ONLY = {"lines": "lyric", "ignore_eos": "novel", "min_new_tokens": "novel"}
-
-
 def _task_command(task_name: str):
+    task = TASKS[task_name]
     d = help_defaults(task_name)
     gen, samp = d.generate, d.sampling
 
@@ -551,58 +492,27 @@ def _task_command(task_name: str):
         compiled: CompileOpt = None,
         mp: MpOpt = None,
         threads: ThreadsOpt = None,
-        trust: TrustOpt = False,
+        trust: TrustOpt = None,
         as_json: Annotated[Optional[bool], option("--json", metavar="", panel=OUTPUT, help="Print one JSON object (a list with --num-samples > 1).")] = None,
         output: Annotated[Optional[str], option("--output", "-o", metavar="FILE", panel=OUTPUT, help="Also write the text to FILE (checked before the work; it holds the text so far however the run stops).")] = None,
         force: Annotated[Optional[bool], option("--force", metavar="", panel=OUTPUT, help="Replace an existing --output file.")] = None,
     ):
-        if out_seq_length is not None and max_new_tokens is not None:
-            raise UserError("--out-seq-length and --max-new-tokens both set the length; give one of them")
-        settings = settings_from(config, sets, task_name, model=model, vocab=vocab, device=device, dtype=dtype,
-                                 quantize=quantize, compiled=compiled, trust=trust, threads=threads)
-        for section, key, value in (
-            ("generate", "fast", fast), ("generate", "max_new_tokens", max_new_tokens),
-            ("generate", "min_new_tokens", min_new_tokens), ("generate", "ignore_eos", ignore_eos),
-            ("generate", "out_seq_length", out_seq_length), ("generate", "num_samples", num_samples),
-            ("generate", "json", as_json), ("generate", "output", output), ("generate", "force", force),
-            ("sampling", "temperature", temperature), ("sampling", "top_k", top_k), ("sampling", "top_p", top_p),
-            ("sampling", "repetition_penalty", repetition_penalty), ("sampling", "greedy", greedy),
-            ("sampling", "frequency_penalty", frequency_penalty), ("sampling", "presence_penalty", presence_penalty),
-            ("window", "keep", keep), ("generate", "stop", stop), ("generate", "lines", lines),
-            ("sampling", "seed", seed), ("window", "stride", stride), ("runtime", "mp", mp),
-        ):
-            if value is not None:
-                setattr(getattr(settings, section), key, value)
-        if out_seq_length is not None:
-            settings.generate.max_new_tokens = 0  # the total length alone decides (see _max_new_tokens)
-        _run_task(task_name, input, settings, prompt)
+        _run_task(task_name, input, prompt, command_settings(locals(), task_name))
 
     # the annotations name this task's defaults (gen, samp): evaluate them here, once
     signature = inspect.signature(command, eval_str=True, locals={"gen": gen, "samp": samp})
-    command.__signature__ = signature.replace(parameters=[
-        p for p in signature.parameters.values() if TASK_ONLY.get(p.name, task_name) == task_name])
+    others = {name for other in TASKS.values() if other is not task for name in other.own_options}
+    command.__signature__ = signature.replace(parameters=[p for p in signature.parameters.values() if p.name not in others])
     command.__annotations__ = {p.name: p.annotation for p in command.__signature__.parameters.values()}
-    command.__doc__ = TASK_HELP[task_name]
+    command.__doc__ = task.help
     command.__name__ = task_name
-    app.command(task_name, epilog=examples(*TASK_EXAMPLES[task_name]))(command)
+    app.command(task_name, epilog=examples(*task.examples))(command)
 
 
-def _max_new_tokens(gen, prompt_length: int) -> Optional[int]:
-    """New tokens per sample: --out-seq-length (total length) when set, else --max-new-tokens; None: no limit."""
-    if gen.out_seq_length is None:
-        return gen.max_new_tokens or None
-    if gen.out_seq_length - prompt_length < 1:
-        raise UserError(f"--out-seq-length {gen.out_seq_length}: not longer than the prompt "
-                        f"({prompt_length} tokens); ask for more, or use --max-new-tokens")
-    return gen.out_seq_length - prompt_length
-
-
-def _run_task(task_name: str, input: Optional[str], settings: Settings, prompt: Optional[str] = None) -> None:
-    from cpmgen.engine import check_generation
+def _run_task(task_name: str, input: Optional[str], prompt: Optional[str], settings: Settings) -> None:
     from cpmgen.fileio import TextOutput
 
     gen = settings.generate
-    check_generation(task_name, settings)
     if prompt is not None and input is not None:
         raise UserError(f"{input}: give the prompt either as FILE or with -p/--prompt, not both")
     # checked before the work (and before a model-parallel launch); rank 0 holds it to the end
@@ -617,46 +527,37 @@ def _run_task(task_name: str, input: Optional[str], settings: Settings, prompt: 
 def _generate_texts(task_name: str, input: Optional[str], prompt: Optional[str], settings: Settings, rank: int,
                     world: int, output) -> None:
     from cpmgen.display import SavedView, make_view
-    from cpmgen.memory import check_generation_memory
-    from cpmgen.runner import Job, run
-    from cpmgen.tasks import TASKS
-    from cpmgen.window import Window
+    from cpmgen.engine import TextError
 
-    gen, samp = settings.generate, settings.sampling
+    gen = settings.generate
     terminal = _Terminal(task_name, quit_on_interrupt=world > 1)
     prompts = _prompts(input, prompt, terminal, rank, world)
     # the other ranks receive rank 0's prompts (their stdin is not the user's)
     interactive = input is None and prompt is None and (rank != 0 or sys.stdin.isatty())
     where = "--prompt" if prompt is not None else "stdin" if input in (None, "-") else input
-    task = TASKS[task_name]
-    loaded, tokenizer = load_for(settings, rank, world)
-    window = Window.from_settings(settings.window, loaded.args.max_positions, tokenizer.eod_id if task.lines else None)
-    check_generation_memory(loaded.args, gen.num_samples, window.size + 1, loaded.dtype, loaded.device, world)
+    engine = load_engine(settings, rank, world)
     if world > 1:
         from cpmgen.parallel import any_rank as agree
     else:
         agree = bool
     for text in prompts:
-        prompt_ids = task.prompt_ids(text, tokenizer)
-        if not prompt_ids:
+        try:
+            job, prompt_ids = engine.prepare(text, task_name)
+        except TextError as e:
             if interactive:
                 console.stderr.print("empty prompt; type some text, or Ctrl-D to quit")
                 continue
-            raise UserError(f"{where}: the prompt is empty; write the opening text (lyric: lines ending with <eod>)")
-        if window.keep > len(prompt_ids):
-            raise UserError(f"--keep {window.keep}: the prompt has only {len(prompt_ids)} tokens; keep at most that many")
-        if len(prompt_ids) > window.size:
-            console.warn(f"the prompt has {len(prompt_ids)} tokens, more than the {window.size}-token window; "
+            raise UserError(f"{where}: {e}") from None
+        if len(prompt_ids) > job.window.size:
+            console.warn(f"the prompt has {len(prompt_ids)} tokens, more than the {job.window.size}-token window; "
                          "keeping its last part")
-        job = Job(task, window, samp, _max_new_tokens(gen, len(prompt_ids)), gen.num_samples, gen.fast, samp.seed,
-                  tuple(gen.stop), gen.lines, gen.ignore_eos, gen.min_new_tokens)
-        prompt_text = task.prompt_text(text)
+        prompt_text = job.task.prompt_text(text)
         view = make_view(gen.json or rank != 0, console.stdout, prompt_text, job.num_samples,
                          limit=job.max_new_tokens, lines=job.max_lines)
         if output is not None:
             view = SavedView(view, output, prompt_text, job.num_samples)
         try:
-            result = run(job, loaded.model, tokenizer, prompt_ids, view, agree)
+            result = engine.run(job, prompt_ids, view, agree)
             view.finish(prompt_text, result.texts, result.stats, result.stop_reasons)
         finally:
             if output is not None:  # also when the run failed: the text so far is kept
@@ -708,12 +609,6 @@ def _input_text(input: str, rank: int, world: int) -> str:
     return agreed_text(lambda: read_text_utf8(input) if Path(input).exists() else None, missing)
 
 
-PROMPT_HINT = {
-    "lyric": "[bold]lyric[/bold] lines, separated by <eod> or \\n (Ctrl-D quits) >>> ",
-    "novel": "[bold]novel[/bold] opening, \\n for a line break (Ctrl-D quits) >>> ",
-}
-
-
 class _Terminal:
     """The prompt loop on a terminal. Ctrl-C while writing stops that text and comes back here;
     Ctrl-D, `stop`, or Ctrl-C twice at the prompt quits (under model parallel, once: the
@@ -728,7 +623,7 @@ class _Terminal:
         pressed = False
         while True:
             try:
-                text = console.stderr.input(PROMPT_HINT[self.task_name])
+                text = console.stderr.input(TASKS[self.task_name].prompt_hint)
             except EOFError:
                 return
             except KeyboardInterrupt:
@@ -749,7 +644,7 @@ class _Terminal:
             yield text.replace("\\n", line_break)
 
 
-for _name in TASK_HELP:
+for _name in TASKS:
     _task_command(_name)
 
 
@@ -774,7 +669,7 @@ def serve(
     quantize: QuantizeOpt = None,
     compiled: CompileOpt = None,
     threads: ThreadsOpt = None,
-    trust: TrustOpt = False,
+    trust: TrustOpt = None,
 ):
     """Serve the model over HTTP: OpenAI-style /v1/completions (streamed or not) and a writing page at /.
 
@@ -784,8 +679,6 @@ def serve(
         from cpmgen.serve.app import Limits, serve as run_server
     except ImportError as e:
         raise UserError(f"serve needs the serving packages ({e.name} is missing): pip install -e '.[serve]'") from None
-    from cpmgen.engine import Engine
-
     if not 0 < port < 65536:
         raise UserError(f"--port {port}: must be between 1 and 65535")
     for option, value, least in (("--max-batch", max_batch, 1), ("--max-queue", max_queue, 0),
@@ -802,9 +695,8 @@ def serve(
         except OSError as e:
             raise UserError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e}); "
                             "choose another --port") from None
-    settings = settings_from(config, sets, model=model, vocab=vocab, device=device, dtype=dtype, quantize=quantize,
-                             compiled=compiled, trust=trust, threads=threads)
-    engine = Engine(settings)
+    settings = command_settings(locals())
+    engine = load_engine(settings)
     run_server(engine, host, port, max_batch, max_queue, Limits(max_tokens=max_tokens, max_prompt_chars=max_prompt_chars),
                api_key, Path(settings.model.path).name)
 

@@ -9,16 +9,26 @@ lists the valid ones.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import yaml
 
 from cpmgen.errors import UserError
-from cpmgen.sampling import SamplingParams
+from cpmgen.tasks import TASKS
+
+# Logits of a trained model stay within a few hundred: divided by less than this they can overflow fp32.
+MIN_TEMPERATURE = 1e-3
+# Penalties beyond the logits' own range only produce -inf rows (no token left to sample).
+MAX_PENALTY = 100.0
+DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch's spelling is accepted too
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+QUANTIZE = ("none", "int8", "int4")
 
 
 @dataclass(frozen=True)
@@ -108,12 +118,24 @@ class RuntimeSection:
     """none, int8 or int4: int8 (per-row scales) or 4-bit (per-group scales) linear weights, for
     memory-bound decode; their inputs are quantized to int8 per row on the fly (cpmgen/quantize.py)."""
     prepack: bool = True
-    """CPU: run linears on oneDNN-prepacked weights (about 2x faster decode and prefill)."""
+    """CPU: run linears on oneDNN-prepacked weights (faster decode and prefill than plain F.linear)."""
     threads: int = 0
     """CPU threads per process; 0: automatic (cpmgen/threads.py)."""
     compile: bool = False
     """torch.compile the one-token decode step (with CUDA graphs on GPU); on the CPU the
-    prepacked eager linears measured twice as fast (README, Performance)."""
+    prepacked eager linears are faster (README, Performance)."""
+
+    def validate(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
+            raise UserError(f"--device {self.device}: choose auto, cpu or cuda")
+        if DTYPE_ALIASES.get(self.dtype, self.dtype) not in DTYPES:
+            raise UserError(f"--dtype {self.dtype}: choose auto, fp32, bf16 or fp16 (or float32, bfloat16, float16)")
+        if self.quantize not in QUANTIZE:
+            raise UserError(f"--quantize {self.quantize}: choose {', '.join(QUANTIZE[:-1])} or {QUANTIZE[-1]}")
+        if self.threads < 0:
+            raise UserError(f"--threads {self.threads}: must be 0 (automatic) or a positive number")
+        if self.mp is not None and self.mp < 1:
+            raise UserError(f"--mp {self.mp}: the model-parallel size must be at least 1")
 
 
 @dataclass
@@ -122,10 +144,69 @@ class WindowSection:
     """Most tokens the model sees; default max_positions - 1 (1023), as the older scripts."""
     stride: Optional[int] = None
     """Tokens dropped per slide (lyric: whole lines freeing at least this many); default a
-    quarter of the window (255 of 1023): the window keeps 768+ tokens and re-encoding takes
-    about a fifth of the time (benchmarks/, README "Choosing the stride")."""
+    quarter of the window (255 of 1023): the window keeps 768+ tokens and re-encoding stays a
+    small part of the time (README "Choosing the stride")."""
     keep: int = 0
     """First prompt tokens that stay at the start of the window through every slide."""
+
+    def validate(self, max_positions: Optional[int] = None) -> None:
+        """The checks that need the model's positions run once they are known."""
+        size = self.size or (max_positions - 1 if max_positions else None)
+        if self.size is not None and self.size < 2:
+            raise UserError(f"window.size {self.size}: the window must hold at least 2 tokens")
+        if max_positions and size > max_positions:
+            raise UserError(f"window.size {size}: the model has only {max_positions} positions")
+        if self.keep < 0 or size is not None and self.keep >= size - 1:
+            below = f" and below window.size - 1 ({size - 1})" if size is not None else ""
+            raise UserError(f"--keep {self.keep}: must be at least 0{below}")
+        if self.stride is not None and (self.stride < 1 or size is not None and self.stride > size - self.keep):
+            between = f"between 1 and window.size - keep ({size - self.keep})" if size is not None else "at least 1"
+            raise UserError(f"--stride {self.stride}: must be {between}")
+
+
+@dataclass
+class SamplingParams:
+    """How to pick the next token (also the `sampling:` config section, which adds the seed)."""
+
+    temperature: float = 0.9
+    top_k: int = 0
+    top_p: float = 0.9
+    repetition_penalty: float = 1.0
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    greedy: bool = False
+
+    def __post_init__(self):
+        self.validate()
+
+    @property
+    def is_greedy(self) -> bool:
+        """--greedy, or its usual spelling --temperature 0."""
+        return self.greedy or self.temperature == 0
+
+    def validate(self) -> None:
+        """Refuse values that make the distribution degenerate (NaN, all -inf, overflow)."""
+        for option, value in (("--temperature", self.temperature), ("--top-p", self.top_p),
+                              ("--repetition-penalty", self.repetition_penalty),
+                              ("--frequency-penalty", self.frequency_penalty),
+                              ("--presence-penalty", self.presence_penalty)):
+            if not math.isfinite(value):
+                raise UserError(f"{option} {value}: must be a finite number")
+        if self.temperature < 0:
+            raise UserError(f"--temperature {self.temperature}: must be 0 (greedy) or more")
+        if 0 < self.temperature < MIN_TEMPERATURE and not self.greedy:
+            raise UserError(f"--temperature {self.temperature}: below {MIN_TEMPERATURE} the logits overflow; "
+                            "use --greedy for the most likely token")
+        if self.top_k < 0:
+            raise UserError(f"--top-k {self.top_k}: must be 0 (off) or a positive number of tokens")
+        if not 0 < self.top_p <= 1:
+            raise UserError(f"--top-p {self.top_p}: must be in (0, 1]; 1 turns nucleus sampling off")
+        if not self.repetition_penalty > 0:
+            raise UserError(f"--repetition-penalty {self.repetition_penalty}: must be greater than 0 (1 is off)")
+        for option, value in (("--frequency-penalty", self.frequency_penalty),
+                              ("--presence-penalty", self.presence_penalty)):
+            if abs(value) > MAX_PENALTY:
+                raise UserError(f"{option} {value}: must be between -{MAX_PENALTY} and {MAX_PENALTY}")
 
 
 @dataclass
@@ -162,6 +243,27 @@ class GenerateSection:
     """Replace an existing output file."""
     json: bool = False
 
+    def validate(self, task: Optional[str]) -> None:
+        """`task` None: the checks that hold for any task."""
+        for option_name, value in (("--max-new-tokens", self.max_new_tokens), ("--out-seq-length", self.out_seq_length),
+                                   ("--min-new-tokens", self.min_new_tokens)):
+            if value is not None and value < 0:
+                raise UserError(f"{option_name} {value}: must not be negative")
+        if self.num_samples < 1:
+            raise UserError(f"--num-samples {self.num_samples}: must be at least 1")
+        if task == "lyric":
+            if self.lines is not None and self.lines < 1:
+                raise UserError(f"--lines {self.lines}: give at least 1")
+            if self.ignore_eos or self.min_new_tokens:
+                raise UserError("--ignore-eos / --min-new-tokens: only novel ends at end of text (in lyric, <eod> is a line break)")
+        elif task == "novel" and self.lines is not None:
+            raise UserError("--lines: only lyric counts lines; use --max-new-tokens or --stop for novel")
+        if (self.min_new_tokens and self.max_new_tokens and self.out_seq_length is None
+                and self.min_new_tokens > self.max_new_tokens):
+            raise UserError(f"--min-new-tokens {self.min_new_tokens}: more than --max-new-tokens {self.max_new_tokens}")
+        if any(not s for s in self.stop):
+            raise UserError("--stop '': a stop text must not be empty")
+
 
 @dataclass
 class Settings:
@@ -174,6 +276,52 @@ class Settings:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def validate(self, task: Optional[str] = None, max_positions: Optional[int] = None) -> None:
+        """Every check of the values, wherever they came from (defaults, YAML, --set, options, a
+        request); the window's checks against the model's positions once `max_positions` is known."""
+        if task is not None and task not in TASKS:
+            raise UserError(f"task {task!r}: choose {' or '.join(TASKS)}")
+        self.model.validate()
+        self.runtime.validate()
+        self.window.validate(max_positions)
+        self.sampling.validate()
+        self.generate.validate(task)
+
+
+# Each command-line option (by its parameter name in cli.py) and the settings key it sets: the
+# one path from options to Settings, for the commands and for Engine jobs and requests.
+OPTION_KEYS: dict[str, str] = {
+    "model": "model.path", "trust": "model.trust_checkpoint", "vocab": "tokenizer.vocab",
+    "device": "runtime.device", "dtype": "runtime.dtype", "quantize": "runtime.quantize",
+    "compiled": "runtime.compile", "threads": "runtime.threads", "mp": "runtime.mp",
+    "stride": "window.stride", "keep": "window.keep",
+    "temperature": "sampling.temperature", "top_k": "sampling.top_k", "top_p": "sampling.top_p",
+    "repetition_penalty": "sampling.repetition_penalty", "frequency_penalty": "sampling.frequency_penalty",
+    "presence_penalty": "sampling.presence_penalty", "greedy": "sampling.greedy", "seed": "sampling.seed",
+    "max_new_tokens": "generate.max_new_tokens", "min_new_tokens": "generate.min_new_tokens",
+    "ignore_eos": "generate.ignore_eos", "out_seq_length": "generate.out_seq_length",
+    "lines": "generate.lines", "stop": "generate.stop", "num_samples": "generate.num_samples",
+    "fast": "generate.fast", "output": "generate.output", "force": "generate.force", "as_json": "generate.json",
+}
+# The options one job may set on a loaded engine: how to write, not what to load or where to print.
+JOB_OPTIONS = tuple(name for name, key in OPTION_KEYS.items()
+                    if key.split(".")[0] in ("window", "sampling", "generate") and name not in ("output", "force", "as_json"))
+
+
+def apply_options(settings: Settings, options: dict[str, Any], allowed: Iterable[str] = OPTION_KEYS) -> None:
+    """Set the keys of the given options (None: not given, the settings keep theirs)."""
+    allowed = set(allowed)
+    for name, value in options.items():
+        if name not in allowed:
+            raise UserError(f"{name}: not an option here (choose from {', '.join(sorted(allowed))})")
+        if value is not None:
+            section, key = OPTION_KEYS[name].split(".")
+            setattr(getattr(settings, section), key, value)
+    if options.get("out_seq_length") is not None:
+        if options.get("max_new_tokens") is not None:
+            raise UserError("--out-seq-length and --max-new-tokens both set the length; give one of them")
+        settings.generate.max_new_tokens = 0  # the total length alone decides (Engine.prepare)
 
 
 def _sections() -> dict[str, type]:
@@ -259,17 +407,18 @@ def load_yaml(path: Path, option: str = "--config") -> dict:
 
 
 def default_settings(task: Optional[str] = None) -> Settings:
-    """The built-in defaults, with the task's (configs/<task>.yaml semantics) when given."""
+    """The built-in defaults, with the task's own (configs/<task>.yaml spells the result out)."""
     settings = Settings()
     if task is not None:
-        apply_values(settings, TASK_DEFAULTS[task], f"{task} defaults")
+        apply_values(settings, TASKS[task].defaults, f"{task} defaults")
     return settings
 
 
 def load_settings(config: Optional[str] = None, sets: Optional[list[str]] = None, task: Optional[str] = None) -> Settings:
     """One rule, later wins: built-in defaults < config files, each over the one before
     (~/.config/cpmgen/config.yaml, then $CPMGEN_CONFIG, then --config) < environment
-    ($CPMGEN_MODEL) < --set < the command's own options (applied by the CLI).
+    ($CPMGEN_MODEL) < --set < the command's own options (apply_options). Checked as a whole
+    by Settings.validate once the options are on top.
 
     The user config or $CPMGEN_MODEL is where a model folder is configured once so that
     commands need no --model."""
@@ -286,13 +435,5 @@ def load_settings(config: Optional[str] = None, sets: Optional[list[str]] = None
         settings.model.path = os.environ["CPMGEN_MODEL"]
     for assignment in sets or []:
         apply_values(settings, parse_set(assignment), f"--set {assignment}")
-    settings.model.validate()
     return settings
 
-
-# What differs per task from the dataclass defaults; configs/<task>.yaml spells the full
-# result out (a test keeps the two in step).
-TASK_DEFAULTS: dict[str, dict] = {
-    "lyric": {"generate": {"max_new_tokens": 128}, "sampling": {"temperature": 0.9, "top_p": 0.9}},
-    "novel": {"generate": {"max_new_tokens": 512}, "sampling": {"temperature": 0.9, "top_p": 0.9}},
-}

@@ -1,7 +1,7 @@
 """The engine: one loaded model, tokenizer and window rule that runs jobs for any front end.
 
-It takes validated settings, opens the checkpoint once, and then generates and scores as
-many texts as asked, from Python or from the server (cpmgen/serve/):
+It takes settings, checks them, opens the checkpoint once, and then generates and scores as
+many texts as asked: for the `cpmgen` commands, for the server (cpmgen/serve/) and from Python:
 
     from cpmgen.engine import Engine
     engine = Engine.load("models/cpm-tiny")
@@ -9,16 +9,17 @@ many texts as asked, from Python or from the server (cpmgen/serve/):
         print(engine.generate(prompt, max_new_tokens=40, seed=1).texts[0])
     print(engine.score("今天天气很好，我们一起去公园散步。")["perplexity"])
 
-`generate` runs the same loop as `cpmgen novel` / `cpmgen lyric` (runner.run), so the same
-prompt, settings and seed give the same tokens.
+`generate` runs the loop of `cpmgen novel` / `cpmgen lyric` (runner.run), so the same prompt,
+settings and seed give the same tokens.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from typing import Callable, Optional
 
-from cpmgen.config import Settings, load_settings
+from cpmgen.config import JOB_OPTIONS, OPTION_KEYS, Settings, apply_options, load_settings
 from cpmgen.display import Silent
 from cpmgen.errors import UserError
 from cpmgen.runner import Job, Result, run
@@ -26,14 +27,10 @@ from cpmgen.tasks import TASKS
 from cpmgen.tokenizer import CPMTokenizer, find_vocab
 from cpmgen.window import Window
 
-# The per-job options of `generate` and `job`, each with the settings section it overrides.
-JOB_OPTIONS = {
-    "max_new_tokens": "generate", "min_new_tokens": "generate", "ignore_eos": "generate", "stop": "generate",
-    "lines": "generate", "fast": "generate", "num_samples": "generate",
-    "temperature": "sampling", "top_k": "sampling", "top_p": "sampling", "repetition_penalty": "sampling",
-    "frequency_penalty": "sampling", "presence_penalty": "sampling", "greedy": "sampling", "seed": "sampling",
-    "stride": "window", "keep": "window",
-}
+
+class TextError(UserError):
+    """What is wrong with the text itself (an empty prompt, a text too short to score): a front
+    end names where the text came from, and the prompt loop asks again."""
 
 
 def open_tokenizer(settings: Settings, vocab_size: Optional[int] = None) -> CPMTokenizer:
@@ -47,99 +44,98 @@ def open_tokenizer(settings: Settings, vocab_size: Optional[int] = None) -> CPMT
     return tokenizer
 
 
-def check_generation(task_name: str, settings: Settings) -> None:
-    """The generation settings of a job, checked in one place for the CLI and the engine
-    (values may have come from YAML, --set, options or a request)."""
-    gen, samp = settings.generate, settings.sampling
-    for option_name, value in (("--max-new-tokens", gen.max_new_tokens), ("--out-seq-length", gen.out_seq_length),
-                               ("--min-new-tokens", gen.min_new_tokens)):
-        if value is not None and value < 0:
-            raise UserError(f"{option_name} {value}: must not be negative")
-    if gen.num_samples < 1:
-        raise UserError(f"--num-samples {gen.num_samples}: must be at least 1")
-    if samp.temperature == 0:  # the usual spelling of greedy decoding
-        samp.greedy, samp.temperature = True, 1.0
-    samp.validate()
-    if gen.lines is not None and (task_name != "lyric" or gen.lines < 1):
-        raise UserError(f"--lines {gen.lines}: give at least 1" if task_name == "lyric"
-                        else "--lines: only lyric counts lines; use --max-new-tokens or --stop for novel")
-    if task_name == "lyric" and (gen.ignore_eos or gen.min_new_tokens):
-        raise UserError("--ignore-eos / --min-new-tokens: only novel ends at end of text (in lyric, <eod> is a line break)")
-    if gen.min_new_tokens and gen.max_new_tokens and gen.out_seq_length is None and gen.min_new_tokens > gen.max_new_tokens:
-        raise UserError(f"--min-new-tokens {gen.min_new_tokens}: more than --max-new-tokens {gen.max_new_tokens}")
-    if any(not s for s in gen.stop):
-        raise UserError("--stop '': a stop text must not be empty")
-
+@contextlib.contextmanager
+def no_progress(description: str, total: int):
+    yield lambda n=1: None
 
 
 class Engine:
-    def __init__(self, settings: Settings, advance: Optional[Callable[[int], None]] = None):
-        from cpmgen.loading import load_model
+    """`rank`/`world`: this process's shard of a model-parallel run (every rank builds its own
+    engine and runs the same jobs). `progress(description, total)` is a context manager giving
+    `advance(n)`, through which long work (loading, scoring) reports how far it is."""
+
+    def __init__(self, settings: Settings, rank: int = 0, world: int = 1, progress=no_progress):
+        from cpmgen.loading import load_model, open_model
         from cpmgen.threads import apply_threads
 
+        settings.validate()
         apply_threads(settings.runtime.threads)
-        self.settings = settings
-        self.loaded = load_model(settings, advance=advance)
-        self.model = self.loaded.model
-        self.args = self.loaded.args
-        self.tokenizer = open_tokenizer(settings, self.args.vocab_size)
+        self.settings, self.world = settings, world
+        checkpoint = open_model(settings, rank=rank, world=world)
+        with progress(f"loading {checkpoint.path.name}", len(checkpoint.names()) + 1) as advance:
+            self.loaded = load_model(settings, advance, checkpoint, rank, world)
+            self.model, self.args, self.decode = self.loaded.model, self.loaded.args, self.loaded.decode
+            self.tokenizer = open_tokenizer(settings, self.args.vocab_size)
+            advance(1)
 
     @classmethod
     def load(cls, model: Optional[str] = None, config: Optional[str] = None, sets: Optional[list[str]] = None,
-             **runtime) -> "Engine":
-        """Load a model folder; `runtime` sets keys of the runtime section (dtype="bf16", quantize="int8", ...)."""
+             **options) -> "Engine":
+        """Load a model folder; `options` as the command-line options (dtype="bf16", quantize="int8",
+        threads=2, and any job option as the default of every job)."""
         settings = load_settings(config, sets)
-        if model is not None:
-            settings.model.path = model
-        for key, value in runtime.items():
-            if not hasattr(settings.runtime, key):
-                raise UserError(f"{key}: not a runtime setting (choose from {', '.join(vars(settings.runtime))})")
-            setattr(settings.runtime, key, value)
+        apply_options(settings, dict(options, model=model), OPTION_KEYS)
         return cls(settings)
 
     @property
     def device(self):
         return self.loaded.device
 
-    def job(self, task: str = "novel", **options) -> Job:
-        """A validated job: the engine's settings with `options` (JOB_OPTIONS) on top."""
-        if task not in TASKS:
-            raise UserError(f"task {task!r}: choose {' or '.join(TASKS)}")
+    def job_settings(self, task: Optional[str], options: dict) -> Settings:
+        """The engine's settings with a job's options (JOB_OPTIONS) on top, checked."""
         settings = copy.deepcopy(self.settings)
-        for key, value in options.items():
-            if key not in JOB_OPTIONS:
-                raise UserError(f"{key}: not a generation option (choose from {', '.join(JOB_OPTIONS)})")
-            if value is not None:
-                setattr(getattr(settings, JOB_OPTIONS[key]), key, value)
-        check_generation(task, settings)
-        gen, samp = settings.generate, settings.sampling
-        tsk = TASKS[task]
-        window = Window.from_settings(settings.window, self.args.max_positions,
-                                      self.tokenizer.eod_id if tsk.lines else None)
-        return Job(tsk, window, samp, gen.max_new_tokens or None, gen.num_samples, gen.fast, samp.seed,
-                   tuple(gen.stop), gen.lines, gen.ignore_eos, gen.min_new_tokens)
+        apply_options(settings, options, JOB_OPTIONS)
+        settings.validate(task, self.args.max_positions)
+        return settings
 
-    def prompt_ids(self, text: str, job: Job) -> list[int]:
-        ids = job.task.prompt_ids(text, self.tokenizer)
+    def prepare(self, text: str, task: str = "novel", **options) -> tuple[Job, list[int]]:
+        """The validated job and the prompt's ids for continuing `text`; options as JOB_OPTIONS
+        (max_new_tokens=0: until the end of text)."""
+        from cpmgen.memory import check_generation_memory
+
+        settings = self.job_settings(task, options)
+        gen, samp = settings.generate, settings.sampling
+        job_task = TASKS[task]
+        ids = job_task.prompt_ids(text, self.tokenizer)
         if not ids:
-            raise UserError("the prompt is empty; write the opening text (lyric: lines ending with <eod>)")
-        if job.window.keep > len(ids):
-            raise UserError(f"--keep {job.window.keep}: the prompt has only {len(ids)} tokens; keep at most that many")
-        return ids
+            raise TextError("the prompt is empty; write the opening text (lyric: lines ending with <eod>)")
+        window = Window.from_settings(settings.window, self.args.max_positions,
+                                      self.tokenizer.eod_id if job_task.lines else None)
+        if window.keep > len(ids):
+            raise UserError(f"--keep {window.keep}: the prompt has only {len(ids)} tokens; keep at most that many")
+        if gen.out_seq_length is not None and gen.out_seq_length - len(ids) < 1:
+            raise UserError(f"--out-seq-length {gen.out_seq_length}: not longer than the prompt "
+                            f"({len(ids)} tokens); ask for more, or use --max-new-tokens")
+        max_new_tokens = gen.out_seq_length - len(ids) if gen.out_seq_length is not None else gen.max_new_tokens
+        check_generation_memory(self.args, gen.num_samples, window.size + 1, self.loaded.dtype, self.device,
+                                self.world)
+        job = Job(job_task, window, samp, max_new_tokens or None, gen.num_samples, gen.fast, samp.seed,
+                  tuple(gen.stop), gen.lines, gen.ignore_eos, gen.min_new_tokens)
+        return job, ids
+
+    def run(self, job: Job, prompt_ids: list[int], view=None, agree: Callable[[bool], bool] = bool) -> Result:
+        """Run a prepared job; `view` shows tokens as they come, `agree` makes model-parallel
+        ranks stop at the same step (runner.run)."""
+        return run(job, self.model, self.tokenizer, prompt_ids, view or Silent(), agree, self.decode)
 
     def generate(self, prompt: str, task: str = "novel", view=None, **options) -> Result:
-        """Continue `prompt`; options as JOB_OPTIONS (max_new_tokens=0: until the end of text)."""
-        job = self.job(task, **options)
-        return run(job, self.model, self.tokenizer, self.prompt_ids(prompt, job), view or Silent())
+        """Continue `prompt`; options as JOB_OPTIONS."""
+        return self.run(*self.prepare(prompt, task, **options), view)
 
-    def score(self, text: str, fast: bool = True, **window) -> dict:
-        """Log-likelihood and perplexity of `text` with the generation window (stride, keep)."""
-        from cpmgen.score import score_ids, summary
+    def score(self, text: str, progress=no_progress, window_report: bool = False, **options) -> dict:
+        """Log-likelihood and perplexity of `text` with the generation window (options: stride,
+        keep, fast); `window_report` adds perplexity by position."""
+        from cpmgen import score
 
-        settings = copy.deepcopy(self.settings.window)
-        for key, value in window.items():
-            setattr(settings, key, value)
+        settings = self.job_settings(None, options)
         ids = self.tokenizer.encode(text)
         if len(ids) < 2:
-            raise UserError(f"the text has {len(ids)} token(s); scoring needs at least 2")
-        return summary(ids, score_ids(self.model, ids, Window.from_settings(settings, self.args.max_positions), fast))
+            raise TextError(f"the text has {len(ids)} token(s); scoring needs at least 2")
+        window = Window.from_settings(settings.window, self.args.max_positions)
+        with progress("scoring", len(ids) - 1) as advance:
+            logprobs = score.score_ids(self.model, ids, window, settings.generate.fast, advance)
+        result = score.summary(ids, logprobs)
+        if window_report:
+            result["window_report"] = score.window_report(logprobs, window.size)
+        return result
+

@@ -16,12 +16,12 @@ import os
 import re
 import resource
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Optional
 
 from cpmgen.errors import UserError
+from cpmgen.libc import LIBC
 
 # What a checkpoint folder written by cpmgen, Megatron or HF transformers holds at its top level.
 CHECKPOINT_FILES = {
@@ -167,13 +167,12 @@ def glob_escape(name: str) -> str:
     return re.sub(r"([*?\[])", r"[\1]", name)
 
 
-_libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 _RENAME_NOREPLACE = 1
 
 
 def rename_no_replace(source: Path, target: Path) -> None:
     """Rename, failing with FileExistsError if the target exists (atomically where the kernel can)."""
-    renameat2 = getattr(_libc, "renameat2", None)
+    renameat2 = getattr(LIBC, "renameat2", None)
     if renameat2 is not None:
         at_fdcwd = -100
         if renameat2(at_fdcwd, os.fsencode(source), at_fdcwd, os.fsencode(target), _RENAME_NOREPLACE) == 0:

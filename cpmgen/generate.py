@@ -16,7 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from cpmgen.model import CPMModel, KVCache
+from cpmgen.model import CPMModel, KVCache, decode_step
 from cpmgen.sampling import SamplingParams, sample
 from cpmgen.window import Window
 
@@ -75,12 +75,14 @@ def draw(logits: torch.Tensor, params: SamplingParams,
 def generate(model: CPMModel, prompt: list[int], window: Window, params: SamplingParams,
              max_new_tokens: Optional[int], num_samples: int = 1, fast: bool = True,
              generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None, stats: Optional[Stats] = None,
-             choose: Optional[Callable[[torch.Tensor, list[list[int]]], torch.Tensor]] = None) -> Iterator[list[int]]:
+             choose: Optional[Callable[[torch.Tensor, list[list[int]]], torch.Tensor]] = None,
+             decode: Callable = decode_step) -> Iterator[list[int]]:
     """Yield the next token of every sample, step after step (max_new_tokens None: without end).
 
     The caller decides when a sample is finished (end of text, stop strings) and stops
     iterating when all are; `stats` is updated in place so it is right at any interruption.
-    `generator`: one for the batch, or one per sample (see `draw`).
+    `generator`: one for the batch, or one per sample (see `draw`). `decode`: the one-token
+    step (model.decode_step, or its compiled form).
     `choose(logits, windows)` replaces sampling, e.g. to force the tokens of a text (teacher
     forcing, to measure perplexity through the very same loop)."""
     stats = stats if stats is not None else Stats()
@@ -119,7 +121,7 @@ def generate(model: CPMModel, prompt: list[int], window: Window, params: Samplin
             if len(slid) < num_samples:
                 # A slid sample's token goes in at some free slot here; its re-encode below overwrites it.
                 positions = torch.tensor([len(w) - 1 for w in windows], device=device)
-                logits = model.decode_step(tokens, positions, kv_cache)
+                logits = decode(model, tokens, positions, kv_cache)
             if slid:
                 logits = logits.clone() if len(slid) < num_samples else torch.empty_like(logits)
                 for row in slid:

@@ -9,21 +9,18 @@ from typing import Callable, Optional
 import torch
 
 from cpmgen.checkpoint.reader import Checkpoint, open_checkpoint, resolve_args
-from cpmgen.config import ModelArgs, RuntimeSection, Settings
+from cpmgen.config import DTYPE_ALIASES, ModelArgs, RuntimeSection, Settings
 from cpmgen.errors import UserError
 from cpmgen.memory import trim_heap
-from cpmgen.model import CPMModel
+from cpmgen.model import CPMModel, decode_step
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch's spelling is accepted too
-QUANTIZE = ("none", "int8", "int4")
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(name: str) -> torch.device:
+    """A checked runtime.device (RuntimeSection.validate) on this machine."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise UserError(f"--device {name}: choose auto, cpu or cuda")
     if name.startswith("cuda") and not torch.cuda.is_available():
         raise UserError(f"--device {name}: no CUDA device is available here; use --device cpu")
     return torch.device(name)
@@ -34,9 +31,7 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         if device.type == "cuda":
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
-    if DTYPE_NAMES.get(name, name) not in DTYPES:
-        raise UserError(f"--dtype {name}: choose auto, fp32, bf16 or fp16 (or float32, bfloat16, float16)")
-    return DTYPES[DTYPE_NAMES.get(name, name)]
+    return TORCH_DTYPES[DTYPE_ALIASES.get(name, name)]
 
 
 def model_path(settings: Settings) -> Path:
@@ -56,9 +51,9 @@ def open_model(settings: Settings, strict: bool = True, rank: Optional[int] = No
 class Loaded:
     model: CPMModel
     args: ModelArgs
-    checkpoint: Checkpoint
     device: torch.device
     dtype: torch.dtype
+    decode: Callable = decode_step  # the one-token step: model.decode_step or its compiled form
 
 
 def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = None,
@@ -71,8 +66,6 @@ def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = No
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
     dtype = resolve_dtype(settings.runtime.dtype, device)
-    if settings.runtime.quantize not in QUANTIZE:
-        raise UserError(f"--quantize {settings.runtime.quantize}: choose {', '.join(QUANTIZE[:-1])} or {QUANTIZE[-1]}")
     ckpt = checkpoint or open_model(settings)
     args = resolve_args(ckpt, settings.model)
     if ckpt.format == "quantized":
@@ -95,7 +88,7 @@ def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = No
     del state
     optimize(model, settings.runtime, ckpt)
     trim_heap()  # converted and replaced copies were freed one by one; hand their memory back
-    return Loaded(model.eval(), args, ckpt, device, dtype)
+    return Loaded(model.eval(), args, device, dtype, compile_decode(model) if settings.runtime.compile else decode_step)
 
 
 def _load_quantized(settings: Settings, ckpt: Checkpoint, args: ModelArgs, device: torch.device, dtype: torch.dtype,
@@ -113,21 +106,19 @@ def _load_quantized(settings: Settings, ckpt: Checkpoint, args: ModelArgs, devic
     model = build_quantized_model(ckpt, args, dtype).to(device)
     if advance:
         advance(len(ckpt.names()))
-    if settings.runtime.compile:
-        compile_decode(model)
-    return Loaded(model.eval(), args, ckpt, device, dtype)
+    return Loaded(model.eval(), args, device, dtype, compile_decode(model) if settings.runtime.compile else decode_step)
 
 
-def compile_decode(model: CPMModel) -> None:
-    """torch.compile the one-token step (prefill lengths vary, so it stays eager).
+def compile_decode(model: CPMModel) -> Callable:
+    """model.decode_step, compiled for `model` (prefill lengths vary, so it stays eager).
 
     Freezing lets inductor treat the weights as constants. It cannot lower oneDNN's opaque
-    prepacked weights, so --compile replaces prepacking, and on the CPU (torch 2.13) it
-    lowers the linears to MKL's one-core GEMV: half the default speed there (README,
-    Performance). On CUDA the step is also captured as a CUDA graph, which removes the
-    per-kernel launch cost that dominates batch-1 decode there."""
+    prepacked weights, so --compile replaces prepacking, and on the CPU it lowers the linears
+    to MKL's one-core GEMV, slower than the default (README, Performance). On CUDA the step is
+    also captured as a CUDA graph, which removes the per-kernel launch cost that dominates
+    batch-1 decode there."""
     options = {"freezing": True, "triton.cudagraphs": model.word_embeddings.weight.is_cuda}
-    model.decode_step = torch.compile(model.decode_step, fullgraph=True, dynamic=False, options=options)
+    return torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
 
 
 def optimize(model: CPMModel, runtime: RuntimeSection, ckpt: Optional[Checkpoint] = None) -> None:
@@ -146,8 +137,6 @@ def optimize(model: CPMModel, runtime: RuntimeSection, ckpt: Optional[Checkpoint
         from cpmgen.quantize import quantize_model
 
         quantize_model(model, runtime.quantize, replaced)
-    if runtime.compile:
-        compile_decode(model)
-    elif runtime.prepack:
+    if runtime.prepack and not runtime.compile:
         prepack_linears(model, replaced)
 

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import ctypes
 import mmap
-import sys
 
 import torch
 
 from cpmgen.config import ModelArgs
 from cpmgen.errors import UserError
+from cpmgen.libc import LIBC
 
 # Sampling holds a handful of [samples, vocab] temporaries at once (logits, probabilities,
 # a sort and its order, the cumulative sum, the random race): bytes per vocab entry, generously.
@@ -49,8 +49,7 @@ def check_generation_memory(args: ModelArgs, samples: int, window: int, dtype: t
                         f"but {free / 1e9:.1f} GB are available; ask for at most {most} samples")
 
 
-_libc = ctypes.CDLL(None) if sys.platform == "linux" else None
-_malloc_trim = getattr(_libc, "malloc_trim", None)  # glibc only
+_malloc_trim = getattr(LIBC, "malloc_trim", None)  # glibc only
 _MADV_DONTNEED = 4
 
 
@@ -61,14 +60,14 @@ def release_pages(tensor: torch.Tensor) -> None:
     are re-read from the file if touched again; without this, every tensor a reshard or a
     dtype-converting load has read stays resident and peak memory reaches twice the
     checkpoint. Only for tensors of a file mapping: on anonymous memory it would zero them."""
-    if _libc is None:
+    if LIBC is None:
         return
     storage = tensor.untyped_storage()
     page = mmap.PAGESIZE
     start = (storage.data_ptr() + page - 1) // page * page
     end = (storage.data_ptr() + storage.nbytes()) // page * page
     if end > start:
-        _libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+        LIBC.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
 
 
 def trim_heap() -> None:
@@ -77,6 +76,6 @@ def trim_heap() -> None:
     glibc serves allocations below its mmap threshold (which raises itself up to 32 MB as
     large blocks are freed) from the heap, and keeps what is freed there unless it is at the
     top: without this, a loop that makes and frees one merged tensor after another grows the
-    resident set by most of what it made (a CPM-Medium fp32 merge ended near 1 GB instead of 0.3)."""
+    resident set by most of what it made."""
     if _malloc_trim is not None:
         _malloc_trim(0)

@@ -75,11 +75,10 @@ class KVCache:
 
 
 def attention_dtype(x: torch.Tensor) -> torch.dtype:
-    """Attention (and the KV cache) runs in fp32 on the CPU whatever the weights' dtype. CPU
-    bf16 matmuls copy the cache's strided slices on every step and ran 4x slower than fp32
-    there (a third of a bf16 decode step), and oneDNN kept a kernel for every new context
-    length (memory grew 1 GB in 1000 steps). The cache is small next to the weights
-    (CPM-Small: 75 MB in fp32 for a 1023-token window)."""
+    """Attention (and the KV cache) runs in fp32 on the CPU whatever the weights' dtype: CPU
+    bf16 matmuls copy the cache's strided slices on every step, which made them slower than
+    fp32, and oneDNN kept a kernel for every new context length, so memory grew with the text.
+    The cache is small next to the weights."""
     return torch.float32 if x.device.type == "cpu" else x.dtype
 
 
@@ -100,7 +99,7 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, input_pos, k, v, kv_len)
         if seq > 1:
-            # Fused attention: a window's prefill runs 4x faster than the plain matmuls on the CPU.
+            # Fused attention: a window's prefill runs several times faster than plain matmuls.
             # Masked scores are -inf here instead of -10000; every query sees at least its own
             # key, so masked keys get weight exactly 0 either way.
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
@@ -136,6 +135,15 @@ class Block(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
+class TiedOutput(nn.Module):
+    """The output layer: logits from the word-embedding table it is tied to (stored once, in
+    `word_embeddings`, and passed in). Faster forms of it replace this module: prepack.py,
+    quantize.py, and parallel.py's gathered head."""
+
+    def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, table)
+
+
 class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -149,12 +157,13 @@ class CPMModel(nn.Module):
         self.args = args
         # Tables given, so nn.Embedding skips its normal_() initialisation: the weights always
         # come from a checkpoint, and on the meta device (how models are built for loading)
-        # normal_ imports ~800 Python modules, 73 MB resident for the life of the process.
+        # normal_ imports hundreds of Python modules that stay resident for the life of the process.
         self.word_embeddings = nn.Embedding(args.vocab_size, args.hidden_size,
                                             _weight=torch.empty(args.vocab_size, args.hidden_size))
         self.position_embeddings = nn.Embedding(args.max_positions, args.hidden_size,
                                                 _weight=torch.empty(args.max_positions, args.hidden_size))
         self.transformer = Transformer(args)
+        self.lm_head = TiedOutput()
 
     def new_kv_cache(self, batch_size: int, slots: Optional[int] = None) -> KVCache:
         attention = self.transformer.layers[0].attention
@@ -163,14 +172,6 @@ class CPMModel(nn.Module):
                                 slots or self.args.max_positions, attention.head_dim, attention_dtype(weight),
                                 weight.device)
 
-    def decode_step(self, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
-        """tokens [batch], input_pos [batch]: each sample's new token at its own next position ->
-        logits [batch, vocab]. The unit that `--compile` compiles (it replaces this method)."""
-        return self(tokens[:, None], input_pos[:, None], kv_cache)[:, -1]
-
-    def lm_head(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.word_embeddings.weight)
-
     def forward(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_cache: Optional[KVCache] = None,
                 last_only: bool = False) -> torch.Tensor:
         """ids [batch, T]; input_pos [T] or [batch, T]: the position id of each token.
@@ -178,6 +179,18 @@ class CPMModel(nn.Module):
         Without a cache the tokens attend to each other causally by position. With a cache
         they are written at slots input_pos and attend to the cached slots 0..position.
         Returns logits [batch, T, vocab] (or [batch, 1, vocab] with last_only)."""
+        input_pos, mask, kv_len = self.attention_plan(ids, input_pos, kv_cache)
+        x = self.word_embeddings(ids) + self.position_embeddings(input_pos)
+        for i, layer in enumerate(self.transformer.layers):
+            x = layer(x, input_pos, mask, kv_cache, i, kv_len)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(self.transformer.final_layernorm(x), self.word_embeddings.weight)
+
+    def attention_plan(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_cache: Optional[KVCache]):
+        """(input_pos, mask, kv_len) for a forward: the positions checked against the model and
+        the cache, the mask (None where plain causal or none is needed), how many cache slots
+        to attend to. Eager and compiled runs differ only here."""
         batch, seq = ids.shape
         compiled = torch.compiler.is_compiling()
         if input_pos.dim() == 2 and not compiled and bool((input_pos == input_pos[:1]).all()):
@@ -199,13 +212,20 @@ class CPMModel(nn.Module):
         if not compiled and input_pos.dim() == 1 and (
                 seq == 1 or torch.equal(input_pos, torch.arange(seq, device=ids.device))):
             # No mask in the two usual cases: one new token per row (it sees every attended slot)
-            # and a window encoded at 0..T-1 (plain causal, which SDPA runs a third faster).
+            # and a window encoded at 0..T-1 (plain causal, which SDPA runs faster).
             mask = None
         else:
             mask = (key_pos[:, None, :] <= positions[:, :, None]).unsqueeze(1)  # [batch, 1, T, keys]
-        x = self.word_embeddings(ids) + self.position_embeddings(input_pos)
-        for i, layer in enumerate(self.transformer.layers):
-            x = layer(x, input_pos, mask, kv_cache, i, kv_len)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(self.transformer.final_layernorm(x))
+        return input_pos, mask, kv_len
+
+
+def state_shapes(args: ModelArgs) -> dict[str, torch.Size]:
+    """The mp=1 state dict's names and shapes for `args`, read off CPMModel itself."""
+    with torch.device("meta"):
+        return {name: tensor.shape for name, tensor in CPMModel(args).state_dict().items()}
+
+
+def decode_step(model: CPMModel, tokens: torch.Tensor, input_pos: torch.Tensor, kv_cache: KVCache) -> torch.Tensor:
+    """tokens [batch], input_pos [batch]: each sample's new token at its own next position ->
+    logits [batch, vocab]. The unit that `--compile` compiles (loading.compile_decode)."""
+    return model(tokens[:, None], input_pos[:, None], kv_cache)[:, -1]

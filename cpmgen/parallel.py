@@ -24,7 +24,6 @@ import signal
 import socket
 import subprocess
 import sys
-import types
 from datetime import timedelta
 from typing import Callable, Optional
 
@@ -33,7 +32,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cpmgen.config import ModelArgs
+from cpmgen.checkpoint.splits import check_split
 from cpmgen.errors import UserError
 from cpmgen.model import CPMModel
 
@@ -68,19 +67,19 @@ class VocabParallelEmbedding(nn.Module):
         return out
 
 
-def _gathered_lm_head(self: CPMModel, x: torch.Tensor) -> torch.Tensor:
-    """Each rank's logits cover its vocab slice; every rank gets all of them, in rank order."""
-    local = F.linear(x, self.word_embeddings.weight).contiguous()
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local)
-    return torch.cat(parts, dim=-1)
+class GatheredOutput(nn.Module):
+    """The output layer over a vocab-parallel table: each rank's `local` layer gives the logits
+    of its vocab slice; every rank gets all of them, in rank order."""
 
+    def __init__(self, local: nn.Module):
+        super().__init__()
+        self.local = local
 
-def check_split(args: ModelArgs, world: int) -> None:
-    for size, what in ((args.num_heads, "attention heads"), (args.vocab_size, "vocab entries"),
-                       (args.ffn_size, "MLP units")):
-        if size % world:
-            raise UserError(f"--mp {world} does not divide the model's {size} {what}; choose a divisor")
+    def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        local = self.local(x, table).contiguous()
+        parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, local)
+        return torch.cat(parts, dim=-1)
 
 
 def apply_tensor_parallel(model: CPMModel, rank: int, world: int) -> CPMModel:
@@ -99,7 +98,7 @@ def apply_tensor_parallel(model: CPMModel, rank: int, world: int) -> CPMModel:
             mlp.dense_4h_to_h = RowParallelLinear(args.ffn_size // world, hidden)
         rows = args.vocab_size // world
         model.word_embeddings = VocabParallelEmbedding(rows, hidden, rank * rows)
-    model.lm_head = types.MethodType(_gathered_lm_head, model)
+    model.lm_head = GatheredOutput(model.lm_head)
     return model
 
 
@@ -118,8 +117,6 @@ def world_size(requested: Optional[int]) -> int:
         if requested not in (None, world):
             raise UserError(f"--mp {requested}: the launcher started {world} processes; pass --mp {world} or drop --mp")
         return world
-    if requested is not None and requested < 1:
-        raise UserError(f"--mp {requested}: the model-parallel size must be at least 1")
     return requested or 1
 
 

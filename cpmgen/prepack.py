@@ -1,11 +1,10 @@
 """CPU linears on oneDNN prepacked weights: batch-1 decode at memory bandwidth.
 
 Decoding one token is a matrix-vector product per linear layer, and time goes into reading
-the weights. For that shape, `F.linear` calls MKL's GEMV, which runs on one core and reads
-about 19 GB/s here; oneDNN's linear on a weight reordered once into its blocked layout
-splits the rows over all cores and reads 36 GB/s fp32 and 44 GB/s bf16 (two cores, about
-46 GB/s of read bandwidth). The same packed weights also make the prefill of a full window
-about twice as fast, so the re-encode after a window slide gets cheaper too.
+the weights. For that shape, `F.linear` calls MKL's GEMV, which runs on one core; oneDNN's
+linear on a weight reordered once into its blocked layout splits the rows over all cores, so
+it reads the weights faster. The same packed weights also speed up the prefill of a window,
+so the re-encode after a window slide gets cheaper too (README, Performance).
 
 The model code is untouched: `prepack_linears(model)` swaps modules after loading, as
 parallel.py does for tensor parallelism. Results differ from `F.linear` by rounding only
@@ -15,13 +14,12 @@ packed layers, so fast and slow generation still see the same computation.
 
 from __future__ import annotations
 
-import types
 from typing import Callable
 
 import torch
 import torch.nn as nn
 
-from cpmgen.model import CPMModel
+from cpmgen.model import CPMModel, TiedOutput
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -56,8 +54,16 @@ class PackedLinear(nn.Module):
         return packed_linear(x, self.packed_weight, self.bias)
 
 
-def _packed_lm_head(self: CPMModel, x: torch.Tensor) -> torch.Tensor:
-    return packed_linear(x, self.packed_lm_head, None)
+class PackedOutput(nn.Module):
+    """The tied output layer on a packed copy of the word-embedding table (which the input
+    lookup still needs in its plain layout)."""
+
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.register_buffer("packed_weight", pack_weight(table), persistent=False)
+
+    def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return packed_linear(x, self.packed_weight, None)
 
 
 def prepack_linears(model: CPMModel, replaced: Callable[[torch.Tensor], None] = lambda weight: None) -> int:
@@ -82,9 +88,8 @@ def prepack_linears(model: CPMModel, replaced: Callable[[torch.Tensor], None] = 
                     setattr(parent, name, PackedLinear(child))
                     replaced(child.weight)
                     count += 1
-    if "lm_head" not in vars(model) and isinstance(model.word_embeddings, nn.Embedding):  # not a gathered head
-        model.register_buffer("packed_lm_head", pack_weight(weight), persistent=False)
-        model.lm_head = types.MethodType(_packed_lm_head, model)
+    if type(model.lm_head) is TiedOutput:  # not quantized, not gathered over ranks
+        model.lm_head = PackedOutput(weight)
         replaced(weight)  # from now on only looked up: a few rows a step
         count += 1
     return count

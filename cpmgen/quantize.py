@@ -29,7 +29,6 @@ the bias is added once), and the gathered vocab-parallel output layer stays gath
 
 from __future__ import annotations
 
-import types
 from typing import Callable, Optional
 
 import torch
@@ -38,8 +37,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cpmgen.kernels import qlinear
-from cpmgen.model import CPMModel
-from cpmgen.parallel import RowParallelLinear, VocabParallelEmbedding
+from cpmgen.model import CPMModel, TiedOutput
+from cpmgen.parallel import GatheredOutput, RowParallelLinear
 
 BITS = {"int8": 8, "int4": 4}
 LANES = 16  # output rows per block of the packed layout
@@ -202,16 +201,16 @@ class QuantizedRowParallelLinear(QuantizedLinear):
         return out + self.bias.to(out.dtype)
 
 
-def _quantized_lm_head(self: CPMModel, x: torch.Tensor) -> torch.Tensor:
-    return self.lm_head_quantized(x)
+class QuantizedOutput(nn.Module):
+    """The tied output layer on a quantized copy of the word-embedding table (which the input
+    lookup still needs as it is)."""
 
+    def __init__(self, linear: QuantizedLinear):
+        super().__init__()
+        self.linear = linear
 
-def _quantized_gathered_lm_head(self: CPMModel, x: torch.Tensor) -> torch.Tensor:
-    """parallel.py's gathered head on the quantized copy of this rank's vocab slice."""
-    local = self.lm_head_quantized(x).contiguous()
-    parts = [torch.empty_like(local) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, local)
-    return torch.cat(parts, dim=-1)
+    def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
 
 
 def block_linears(model: CPMModel):
@@ -222,10 +221,12 @@ def block_linears(model: CPMModel):
                 yield parent, name, f"transformer.layers.{i}.{parent_name}.{name}"
 
 
-def set_lm_head(model: CPMModel, head: QuantizedLinear) -> None:
-    model.lm_head_quantized = head
-    gathered = isinstance(model.word_embeddings, VocabParallelEmbedding)
-    model.lm_head = types.MethodType(_quantized_gathered_lm_head if gathered else _quantized_lm_head, model)
+def set_lm_head(model: CPMModel, linear: QuantizedLinear) -> None:
+    """The output layer on `linear` (under tensor parallel: this rank's part of the gathered head)."""
+    if isinstance(model.lm_head, GatheredOutput):
+        model.lm_head.local = QuantizedOutput(linear)
+    else:
+        model.lm_head = QuantizedOutput(linear)
 
 
 def quantize_model(model: CPMModel, kind: str, replaced: Callable[[torch.Tensor], None] = lambda weight: None) -> CPMModel:
@@ -239,7 +240,8 @@ def quantize_model(model: CPMModel, kind: str, replaced: Callable[[torch.Tensor]
     exists, so a loader can release its memory-mapped pages before the next one is read (as
     prepack.prepack_linears does). The output layer is tied to the word embedding, whose float
     table the input lookup still needs: it gets a quantized copy and keeps the table."""
-    if "lm_head" in vars(model) and not isinstance(model.word_embeddings, VocabParallelEmbedding):
+    head = model.lm_head.local if isinstance(model.lm_head, GatheredOutput) else model.lm_head
+    if type(head) is not TiedOutput:
         raise ValueError("the output layer was already replaced (prepacked or quantized); quantize a freshly loaded model")
     bits = BITS[kind]
     for parent, name, dotted in block_linears(model):

@@ -49,6 +49,13 @@ def _quantized_tensors(prefix: str, weight: torch.Tensor, bits: int) -> dict[str
     return {f"{prefix}.packed": t["packed"], f"{prefix}.gparams": t["gparams"], f"{prefix}.scale": t["scale"]}
 
 
+def quantized_bytes(ckpt: Checkpoint, kind: str) -> int:
+    """About the size of the folder `write_quantized` makes of `ckpt`: a byte (int8) or half a
+    byte (int4) per weight, and a tenth more for the scales and the float tensors."""
+    weights = ckpt.nbytes() // ckpt.dtype().itemsize // (2 if kind == "int4" else 1)
+    return weights * 11 // 10
+
+
 def write_quantized(out: Path, ckpt: Checkpoint, args: ModelArgs, kind: str,
                     advance: Optional[Callable[[int], None]] = None) -> Path:
     """Write the quantized folder of `ckpt` into the (empty, existing) folder `out`, one

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 
 from cpmgen.generate import Stats, generate
-from cpmgen.model import CPMModel
+from cpmgen.model import CPMModel, decode_step
 from cpmgen.sampling import SamplingParams
 from cpmgen.tasks import Task
 from cpmgen.tokenizer import CPMTokenizer, StreamDecoder
@@ -135,15 +135,16 @@ class Follow:
 
 
 def run(job: Job, model: CPMModel, tokenizer: CPMTokenizer, prompt_ids: list[int], view,
-        agree: Callable[[bool], bool] = bool) -> Result:
-    """`agree(flag)` makes model-parallel ranks stop at the same step: true on all when true on any."""
+        agree: Callable[[bool], bool] = bool, decode: Callable = decode_step) -> Result:
+    """`agree(flag)` makes model-parallel ranks stop at the same step: true on all when true on
+    any; `decode`: the one-token step (model.decode_step or its compiled form)."""
     seed = job.seed if job.seed is not None else new_seed()
     device = model.word_embeddings.weight.device
     generators = [torch.Generator(device).manual_seed(sample_seed(seed, i)) for i in range(job.num_samples)]
     follows = [Follow(job, tokenizer) for _ in range(job.num_samples)]
     stats = Stats()
     steps = generate(model, prompt_ids, job.window, job.params, job.max_new_tokens, job.num_samples, job.fast,
-                     generators, stats)
+                     generators, stats, decode=decode)
     with stop_on_ctrl_c() as interrupted:
         for tokens in steps:
             for row, token in enumerate(tokens):

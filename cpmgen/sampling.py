@@ -8,59 +8,12 @@ draw the same tokens.
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 
+from cpmgen.config import SamplingParams
 from cpmgen.errors import UserError
-
-
-# Logits of a trained model stay within a few hundred: divided by less than this they can overflow fp32.
-MIN_TEMPERATURE = 1e-3
-# Penalties beyond the logits' own range only produce -inf rows (no token left to sample).
-MAX_PENALTY = 100.0
-
-
-@dataclass
-class SamplingParams:
-    """How to pick the next token (also the `sampling:` config section, which adds the seed)."""
-
-    temperature: float = 0.9
-    top_k: int = 0
-    top_p: float = 0.9
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    presence_penalty: float = 0.0
-    greedy: bool = False
-
-    def __post_init__(self):
-        self.validate()
-
-    def validate(self) -> None:
-        """Refuse values that make the distribution degenerate (NaN, all -inf, overflow)."""
-        for option, value in (("--temperature", self.temperature), ("--top-p", self.top_p),
-                              ("--repetition-penalty", self.repetition_penalty),
-                              ("--frequency-penalty", self.frequency_penalty),
-                              ("--presence-penalty", self.presence_penalty)):
-            if not math.isfinite(value):
-                raise UserError(f"{option} {value}: must be a finite number")
-        if not self.temperature > 0:
-            raise UserError(f"--temperature {self.temperature}: must be greater than 0 (use --greedy for argmax)")
-        if self.temperature < MIN_TEMPERATURE and not self.greedy:
-            raise UserError(f"--temperature {self.temperature}: below {MIN_TEMPERATURE} the logits overflow; "
-                            "use --greedy for the most likely token")
-        if self.top_k < 0:
-            raise UserError(f"--top-k {self.top_k}: must be 0 (off) or a positive number of tokens")
-        if not 0 < self.top_p <= 1:
-            raise UserError(f"--top-p {self.top_p}: must be in (0, 1]; 1 turns nucleus sampling off")
-        if not self.repetition_penalty > 0:
-            raise UserError(f"--repetition-penalty {self.repetition_penalty}: must be greater than 0 (1 is off)")
-        for option, value in (("--frequency-penalty", self.frequency_penalty),
-                              ("--presence-penalty", self.presence_penalty)):
-            if abs(value) > MAX_PENALTY:
-                raise UserError(f"{option} {value}: must be between -{MAX_PENALTY} and {MAX_PENALTY}")
 
 
 def require_finite(logits: torch.Tensor) -> None:
@@ -114,7 +67,7 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
     require_finite(logits)
     logits = apply_repetition_penalty(logits.float(), contexts, params.repetition_penalty)
     logits = apply_count_penalties(logits, contexts, params.frequency_penalty, params.presence_penalty)
-    if params.greedy:
+    if params.is_greedy:
         return logits.argmax(dim=-1)
     logits = top_k_top_p_filter(logits / params.temperature, params.top_k, params.top_p)
     probs = torch.softmax(logits, dim=-1)

@@ -19,8 +19,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Sequence
 
-from cpmgen.errors import UserError
-
 
 DEFAULT_STRIDE_FRACTION = 4  # see config.WindowSection.stride and README "Choosing the stride"
 
@@ -36,21 +34,11 @@ class Window:
     keep: int = 0
     line_end: Optional[int] = None  # lyric: the <eod> id; None: drop tokens (novel)
 
-    def __post_init__(self):
-        if self.size < 2:
-            raise UserError(f"window.size {self.size}: the window must hold at least 2 tokens")
-        if not 0 <= self.keep < self.size - 1:
-            raise UserError(f"--keep {self.keep}: must be at least 0 and below window.size - 1 ({self.size - 1})")
-        if not 1 <= self.stride <= self.size - self.keep:
-            raise UserError(f"--stride {self.stride}: must be between 1 and window.size - keep "
-                            f"({self.size - self.keep})")
-
     @classmethod
     def from_settings(cls, section, max_positions: int, line_end: Optional[int] = None) -> "Window":
-        """The window of a `window:` config section for a model with `max_positions`."""
+        """The window of a `window:` config section (checked) for a model with `max_positions`."""
+        section.validate(max_positions)
         size = section.size or max_positions - 1
-        if size > max_positions:
-            raise UserError(f"window.size {size}: the model has only {max_positions} positions")
         stride = default_stride(size) if section.stride is None else section.stride
         return cls(size, stride, section.keep, line_end)
 

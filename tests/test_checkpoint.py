@@ -6,6 +6,8 @@ row-parallel columns, vocab-parallel embedding rows), written out independently 
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -109,14 +111,16 @@ def test_qkv_rank_rows_are_q_k_v_slices_not_a_contiguous_split(mp):
         assert not torch.equal(torch.cat(shards, dim=0), full)
 
 
-def test_check_divisible_messages():
-    assert splits.check_divisible("word_embeddings.weight", (300, 64), 4) is None
-    assert splits.check_divisible("word_embeddings.weight", (302, 64), 4) == \
-        "word_embeddings.weight dimension 302 is not divisible by 4"
-    # QKV: the divisible size is h, not 3h
-    assert splits.check_divisible("transformer.layers.0.attention.query_key_value.weight", (3 * 64, 64), 3) == \
-        "transformer.layers.0.attention.query_key_value.weight dimension 64 is not divisible by 3"
-    assert splits.check_divisible("position_embeddings.weight", (7, 64), 4) is None
+def test_check_split_messages():
+    splits.check_split(ARGS, 4)  # 4 heads, vocab 300, 256 MLP units
+    for args, mp, message in (
+            (ARGS, 3, "--mp 3 does not divide the 4 attention heads of DIR; choose a divisor of 4"),
+            (dataclasses.replace(ARGS, vocab_size=302), 4,
+             "--mp 4 does not divide the 302 vocab entries of DIR; choose a divisor of 302"),
+            (ARGS, 0, "--mp 0: the model-parallel size must be at least 1")):
+        with pytest.raises(UserError) as e:
+            splits.check_split(args, mp, "DIR")
+        assert str(e.value) == message
 
 
 @pytest.mark.parametrize("mp", [2, 4])
@@ -190,7 +194,7 @@ def test_mp2_and_merged_mp1_give_the_same_logits(write_ckpt, tmp_path, state):
     a = load_model(settings_for(mp2))
     b = load_model(settings_for(merged))
     assert (a.args, b.args) == (ARGS, ARGS)
-    assert b.checkpoint.mp == 1 and a.checkpoint.mp == 2
+    assert open_checkpoint(merged).mp == 1 and ckpt.mp == 2
     logits_a, logits_b = _logits(a, ids), _logits(b, ids)
     assert logits_a.shape == (2, 24, ARGS.vocab_size)
     assert torch.equal(logits_a, logits_b)

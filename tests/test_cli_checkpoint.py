@@ -610,7 +610,7 @@ def _bad_mp_not_dividing_heads(tmp_path, write_ckpt):
 def _bad_mp_not_dividing_vocab(tmp_path, write_ckpt):
     path = write_ckpt("ckpt", mp=1, args=dataclasses.replace(ARGS, vocab_size=302))
     return (["reshard", path, "--mp", 4, *HEADS],
-            f"--mp 4 cannot split {path}: word_embeddings.weight dimension 302 is not divisible by 4")
+            f"--mp 4 does not divide the 302 vocab entries of {path}; choose a divisor of 302")
 
 
 def _bad_mp_zero(tmp_path, write_ckpt):

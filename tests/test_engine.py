@@ -52,15 +52,17 @@ def test_engine_generates_and_scores_as_the_commands_do(engine, cpmgen_cli, tmp_
 
 def test_engine_refuses_bad_options_with_the_option_named(engine):
     with pytest.raises(UserError, match=r"^--top-p 2: must be in \(0, 1\]"):
-        engine.job("novel", top_p=2)
+        engine.prepare("今天", "novel", top_p=2)
     with pytest.raises(UserError, match="^task 'poem': choose lyric or novel$"):
-        engine.job("poem")
+        engine.prepare("今天", "poem")
     with pytest.raises(UserError, match="^--lines: only lyric counts lines"):
-        engine.job("novel", lines=3)
+        engine.prepare("今天", "novel", lines=3)
     with pytest.raises(UserError, match="^the prompt is empty"):
-        engine.prompt_ids("  ", engine.job("novel"))
-    with pytest.raises(UserError, match="^colour: not a generation option"):
-        engine.job("novel", colour=1)
+        engine.prepare("  ", "novel")
+    with pytest.raises(UserError, match="^colour: not an option here"):
+        engine.prepare("今天", "novel", colour=1)
+    with pytest.raises(UserError, match="^dtype: not an option here"):  # what to load is fixed once loaded
+        engine.prepare("今天", "novel", dtype="bf16")
 
 
 def collect(requests: dict, key, done: threading.Event):
@@ -87,16 +89,16 @@ def test_batched_rows_equal_single_runs(engine):
 
     def submit(i):
         prompt, task, options = CASES[i]
-        job = engine.job(task, **options)
+        job, ids = engine.prepare(prompt, task, **options)
         emit = collect(records, i, finished[i])
         if i + 1 < len(CASES):  # the next request joins after this one's 15th token, mid-batch
             def chained(kind, data, emit=emit, i=i):
                 emit(kind, data)
                 if kind == "token" and len(records[i]["ids"]) == 15:
                     submit(i + 1)
-            scheduler.submit(Request(job, engine.prompt_ids(prompt, job), chained, seed=job.seed))
+            scheduler.submit(Request(job, ids, chained, seed=job.seed))
         else:
-            scheduler.submit(Request(job, engine.prompt_ids(prompt, job), emit, seed=job.seed))
+            scheduler.submit(Request(job, ids, emit, seed=job.seed))
 
     scheduler.start()
     try:
@@ -114,11 +116,10 @@ def test_batched_rows_equal_single_runs(engine):
 
 def test_a_cancelled_row_leaves_and_the_queue_has_a_limit(engine):
     scheduler = Scheduler(engine.model, engine.tokenizer, max_batch=1, max_queue=1)
-    job = engine.job("novel", max_new_tokens=0, seed=5)  # until stopped
-    ids = engine.prompt_ids("今天天气很好", job)
+    job, ids = engine.prepare("今天天气很好", "novel", max_new_tokens=0, seed=5)  # until stopped
     records, done = {}, [threading.Event(), threading.Event()]
     first = Request(job, ids, collect(records, 0, done[0]), seed=5)
-    second = Request(engine.job("novel", max_new_tokens=5, seed=6), ids, collect(records, 1, done[1]), seed=6)
+    second = Request(engine.prepare("今天天气很好", "novel", max_new_tokens=5, seed=6)[0], ids, collect(records, 1, done[1]), seed=6)
     scheduler.submit(first)
     scheduler.submit(second)  # queued: the only row is taken
     with pytest.raises(QueueFull):

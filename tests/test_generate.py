@@ -8,7 +8,7 @@ import torch
 from cpmgen.config import ModelArgs
 from cpmgen.generate import Stats, generate, recompute
 from cpmgen import prepack
-from cpmgen.model import CPMModel
+from cpmgen.model import CPMModel, decode_step
 from cpmgen.prepack import prepack_linears
 from cpmgen.sampling import SamplingParams, sample
 from cpmgen.synthetic import random_state_dict
@@ -45,9 +45,10 @@ def lyric_model(request):
     return make_model(16, seed=1, kernels=request.param)
 
 
-def run(model, prompt, window, params, n, fast, samples=1, seed=1234):
+def run(model, prompt, window, params, n, fast, samples=1, seed=1234, decode=decode_step):
     stats = Stats()
-    steps = generate(model, prompt, window, params, n, samples, fast, torch.Generator().manual_seed(seed), stats)
+    steps = generate(model, prompt, window, params, n, samples, fast, torch.Generator().manual_seed(seed), stats,
+                     decode=decode)
     return list(steps), stats
 
 
@@ -149,6 +150,5 @@ def test_compiled_decode_step_gives_the_same_tokens():
     window = Window(MAX_POS - 1, 16)
     prompt = list(range(20, 40))
     eager, _ = run(model, prompt, window, SAMPLED, MAX_POS + 40, fast=True)
-    compile_decode(model)
-    compiled, stats = run(model, prompt, window, SAMPLED, MAX_POS + 40, fast=True)
+    compiled, stats = run(model, prompt, window, SAMPLED, MAX_POS + 40, fast=True, decode=compile_decode(model))
     assert compiled == eager and stats.slides >= 2

@@ -21,8 +21,8 @@ from cpmgen.generate import Stats, generate
 from cpmgen.kernels import qlinear
 from cpmgen.model import CPMModel
 from cpmgen.parallel import apply_tensor_parallel, shutdown
-from cpmgen.quantize import (GROUP, QuantizedLinear, QuantizedRowParallelLinear, quantize_model, quantize_rows_int8,
-                             quantize_weight, reference_linear, unpack_int_weight)
+from cpmgen.quantize import (GROUP, QuantizedLinear, QuantizedOutput, QuantizedRowParallelLinear, quantize_model,
+                             quantize_rows_int8, quantize_weight, reference_linear, unpack_int_weight)
 from cpmgen.sampling import SamplingParams
 from cpmgen.synthetic import random_state_dict
 from cpmgen.window import Window
@@ -152,7 +152,8 @@ def test_float_weights_are_freed(kind):
     assert all("embeddings" in name or "layernorm" in name for name in weights)
     # The input lookup keeps the float table; the output layer reads its int8 copy.
     assert model.word_embeddings.weight.dtype == torch.float32
-    assert model.lm_head_quantized.bits == 8 and model.lm_head_quantized.out_features == ARGS.vocab_size
+    head = model.lm_head.linear
+    assert type(model.lm_head) is QuantizedOutput and head.bits == 8 and head.out_features == ARGS.vocab_size
 
 
 def test_bf16_model_runs_in_bf16():

@@ -58,7 +58,6 @@ def test_inspect_reports_the_architecture_heads_included():
 
 def test_loads_through_the_normal_path(loaded, tokenizer):
     _, result = loaded
-    assert result.checkpoint.format == "megatron"
     assert (result.args.num_layers, result.args.hidden_size, result.args.num_heads) == (4, 192, 4)
     assert tokenizer.path == MODEL / "chinese_vocab.model"  # --model DIR alone finds the vocab
     assert tokenizer.vocab_size == result.args.vocab_size

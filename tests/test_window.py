@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cpmgen.config import WindowSection
 from cpmgen.errors import UserError
 from cpmgen.sampling import SamplingParams, apply_repetition_penalty, sample, top_k_top_p_filter
 from cpmgen.window import Window
@@ -58,7 +59,7 @@ def test_lyric_keep_and_lines():
 ])
 def test_bad_window(kwargs, message):
     with pytest.raises(UserError) as e:
-        Window(**kwargs)
+        Window.from_settings(WindowSection(**kwargs), max_positions=64)
     assert str(e.value) == message
 
 
@@ -96,7 +97,7 @@ def test_greedy_is_argmax():
 @pytest.mark.parametrize("kwargs, message", [
     ({"top_p": 0.0}, "--top-p 0.0: must be in (0, 1]; 1 turns nucleus sampling off"),
     ({"top_p": 1.5}, "--top-p 1.5: must be in (0, 1]; 1 turns nucleus sampling off"),
-    ({"temperature": 0.0}, "--temperature 0.0: must be greater than 0 (use --greedy for argmax)"),
+    ({"temperature": -1.0}, "--temperature -1.0: must be 0 (greedy) or more"),
     ({"top_k": -1}, "--top-k -1: must be 0 (off) or a positive number of tokens"),
 ])
 def test_bad_sampling(kwargs, message):

@@ -29,6 +29,7 @@ import torch
 
 from cpmgen.config import ModelArgs
 from cpmgen.errors import UserError
+from cpmgen.model import state_shapes
 
 CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
@@ -155,17 +156,8 @@ def _canonical_hf(state_dict: dict) -> dict:
     return out
 
 
-def expected_megatron_shapes(args: ModelArgs) -> dict[str, torch.Size]:
-    """The mp=1 state dict's names and shapes for `args`, read off CPMModel itself."""
-    from cpmgen.model import CPMModel
-
-    with torch.device("meta"):
-        model = CPMModel(args)
-    return {name: tensor.shape for name, tensor in model.state_dict().items()}
-
-
 def expected_hf_shapes(args: ModelArgs) -> dict[str, torch.Size]:
-    megatron = expected_megatron_shapes(args)
+    megatron = state_shapes(args)
     pairs = name_pairs(args.num_layers)
     assert len(pairs) == len(megatron), "NAME_MAP does not cover CPMModel's state dict"
     return {hf: torch.Size(reversed(megatron[m])) if conv1d else megatron[m] for m, hf, conv1d in pairs}
@@ -349,7 +341,7 @@ def write_hf(out_dir: Path, state_dict: dict, args, vocab: Optional[Path] = None
     from safetensors.torch import save_file
 
     out_dir = Path(out_dir)
-    expected = expected_megatron_shapes(args)
+    expected = state_shapes(args)
     missing = [name for name in expected if name not in state_dict]
     unexpected = sorted(set(state_dict) - set(expected))
     if missing or unexpected:

@@ -19,6 +19,7 @@ from cpmgen.checkpoint import hf, megatron, splits
 from cpmgen.config import HEADS_BY_HIDDEN, ModelArgs, ModelSection
 from cpmgen.errors import UserError
 from cpmgen.memory import release_pages
+from cpmgen.model import state_shapes
 
 LAYER = re.compile(r"^transformer\.layers\.(\d+)\.")
 
@@ -167,7 +168,7 @@ def _structure_problems(ckpt: Checkpoint) -> list[str]:
     if "word_embeddings.weight" not in first or "position_embeddings.weight" not in first:
         return ["missing tensor word_embeddings.weight or position_embeddings.weight: not a CPM-1 (GPT-2) checkpoint"]
     args = architecture(ckpt, num_heads=1)
-    expected = expected_shapes(args)
+    expected = state_shapes(args)
     names = set(ckpt.names())
     for name in sorted(set(expected) - names, key=_name_order):
         problems.append(f"missing tensor {name}")
@@ -182,14 +183,6 @@ def _structure_problems(ckpt: Checkpoint) -> list[str]:
 def _name_order(name: str):
     m = LAYER.match(name)
     return (int(m.group(1)) if m else -1, name)
-
-
-def expected_shapes(args: ModelArgs) -> dict[str, tuple[int, ...]]:
-    from cpmgen.model import CPMModel
-
-    with torch.device("meta"):
-        model = CPMModel(args)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
 def stored_heads(ckpt: Checkpoint):

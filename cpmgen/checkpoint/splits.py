@@ -10,6 +10,9 @@ import re
 
 import torch
 
+from cpmgen.config import ModelArgs
+from cpmgen.errors import UserError
+
 REPLICATED, ROWS, COLUMNS, QKV_ROWS = "replicated", "rows", "columns", "qkv_rows"
 
 _RULES = [
@@ -54,12 +57,12 @@ def shard(name: str, full: torch.Tensor, mp: int, rank: int) -> torch.Tensor:
     return full.chunk(mp, dim=split_dim(name))[rank]
 
 
-def check_divisible(name: str, full_shape: tuple[int, ...], mp: int) -> str | None:
-    """A problem message when `mp` does not divide the split dimension of this tensor."""
-    kind = split_kind(name)
-    if kind == REPLICATED:
-        return None
-    size = full_shape[0] // 3 if kind == QKV_ROWS else full_shape[split_dim(name)]
-    if size % mp:
-        return f"{name} dimension {size} is not divisible by {mp}"
-    return None
+def check_split(args: ModelArgs, mp: int, where: str = "the model", option: str = "--mp") -> None:
+    """The one check that `mp` ranks can split a model: each takes whole heads, an equal part
+    of the vocab and of the MLP width (the split dimensions above)."""
+    if mp < 1:
+        raise UserError(f"{option} {mp}: the model-parallel size must be at least 1")
+    for size, what in ((args.num_heads, "attention heads"), (args.vocab_size, "vocab entries"),
+                       (args.ffn_size, "MLP units")):
+        if size % mp:
+            raise UserError(f"{option} {mp} does not divide the {size} {what} of {where}; choose a divisor of {size}")

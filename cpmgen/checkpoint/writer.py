@@ -16,23 +16,10 @@ import torch
 from cpmgen.checkpoint import megatron, splits
 from cpmgen.checkpoint.reader import Checkpoint
 from cpmgen.config import ModelArgs
-from cpmgen.errors import UserError
 from cpmgen.fileio import check_plain_name
 from cpmgen.memory import trim_heap
 
 VOCAB_FILES = ("chinese_vocab.model", "vocab.json")
-
-
-def check_mp(ckpt: Checkpoint, args: ModelArgs, mp: int, option: str = "--mp") -> None:
-    if mp < 1:
-        raise UserError(f"{option} {mp}: the model-parallel size must be at least 1")
-    if args.num_heads % mp:
-        raise UserError(f"{option} {mp} does not divide the {args.num_heads} attention heads of {ckpt.path}; "
-                        f"choose a divisor of {args.num_heads}")
-    for name in ckpt.names():
-        problem = splits.check_divisible(name, ckpt.full_shape(name), mp)
-        if problem:
-            raise UserError(f"{option} {mp} cannot split {ckpt.path}: {problem}")
 
 
 def megatron_args(args: ModelArgs, mp: int) -> dict:
@@ -69,7 +56,7 @@ def _with_mp(args, mp: int):
 def write_megatron(out: Path, ckpt: Checkpoint, args: ModelArgs, mp: int,
                    advance: Optional[Callable[[int], None]] = None) -> list[Path]:
     """Write `ckpt` into the (empty, existing) folder `out` at model-parallel size `mp`."""
-    check_mp(ckpt, args, mp)
+    splits.check_split(args, mp, ckpt.path)
     iteration = check_plain_name(ckpt.iteration or "release", f"{ckpt.path}: iteration")
     (out / megatron.LATEST_FILE).write_text(f"{iteration}\n")
     folder = out / iteration

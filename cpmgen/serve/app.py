@@ -109,8 +109,7 @@ def parse_completion(body: Any, engine: Engine, limits: Limits):
     options["stop"] = [stop] if isinstance(stop, str) else list(stop or [])
     task = body.get("task", "novel")
     try:
-        job = engine.job(task, **options)
-        ids = engine.prompt_ids(prompt, job)
+        job, ids = engine.prepare(prompt, task, **options)
     except UserError as e:
         raise ApiError(400, option_names(str(e))) from None
     return job, ids, task, bool(body.get("stream", False))
@@ -308,7 +307,7 @@ def serve(engine: Engine, host: str, port: int, max_batch: int, max_queue: int, 
     import uvicorn
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    scheduler = Scheduler(engine.model, engine.tokenizer, max_batch, max_queue).start()
+    scheduler = Scheduler(engine.model, engine.tokenizer, max_batch, max_queue, engine.decode).start()
     server = Server(engine, scheduler, model_name, limits, api_key)
     log.info("serving %s on http://%s:%d/ (max batch %d, queue %d, API key %s)", model_name, host, port, max_batch,
              max_queue, "required" if api_key else "off")
