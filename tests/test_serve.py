@@ -161,7 +161,7 @@ def test_stop_strings_and_end_of_text_as_the_command(server, cpmgen_cli, tmp_pat
     ({"prompt": 5}, 400, "prompt: must be text (one string)"),
     ({"prompt": ["a", "b"]}, 400, "prompt: must be text (one string)"),
     ({"prompt": " "}, 400, "the prompt is empty; write the opening text (lyric: lines ending with <eod>)"),
-    ({"prompt": "a", "temperature": -1}, 400, "temperature -1: must be greater than 0 (use greedy for argmax)"),
+    ({"prompt": "a", "temperature": -1}, 400, "temperature -1: must be 0 (greedy) or more"),
     ({"prompt": "a", "top_p": 2}, 400, "top_p 2: must be in (0, 1]; 1 turns nucleus sampling off"),
     ({"prompt": "a", "max_tokens": -1}, 400, "max_tokens -1: must not be negative"),
     ({"prompt": "a", "max_tokens": "9"}, 400, "max_tokens: must be an integer or null"),
