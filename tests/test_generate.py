@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from cpmgen.config import ModelArgs
 from cpmgen.generate import Stats, generate, recompute
 from cpmgen import prepack
 from cpmgen.model import CPMModel
@@ -14,12 +15,14 @@ from cpmgen.sampling import SamplingParams, sample
 from cpmgen.synthetic import random_state_dict
 from cpmgen.window import Window
 
+from helpers import TINY
+
 EOD = 7
-MAX_POS = 64
+MAX_POS = TINY.max_positions
 
 
-def make_model(vocab_size: int, seed: int = 0, kernels: str = "plain") -> CPMModel:
-    args = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=vocab_size, max_positions=MAX_POS)
+def make_model(vocab_size: int = TINY.vocab_size, seed: int = 0, kernels: str = "plain") -> CPMModel:
+    args = dataclasses.replace(TINY, vocab_size=vocab_size)
     model = CPMModel(args)
     model.load_state_dict(random_state_dict(args, seed))
     model.eval().requires_grad_(False)
@@ -36,7 +39,7 @@ KERNELS = ["plain", "prepacked"]
 
 @pytest.fixture(scope="module", params=KERNELS)
 def novel_model(request):
-    return make_model(300, kernels=request.param)
+    return make_model(kernels=request.param)
 
 
 @pytest.fixture(scope="module", params=KERNELS)
@@ -145,7 +148,7 @@ def test_compiled_decode_step_gives_the_same_tokens():
     """--compile (loading.compile_decode): a static-shape step over every cache slot, same tokens."""
     from cpmgen.loading import compile_decode
 
-    model = make_model(300)  # plain linears: inductor packs its own weights
+    model = make_model()  # plain linears: inductor packs its own weights
     window = Window(MAX_POS - 1, 16)
     prompt = list(range(20, 40))
     eager, _ = run(model, prompt, window, SAMPLED, MAX_POS + 40, fast=True)

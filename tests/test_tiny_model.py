@@ -84,16 +84,17 @@ def test_heads_come_from_megatron_args_in_the_rank_file(tmp_path, kind):
     """Megatron stores its training arguments (an argparse Namespace) under `args`; their
     num_attention_heads names the head count that a non-preset hidden size cannot tell."""
     import argparse
+    import dataclasses
 
     import torch
 
     from cpmgen.checkpoint import megatron
     from cpmgen.checkpoint.reader import architecture, open_checkpoint
-    from cpmgen.config import ModelArgs
     from cpmgen.errors import UserError
     from cpmgen.synthetic import random_state_dict
+    from helpers import TINY
 
-    args = ModelArgs(num_layers=2, hidden_size=64, num_heads=8, vocab_size=300, max_positions=32)
+    args = dataclasses.replace(TINY, num_heads=8)  # not TINY's 4, which the explicit count below gives
     (tmp_path / "release").mkdir()
     (tmp_path / megatron.LATEST_FILE).write_text("release\n")
     stored = {"num_attention_heads": 8, "hidden_size": 64}
