@@ -712,11 +712,13 @@ def test_bad_input_exit_2_one_line_nothing_written(case, tmp_path, write_ckpt, c
     _check_bad_input(case, tmp_path, write_ckpt, cpmgen_cli, tree_snapshot)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)
 def test_bad_input_via_python_m_cpmgen(case, tmp_path, write_ckpt, cpmgen_subprocess, tree_snapshot):
     _check_bad_input(case, tmp_path, write_ckpt, cpmgen_subprocess, tree_snapshot)
 
 
+@pytest.mark.slow
 def test_inspect_via_python_m_cpmgen_exit_1(write_ckpt, cpmgen_subprocess):
     path, problem = _missing_rank(write_ckpt)
     result = cpmgen_subprocess("inspect-ckpt", path, "--json")

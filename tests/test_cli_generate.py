@@ -19,6 +19,7 @@ def model_dir(model_dir_factory):
     return model_dir_factory("gen", seed=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["lyric", "novel"])
 def test_json_fast_equals_no_fast_past_the_window(cpmgen_cli, model_dir, prompt_file, task):
     common = [task, prompt_file, "-m", model_dir, "--json", "--seed", "5", "--stride", "8",
@@ -36,6 +37,7 @@ def test_json_fast_equals_no_fast_past_the_window(cpmgen_cli, model_dir, prompt_
         assert len(fast["ids"]) == 150 and fast["stats"]["slides"] >= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", [["--quantize", "int8"], ["--quantize", "int4"], ["--set", "runtime.prepack=false"]],
                          ids=["int8", "int4", "plain-linears"])
 def test_other_kernels_fast_equal_no_fast(cpmgen_cli, model_dir, prompt_file, kernels):
@@ -145,6 +147,7 @@ def test_missing_model_path(cpmgen_cli, prompt_file):
     assert err.strip() == "error: no model folder: pass --model DIR, set model.path in a config, or export CPMGEN_MODEL=DIR"
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_what_was_generated(cpmgen_env, model_dir, prompt_file, tmp_path):
     """Unlimited generation, interrupted: exit 130, the text so far printed and saved.
     (lyric: a generated <eod> is a line break, so nothing but Ctrl-C ends it)"""
@@ -167,6 +170,7 @@ def test_ctrl_c_keeps_what_was_generated(cpmgen_env, model_dir, prompt_file, tmp
     assert len(first + rest) > 300
 
 
+@pytest.mark.slow
 def test_stop_string_ends_on_the_token_that_completes_it(cpmgen_cli, model_dir, prompt_file):
     from cpmgen.tokenizer import CPMTokenizer
 
@@ -184,6 +188,7 @@ def test_stop_string_ends_on_the_token_that_completes_it(cpmgen_cli, model_dir, 
     assert stopped["text"].endswith(stop)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", ["1", "4"])
 def test_lyric_lines_counts_every_line_break_shown(cpmgen_cli, model_dir, prompt_file, seed):
     """--lines N ends once the new text shows N line breaks: a generated <eod> (id 7) and the
@@ -201,6 +206,7 @@ def test_keep_longer_than_the_prompt(cpmgen_cli, model_dir, prompt_file):
     assert code == 2 and err.startswith("error: --keep 40: the prompt has only ")
 
 
+@pytest.mark.slow
 def test_keep_fast_equals_slow_via_the_cli(cpmgen_cli, model_dir, prompt_file):
     common = ["lyric", prompt_file, "-m", model_dir, "--json", "--seed", "8", "--stride", "8", "--keep", "6",
               "--max-new-tokens", "150"]
@@ -232,6 +238,7 @@ def _run_json(cpmgen_cli, *args):
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_prompt_option_and_piped_stdin_equal_a_prompt_file(cpmgen_cli, monkeypatch, model_dir, prompt_file):
     import io
 
@@ -249,6 +256,7 @@ def test_prompt_text_given_as_a_file_name_says_how(cpmgen_cli, model_dir):
     assert err.strip() == "error: 今天天气很好: input file not found; to give the prompt text itself, use -p/--prompt TEXT"
 
 
+@pytest.mark.slow
 def test_temperature_0_is_greedy_and_dtype_accepts_torch_names(cpmgen_cli, model_dir, prompt_file):
     common = ["novel", prompt_file, "-m", model_dir, "-n", "20"]
     greedy = _run_json(cpmgen_cli, *common, "--greedy", "-s", "1")
@@ -256,6 +264,7 @@ def test_temperature_0_is_greedy_and_dtype_accepts_torch_names(cpmgen_cli, model
     assert _run_json(cpmgen_cli, *common, "--greedy", "--dtype", "float32")["ids"] == greedy["ids"]
 
 
+@pytest.mark.slow
 def test_sample_k_of_a_batch_is_the_single_run_with_seed_s_plus_k(cpmgen_cli, model_dir, prompt_file):
     common = ["novel", prompt_file, "-m", model_dir, "-n", "30", "--stride", "8"]
     batch = _run_json(cpmgen_cli, *common, "-s", "7", "--num-samples", "3")
@@ -272,7 +281,7 @@ def test_out_seq_length_with_max_new_tokens_is_an_error(cpmgen_cli, model_dir, p
 
 @pytest.mark.parametrize("extra, words", [
     (["-n", "9"], "Stopped: reached the limit of 9 new tokens."),
-    (["-n", "0", "--lines", "1"], "Stopped: wrote 1 line(s) (--lines)."),
+    pytest.param(["-n", "0", "--lines", "1"], "Stopped: wrote 1 line(s) (--lines).", marks=pytest.mark.slow),
 ])
 def test_plain_run_says_why_it_stopped(cpmgen_cli, model_dir, prompt_file, extra, words):
     code, out, err = cpmgen_cli("lyric", prompt_file, "-m", model_dir, "-s", "3", "--temperature", "2", *extra)

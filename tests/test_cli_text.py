@@ -79,6 +79,7 @@ def test_score_json_matches_the_model(cpmgen_cli, model_dir, story):
     assert result["logprobs"][9] == pytest.approx(float(torch.log_softmax(logits, -1)[ids[10]]), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_score_fast_equals_slow(model_dir, story):
     settings = Settings()
     settings.model.path = str(model_dir)
@@ -141,6 +142,7 @@ def test_config_precedence_one_rule(cpmgen_env, monkeypatch, tmp_path):
     assert load_settings(sets=["model.path=/x"]).model.path == "/x"  # the command line beats the environment
 
 
+@pytest.mark.slow
 def test_window_report_buckets_by_position(cpmgen_cli, model_dir, story):
     code, out, _ = cpmgen_cli("score", story, "-m", model_dir, "--json", "--stride", "8", "--window-report",
                               "--keep", "4")

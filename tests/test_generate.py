@@ -54,11 +54,13 @@ def run(model, prompt, window, params, n, fast, samples=1, seed=1234):
     return list(steps), stats
 
 
+# stride 8 in the quick loop; the edge strides (1: the exact rule at every step, 32: half the window) are slow
+STRIDES = [pytest.param(1, marks=pytest.mark.slow), 8, pytest.param(32, marks=pytest.mark.slow)]
 GREEDY = SamplingParams(greedy=True)
 SAMPLED = SamplingParams(temperature=1.0, top_k=0, top_p=0.95)
 
 
-@pytest.mark.parametrize("stride", [1, 8, 32])
+@pytest.mark.parametrize("stride", STRIDES)
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 def test_novel_fast_equals_slow_past_many_slides(novel_model, stride, params):
     window = Window(MAX_POS - 1, stride)
@@ -70,7 +72,7 @@ def test_novel_fast_equals_slow_past_many_slides(novel_model, stride, params):
     assert fast_stats.slides >= 3 and fast_stats.slides == slow_stats.slides
 
 
-@pytest.mark.parametrize("stride", [1, 8, 32])
+@pytest.mark.parametrize("stride", STRIDES)
 @pytest.mark.parametrize("params", [GREEDY, SAMPLED], ids=["greedy", "sampled"])
 def test_lyric_fast_equals_slow_past_many_slides(lyric_model, stride, params):
     window = Window(MAX_POS - 1, stride, line_end=EOD)
@@ -144,6 +146,7 @@ def test_recompute_matches_last_logits(novel_model):
         torch.testing.assert_close(recompute(novel_model, ids), full)
 
 
+@pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens():
     """--compile (loading.compile_decode): a static-shape step over every cache slot, same tokens."""
     from cpmgen.loading import compile_decode

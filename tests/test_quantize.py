@@ -210,6 +210,7 @@ def _rank(rank: int, world: int, init_file: str, state: dict, ids: torch.Tensor,
     shutdown(0)  # leaves with os._exit: gloo's threads can abort an ordinary interpreter exit
 
 
+@pytest.mark.slow
 def test_tensor_parallel_two_ranks(tmp_path):
     """Row-parallel partial products are scaled by their rank's scales, summed, and the bias
     added once; the vocab-parallel output layer is gathered: close to the one-rank int8 model."""

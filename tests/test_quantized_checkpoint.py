@@ -14,13 +14,7 @@ def model_dir(model_dir_factory):
     return model_dir_factory("source", seed=3)
 
 
-@pytest.fixture
-def prompt_file(tmp_path):
-    path = tmp_path / "in.txt"
-    path.write_text("春天的风吹过山岗<eod>我们一起唱歌<eod>", encoding="utf-8")
-    return path
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_quantized_folder_loads_as_the_quantize_option_does(cpmgen_cli, model_dir, prompt_file, tmp_path, kind):
     out = tmp_path / f"q{kind}"

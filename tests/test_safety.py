@@ -178,6 +178,7 @@ def test_a_target_that_appears_meanwhile_is_not_replaced(cpmgen_cli, write_ckpt,
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]  # no temporary folder, no lock left
 
 
+@pytest.mark.slow
 def test_two_writers_to_one_output_exactly_one_wins(write_ckpt, tmp_path, cpmgen_env):
     # large enough that the two writers overlap
     source = write_ckpt("ckpt", args=dataclasses.replace(TINY, num_layers=4, hidden_size=256, vocab_size=4000,
@@ -218,6 +219,7 @@ def test_leftovers_of_a_killed_reshard_are_removed_by_the_next(cpmgen_cli, write
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
 
 
+@pytest.mark.slow
 def test_sigterm_during_reshard_leaves_nothing_and_the_next_run_works(write_ckpt, tmp_path, cpmgen_env):
     # large enough that the reshard is still writing when the signal comes
     source = write_ckpt("ckpt", args=dataclasses.replace(TINY, num_layers=8, hidden_size=512, vocab_size=8000,
@@ -268,6 +270,7 @@ def _run_limited(command: list, limit: int) -> subprocess.CompletedProcess:
                           preexec_fn=limited, timeout=120)
 
 
+@pytest.mark.slow
 def test_file_size_limit_is_one_line_and_leaves_nothing(write_ckpt, tmp_path, cpmgen_env):
     """`ulimit -f` below a rank file: refused before the work; just above the estimate, the
     write itself fails (EFBIG in torch's writer): one line either way, nothing left."""
@@ -358,6 +361,7 @@ def test_read_only_output_folder(cpmgen_cli, model_dir, prompt_file, tmp_path):
         folder.chmod(0o755)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
 def test_a_signal_keeps_the_text_so_far_at_output(cpmgen_env, model_dir, prompt_file, tmp_path, sig):
     output = tmp_path / "story.txt"
@@ -457,6 +461,7 @@ def test_inspect_reports_head_counts_that_cannot_be(cpmgen_cli, write_ckpt):
     assert "the stored training args say num_attention_heads=0, not a positive number" in result.stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_starting_exits_130_without_a_traceback(cpmgen_env, model_dir, prompt_file):
     """Ctrl-C at moments before generation (importing, loading): exit 130, no traceback."""
     for delay in (0.3, 0.8, 1.5, 2.5):

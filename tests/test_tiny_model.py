@@ -64,6 +64,7 @@ def test_loads_through_the_normal_path(loaded, tokenizer):
     assert tokenizer.vocab_size == result.args.vocab_size
 
 
+@pytest.mark.slow
 def test_heldout_perplexity_is_below_half_the_unigram_perplexity(loaded, tokenizer):
     settings, result = loaded
     ids = tokenizer.encode((MODEL / "heldout.txt").read_text(encoding="utf-8"))
@@ -123,6 +124,7 @@ def _json(cpmgen_cli, *args):
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_ignore_eos_writes_on_past_several_windows(cpmgen_cli, tokenizer):
     """At this seed the model ends its text early; with --ignore-eos the same tokens come, then
     the end of text (kept in the window, shown as a line break) and the rest, window after window,
@@ -142,6 +144,7 @@ def test_ignore_eos_writes_on_past_several_windows(cpmgen_cli, tokenizer):
     assert at_least["ids"][:n + 1] == on["ids"][:n + 1] and len(at_least["ids"]) > n + 1
 
 
+@pytest.mark.slow
 def test_reshard_2_and_4_and_mp2_generation_on_the_shipped_model(cpmgen_cli, tmp_path):
     for mp in (2, 4):
         result = cpmgen_cli("reshard", "-m", MODEL, "--mp", mp, "-o", tmp_path / f"mp{mp}")
@@ -156,6 +159,7 @@ def test_reshard_2_and_4_and_mp2_generation_on_the_shipped_model(cpmgen_cli, tmp
     assert json.loads(proc.stdout)["ids"] == single["ids"]
 
 
+@pytest.mark.slow
 def test_convert_round_trip_on_the_shipped_model(cpmgen_cli, tmp_path):
     assert cpmgen_cli("convert", "-m", MODEL, "--to", "hf", "-o", tmp_path / "hf").code == 0
     assert cpmgen_cli("convert", "-m", tmp_path / "hf", "--to", "megatron", "--mp", "2", "-o", tmp_path / "back").code == 0
