@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test demo bench bench-quality bench-peers clean
+.PHONY: install test test-fast demo bench bench-quality bench-peers clean
 
 # torch first and pinned: the CPU build is served from local disk here; an open range would pull a CUDA build
 install:
@@ -14,8 +14,13 @@ install:
 	# --quantize falls back to slower torch operations with a warning
 	$(PY) -m cpmgen.kernels
 
+# every test, the slow ones too (torchrun and DeepSpeed launches, compiles, long generations)
 test:
 	$(PY) -m pytest
+
+# the quick loop: the tests not marked slow
+test-fast:
+	$(PY) -m pytest -m "not slow"
 
 # lyric and novel end to end on the small trained CPM-1 shipped in models/cpm-tiny (seconds, CPU);
 # the novel writes on past end of text for 400 tokens, moving its 127-token window several times

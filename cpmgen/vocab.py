@@ -4,7 +4,7 @@ Ids 0..10 are `<unk> <s> </s> ▃ <sep> <pad> <mask> <eod> ▁ <unused9> ▂`, a
 chinese_vocab.model (see cpmgen.tokenizer.SPECIAL_PIECES), and the training lines are
 prepared exactly as CPMTokenizer.encode prepares text (jieba words, " "/"\\n" mapped,
 space-joined), so the pieces are learned on what encode() hands to sentencepiece.
-Used by the test fixtures (cpmgen.testing) and by tools/train_tiny.py.
+Used by the test fixtures (tests/corpus.py) and by tools/train_tiny.py.
 
 Two shapes of `▁` (id 8, the joint between jieba words):
 

@@ -16,20 +16,20 @@ import pytest as _pytest
 import torch as _torch
 
 from cpmgen.config import ModelArgs as _ModelArgs
-
-# 2 layers, hidden 64, 4 heads: tiny, and not a preset size (commands need model.num_heads=4).
-TINY_CKPT_ARGS = _ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=300, max_positions=64)
+from helpers import TINY as _TINY
 
 
 @_pytest.fixture
 def write_ckpt(tmp_path):
     """Factory: write_ckpt(name="ckpt", mp=1, args=TINY, iteration="release", seed=0,
-    dtype=float32, state=None) -> tmp_path/name, a Megatron folder written by cpmgen.synthetic."""
+    dtype=float32, state=None, with_args=True) -> tmp_path/name, a Megatron folder written by
+    cpmgen.synthetic (with_args=False: no stored head count)."""
     from cpmgen.synthetic import write_megatron_checkpoint
 
     def make(name: str = "ckpt", mp: int = 1, args: _ModelArgs | None = None, iteration="release",
-             seed: int = 0, dtype: _torch.dtype = _torch.float32, state=None) -> _Path:
-        return write_megatron_checkpoint(tmp_path / name, args or TINY_CKPT_ARGS, mp, iteration, seed, dtype, state)
+             seed: int = 0, dtype: _torch.dtype = _torch.float32, state=None, with_args: bool = True) -> _Path:
+        return write_megatron_checkpoint(tmp_path / name, args or _TINY, mp, iteration, seed, dtype, state,
+                                         with_args=with_args)
 
     return make
 
@@ -142,13 +142,14 @@ def cpmgen_subprocess(cpmgen_env, tmp_path):
 
 @_pytest.fixture(scope="session")
 def model_dir_factory(tmp_path_factory):
-    """model_dir_factory(name, args, mp=1, seed=0, state=None, iteration="release") -> a Megatron
-    folder with a small trained sentencepiece vocab (CPM special pieces at the CPM ids) inside,
-    so that `--model DIR` alone finds it."""
+    """model_dir_factory(name, args=TINY, mp=1, seed=0, state=None, iteration="release") -> a
+    Megatron folder with a small trained sentencepiece vocab (CPM special pieces at the CPM ids)
+    inside, so that `--model DIR` alone finds it."""
+    from corpus import train_test_vocab
     from cpmgen.synthetic import write_megatron_checkpoint
-    from cpmgen.testing import train_test_vocab
 
-    def make(name: str, args: _ModelArgs, mp: int = 1, seed: int = 0, state=None, iteration="release") -> _Path:
+    def make(name: str, args: _ModelArgs = _TINY, mp: int = 1, seed: int = 0, state=None,
+             iteration="release") -> _Path:
         folder = write_megatron_checkpoint(tmp_path_factory.mktemp(name) / name, args, mp, iteration, seed,
                                            state=state)
         train_test_vocab(folder / "chinese_vocab.model", vocab_size=args.vocab_size)

@@ -14,13 +14,14 @@ import torch
 from cpmgen.checkpoint import megatron, splits
 from cpmgen.checkpoint.reader import architecture, open_checkpoint
 from cpmgen.checkpoint.writer import write_megatron
-from cpmgen.config import ModelArgs, Settings
+from cpmgen.config import Settings
 from cpmgen.errors import UserError
 from cpmgen.loading import load_model, optimize
 from cpmgen.model import CPMModel
 from cpmgen.synthetic import random_state_dict
 
-ARGS = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=300, max_positions=64)
+from helpers import TINY
+
 
 # The reference table, name by name (layer tensors for layer 0; layer 1 is the same).
 EXPECTED_KINDS = {
@@ -45,13 +46,12 @@ EXPECTED_KINDS = {
 
 @pytest.fixture(scope="module")
 def state() -> dict[str, torch.Tensor]:
-    return random_state_dict(ARGS, seed=1)
+    return random_state_dict(TINY, seed=1)
 
 
-def settings_for(path, num_heads: int = 4) -> Settings:
+def settings_for(path) -> Settings:
     settings = Settings()
     settings.model.path = str(path)
-    settings.model.num_heads = num_heads
     settings.runtime.device = "cpu"
     settings.runtime.dtype = "fp32"
     return settings
@@ -112,12 +112,12 @@ def test_qkv_rank_rows_are_q_k_v_slices_not_a_contiguous_split(mp):
 
 
 def test_check_split_messages():
-    splits.check_split(ARGS, 4)  # 4 heads, vocab 300, 256 MLP units
+    splits.check_split(TINY, 4)  # 4 heads, vocab 1000, 256 MLP units
     for args, mp, message in (
-            (ARGS, 3, "--mp 3 does not divide the 4 attention heads of DIR; choose a divisor of 4"),
-            (dataclasses.replace(ARGS, vocab_size=302), 4,
+            (TINY, 3, "--mp 3 does not divide the 4 attention heads of DIR; choose a divisor of 4"),
+            (dataclasses.replace(TINY, vocab_size=302), 4,
              "--mp 4 does not divide the 302 vocab entries of DIR; choose a divisor of 302"),
-            (ARGS, 0, "--mp 0: the model-parallel size must be at least 1")):
+            (TINY, 0, "--mp 0: the model-parallel size must be at least 1")):
         with pytest.raises(UserError) as e:
             splits.check_split(args, mp, "DIR")
         assert str(e.value) == message
@@ -125,7 +125,7 @@ def test_check_split_messages():
 
 @pytest.mark.parametrize("mp", [2, 4])
 def test_synthetic_rank_files_use_reference_layout(write_ckpt, reference_shard, load_rank_files, state, mp):
-    path = write_ckpt(mp=mp, args=ARGS, iteration=80000, state=state)
+    path = write_ckpt(mp=mp, iteration=80000, state=state)
     assert (path / megatron.LATEST_FILE).read_text().strip() == "80000"
     assert sorted(p.name for p in (path / "80000").iterdir()) == [megatron.rank_file_name(r) for r in range(mp)]
     for rank, saved in enumerate(load_rank_files(path / "80000")):
@@ -137,7 +137,7 @@ def test_synthetic_rank_files_use_reference_layout(write_ckpt, reference_shard, 
 
 @pytest.mark.parametrize("mp", [1, 2, 4])
 def test_open_checkpoint_merges_any_mp_bitwise(write_ckpt, reference_shard, state, mp):
-    path = write_ckpt(mp=mp, args=ARGS, iteration=1234, state=state)
+    path = write_ckpt(mp=mp, iteration=1234, state=state)
     ckpt = open_checkpoint(path)
     assert (ckpt.format, ckpt.iteration, ckpt.mp, ckpt.problems) == ("megatron", "1234", mp, [])
     assert ckpt.files == [path / "1234" / megatron.rank_file_name(r) for r in range(mp)]
@@ -153,16 +153,18 @@ def test_open_checkpoint_merges_any_mp_bitwise(write_ckpt, reference_shard, stat
 
 
 def test_open_checkpoint_at_the_iteration_folder(write_ckpt, state):
-    path = write_ckpt(mp=2, args=ARGS, state=state)
+    path = write_ckpt(mp=2, state=state)
     ckpt = open_checkpoint(path / "release")
     assert (ckpt.iteration, ckpt.mp) == ("release", 2)
     assert all(torch.equal(t, state[n]) for n, t in ckpt.full_tensors())
 
 
 def test_architecture_inferred_from_shapes(write_ckpt):
-    path = write_ckpt(mp=2)
+    """Heads from the stored Megatron args; without them, from the given count or an error."""
+    assert architecture(open_checkpoint(write_ckpt("stored", mp=2))) == TINY
+    path = write_ckpt(mp=2, with_args=False)
     ckpt = open_checkpoint(path)
-    assert architecture(ckpt, 4) == ARGS
+    assert architecture(ckpt, 4) == TINY
     with pytest.raises(UserError) as e:
         architecture(ckpt)
     assert str(e.value) == (f"{path}: cannot infer the number of attention heads for hidden size 64 "
@@ -171,7 +173,7 @@ def test_architecture_inferred_from_shapes(write_ckpt):
 
 def test_fp16_checkpoint_keeps_dtype(write_ckpt):
     path = write_ckpt(mp=2, dtype=torch.float16, seed=3)
-    expected = random_state_dict(ARGS, seed=3, dtype=torch.float16)
+    expected = random_state_dict(TINY, seed=3, dtype=torch.float16)
     ckpt = open_checkpoint(path)
     assert ckpt.dtype() == torch.float16
     for name, tensor in ckpt.full_tensors():
@@ -184,30 +186,30 @@ def _logits(loaded, ids):
 
 
 def test_mp2_and_merged_mp1_give_the_same_logits(write_ckpt, tmp_path, state):
-    mp2 = write_ckpt("mp2", mp=2, args=ARGS, state=state)
+    mp2 = write_ckpt("mp2", mp=2, state=state)
     ckpt = open_checkpoint(mp2)
     merged = tmp_path / "merged"
     merged.mkdir()
-    write_megatron(merged, ckpt, ARGS, 1)
-    ids = torch.randint(0, ARGS.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    write_megatron(merged, ckpt, TINY, 1)
+    ids = torch.randint(0, TINY.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
 
     a = load_model(settings_for(mp2))
     b = load_model(settings_for(merged))
-    assert (a.args, b.args) == (ARGS, ARGS)
+    assert (a.args, b.args) == (TINY, TINY)
     assert open_checkpoint(merged).mp == 1 and ckpt.mp == 2
     logits_a, logits_b = _logits(a, ids), _logits(b, ids)
-    assert logits_a.shape == (2, 24, ARGS.vocab_size)
+    assert logits_a.shape == (2, 24, TINY.vocab_size)
     assert torch.equal(logits_a, logits_b)
 
     # and both are the model of the original state dict
-    reference = CPMModel(ARGS).eval().requires_grad_(False)
+    reference = CPMModel(TINY).eval().requires_grad_(False)
     reference.load_state_dict(state)
     optimize(reference, settings_for(mp2).runtime)  # the same kernels as the loaded models
     with torch.no_grad():
         assert torch.equal(reference(ids, torch.arange(24)), logits_a)
 
     # a different checkpoint gives different logits (the comparison can fail)
-    other = load_model(settings_for(write_ckpt("other", mp=2, args=ARGS, seed=7)))
+    other = load_model(settings_for(write_ckpt("other", mp=2, seed=7)))
     assert not torch.allclose(_logits(other, ids), logits_a)
 
 

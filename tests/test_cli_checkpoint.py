@@ -19,16 +19,16 @@ import pytest
 import torch
 
 from cpmgen.checkpoint import megatron
-from cpmgen.config import ModelArgs, ModelSection
+from cpmgen.config import ModelSection
 from cpmgen.model import CPMModel
 from cpmgen.synthetic import random_state_dict
 
+from helpers import TINY
+
 pytestmark = pytest.mark.usefixtures("cpmgen_env")
 
-ARGS = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=300, max_positions=64)
-ARGS3 = ModelArgs(num_layers=2, hidden_size=96, num_heads=6, vocab_size=300, max_positions=64)
-HEADS = ("--set", "model.num_heads=4")
-HEADS3 = ("--set", "model.num_heads=6")
+# For a reshard to and from mp 3, which TINY does not allow: 6 heads (hidden 96), a vocab divisible by 6
+TINY6 = dataclasses.replace(TINY, hidden_size=96, num_heads=6, vocab_size=1002)
 RNG_KEYS = ("random_rng_state", "np_rng_state", "torch_rng_state")
 
 
@@ -60,7 +60,9 @@ def check_written(out: Path, source: Path, src_states: list[dict], out_states: l
         assert same(state["iteration"], src["iteration"])
         for key in RNG_KEYS:
             assert same(state[key], src[key]), (rank, key)
-        for key in set(state) - {"module", "mp_world_size", "iteration", *RNG_KEYS}:
+        # Megatron's training args, kept for the head count, with the new model-parallel size
+        assert vars(state["args"]) == {**vars(src["args"]), "model_parallel_size": mp}, rank
+        for key in set(state) - {"module", "mp_world_size", "iteration", "args", *RNG_KEYS}:
             assert state[key] is None, (rank, key)  # optimizer, lr_scheduler
 
 
@@ -95,7 +97,7 @@ def assert_user_error(result, message: str | None = None, *, prefix: str | None 
 
 def test_reshard_round_trip_1_2_4_1_is_bitwise(write_ckpt, cpmgen_cli, load_rank_files, reference_shard,
                                                tree_snapshot, tmp_path):
-    full = random_state_dict(ARGS, seed=11)
+    full = random_state_dict(TINY, seed=11)
     source = write_ckpt("ckpt", mp=1, iteration=80000, state=full)
     before = tree_snapshot(source)
     src_states = load_rank_files(source / "80000")
@@ -103,7 +105,7 @@ def test_reshard_round_trip_1_2_4_1_is_bitwise(write_ckpt, cpmgen_cli, load_rank
     previous, previous_states = source, src_states
     for mp in (2, 4, 1):
         out = tmp_path / f"step_mp{mp}"
-        result = cpmgen_cli("reshard", previous, "--mp", mp, "--output", out, *HEADS)
+        result = cpmgen_cli("reshard", previous, "--mp", mp, "--output", out)
         assert result.code == 0, result.stderr
         assert f"wrote {out}" in result.stdout
         states = load_rank_files(out / "80000")
@@ -124,18 +126,18 @@ def test_reshard_round_trip_1_2_4_1_is_bitwise(write_ckpt, cpmgen_cli, load_rank
 
 def test_reshard_round_trip_2_3_2_is_bitwise(write_ckpt, cpmgen_cli, load_rank_files, reference_shard,
                                              tree_snapshot, tmp_path):
-    full = random_state_dict(ARGS3, seed=5)
-    source = write_ckpt("ckpt", mp=2, args=ARGS3, state=full)
+    full = random_state_dict(TINY6, seed=5)
+    source = write_ckpt("ckpt", mp=2, args=TINY6, state=full)
     before = tree_snapshot(source)
     src_states = load_rank_files(source / "release")
 
-    result = cpmgen_cli("reshard", source, "--mp", 3, "--output", tmp_path / "mp3", *HEADS3)
+    result = cpmgen_cli("reshard", source, "--mp", 3, "--output", tmp_path / "mp3")
     assert result.code == 0, result.stderr
     mp3 = load_rank_files(tmp_path / "mp3" / "release")
     check_written(tmp_path / "mp3", source, src_states, mp3, 3, "release")
     check_module(mp3, full, reference_shard)
 
-    result = cpmgen_cli("reshard", tmp_path / "mp3", "--mp", 2, "--output", tmp_path / "back", *HEADS3)
+    result = cpmgen_cli("reshard", tmp_path / "mp3", "--mp", 2, "--output", tmp_path / "back")
     assert result.code == 0, result.stderr
     back = load_rank_files(tmp_path / "back" / "release")
     check_written(tmp_path / "back", tmp_path / "mp3", mp3, back, 2, "release")
@@ -150,7 +152,7 @@ def test_reshard_default_output_beside_source_and_json(write_ckpt, cpmgen_cli, l
                                                        tmp_path):
     source = write_ckpt("model", mp=2, iteration=80000)
     before = tree_snapshot(source)
-    result = cpmgen_cli("reshard", source, "--mp", 1, "--json", *HEADS)
+    result = cpmgen_cli("reshard", source, "--mp", 1, "--json")
     assert result.code == 0, result.stderr
     out = tmp_path / "model_MP1"
     assert json.loads(result.stdout) == {
@@ -169,7 +171,7 @@ def test_reshard_dot_writes_beside_the_folder_not_inside(write_ckpt, cpmgen_cli,
     source = write_ckpt("ckpt", mp=2)
     before = tree_snapshot(source)
     monkeypatch.chdir(source)
-    result = cpmgen_cli("reshard", ".", "--mp", 1, *HEADS)
+    result = cpmgen_cli("reshard", ".", "--mp", 1)
     assert result.code == 0, result.stderr
     assert tree_snapshot(source) == before
     assert (tmp_path / "ckpt_MP1" / "release" / megatron.rank_file_name(0)).is_file()
@@ -178,7 +180,7 @@ def test_reshard_dot_writes_beside_the_folder_not_inside(write_ckpt, cpmgen_cli,
 def test_reshard_output_folder_has_ordinary_permissions(write_ckpt, cpmgen_cli, tmp_path):
     """The output folder gets the mode a plain mkdir would, not mkdtemp's private 0700."""
     source = write_ckpt("ckpt", mp=1)
-    assert cpmgen_cli("reshard", source, "--mp", 2, *HEADS).code == 0
+    assert cpmgen_cli("reshard", source, "--mp", 2).code == 0
     out = tmp_path / "ckpt_MP2"
     umask = os.umask(0)
     os.umask(umask)
@@ -189,7 +191,7 @@ def test_reshard_output_folder_has_ordinary_permissions(write_ckpt, cpmgen_cli, 
 def test_reshard_rank_files_hold_only_their_slices(write_ckpt, cpmgen_cli, load_rank_files, tmp_path):
     """Each rank file stores its own slices, not the storage of the whole tensors they are cut from."""
     source = write_ckpt("ckpt", mp=1)
-    assert cpmgen_cli("reshard", source, "--mp", 4, *HEADS).code == 0
+    assert cpmgen_cli("reshard", source, "--mp", 4).code == 0
     folder = tmp_path / "ckpt_MP4" / "release"
     for rank, state in enumerate(load_rank_files(folder)):
         tensor_bytes = sum(t.numel() * t.element_size() for t in state["module"].values())
@@ -198,17 +200,17 @@ def test_reshard_rank_files_hold_only_their_slices(write_ckpt, cpmgen_cli, load_
 
 
 def test_reshard_force_replaces_existing_output(write_ckpt, cpmgen_cli, load_rank_files, reference_shard, tmp_path):
-    full = random_state_dict(ARGS, seed=2)
+    full = random_state_dict(TINY, seed=2)
     source = write_ckpt("ckpt", mp=1, state=full)
     out = tmp_path / "ckpt_MP2"
-    previous = write_ckpt("older", mp=1, state=random_state_dict(ARGS, seed=3))
-    assert cpmgen_cli("reshard", previous, "--mp", 2, "-o", out, *HEADS).code == 0
+    previous = write_ckpt("older", mp=1, state=random_state_dict(TINY, seed=3))
+    assert cpmgen_cli("reshard", previous, "--mp", 2, "-o", out).code == 0
 
-    result = cpmgen_cli("reshard", source, "--mp", 2, *HEADS)
+    result = cpmgen_cli("reshard", source, "--mp", 2)
     assert_user_error(result, f"{out}: output folder already exists; pass --force to replace it or choose "
                               "another --output")
 
-    result = cpmgen_cli("reshard", source, "--mp", 2, "--force", *HEADS)
+    result = cpmgen_cli("reshard", source, "--mp", 2, "--force")
     assert result.code == 0, result.stderr
     assert sorted(p.name for p in out.iterdir()) == [megatron.LATEST_FILE, "release"]
     check_module(load_rank_files(out / "release"), full, reference_shard)
@@ -234,7 +236,7 @@ def test_reshard_interrupted_leaves_nothing_half_written(write_ckpt, cpmgen_cli,
         real_save(path, state)
 
     monkeypatch.setattr(megatron, "save_rank_file", save_then_interrupt)
-    result = cpmgen_cli("reshard", source, "--mp", 4, "--output", out, *(["--force"] if force else []), *HEADS)
+    result = cpmgen_cli("reshard", source, "--mp", 4, "--output", out, *(["--force"] if force else []))
     assert result.code == 130  # Ctrl-C's conventional exit status
     assert "Traceback" not in result.stderr
     assert len(calls) == 2
@@ -244,15 +246,15 @@ def test_reshard_interrupted_leaves_nothing_half_written(write_ckpt, cpmgen_cli,
 def test_reshard_refuses_to_overwrite_its_source(write_ckpt, cpmgen_cli, tree_snapshot):
     source = write_ckpt("ckpt", mp=2)
     before = tree_snapshot(source.parent)
-    result = cpmgen_cli("reshard", source, "--mp", 1, "--output", source, "--force", *HEADS)
+    result = cpmgen_cli("reshard", source, "--mp", 1, "--output", source, "--force")
     assert_user_error(result, f"{source}: holds the source checkpoint {source}; choose another --output")
     assert tree_snapshot(source.parent) == before
 
 
 def test_reshard_keeps_fp16(write_ckpt, cpmgen_cli, load_rank_files, tmp_path):
     source = write_ckpt("ckpt", mp=2, dtype=torch.float16, seed=4)
-    full = random_state_dict(ARGS, seed=4, dtype=torch.float16)
-    assert cpmgen_cli("reshard", source, "--mp", 1, "-o", tmp_path / "one", *HEADS).code == 0
+    full = random_state_dict(TINY, seed=4, dtype=torch.float16)
+    assert cpmgen_cli("reshard", source, "--mp", 1, "-o", tmp_path / "one").code == 0
     module = load_rank_files(tmp_path / "one" / "release")[0]["module"]
     for name, tensor in full.items():
         assert module[name].dtype == torch.float16 and torch.equal(module[name], tensor), name
@@ -263,15 +265,15 @@ def test_mp2_and_its_reshard_to_mp1_give_the_same_logits(write_ckpt, cpmgen_cli,
     from cpmgen.loading import load_model
 
     source = write_ckpt("ckpt", mp=2, seed=9)
-    assert cpmgen_cli("reshard", source, "--mp", 1, *HEADS).code == 0
-    ids = torch.randint(0, ARGS.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
+    assert cpmgen_cli("reshard", source, "--mp", 1).code == 0
+    ids = torch.randint(0, TINY.vocab_size, (1, 32), generator=torch.Generator().manual_seed(1))
     logits = []
     for path in (source, tmp_path / "ckpt_MP1"):
         settings = Settings()
-        settings.model.path, settings.model.num_heads = str(path), 4
+        settings.model.path = str(path)
         settings.runtime.device, settings.runtime.dtype = "cpu", "fp32"
         loaded = load_model(settings)
-        assert loaded.args == ARGS
+        assert loaded.args == TINY
         with torch.no_grad():
             logits.append(loaded.model(ids, torch.arange(32)))
     assert torch.equal(logits[0], logits[1])
@@ -283,17 +285,17 @@ def test_mp2_and_its_reshard_to_mp1_give_the_same_logits(write_ckpt, cpmgen_cli,
 def test_convert_to_hf_matches_transformers_and_back_to_megatron_mp2(write_ckpt, cpmgen_cli, load_rank_files,
                                                                      reference_shard, tmp_path):
     transformers = pytest.importorskip("transformers")
-    full = random_state_dict(ARGS, seed=3)
+    full = random_state_dict(TINY, seed=3)
     source = write_ckpt("ckpt", mp=2, state=full)
     hf_dir = tmp_path / "hf"
-    result = cpmgen_cli("convert", source, "--to", "hf", "--output", hf_dir, *HEADS)
+    result = cpmgen_cli("convert", source, "--to", "hf", "--output", hf_dir)
     assert result.code == 0, result.stderr
     assert {"config.json", "model.safetensors"} <= {p.name for p in hf_dir.iterdir()}
 
     hf_model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
-    ours = CPMModel(ARGS).eval()
+    ours = CPMModel(TINY).eval()
     ours.load_state_dict(full)
-    ids = torch.randint(0, ARGS.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(0, TINY.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         expected = ours(ids, torch.arange(40))
         got = hf_model(input_ids=ids).logits.float()
@@ -325,7 +327,7 @@ def test_hf_export_files_are_0644_and_autotokenizer_is_cpm(write_ckpt, cpmgen_cl
 
     vocab = Path(__file__).resolve().parent.parent / "models" / "cpm-tiny" / "chinese_vocab.model"
     hf_dir = tmp_path / "hf"
-    result = cpmgen_cli("convert", "-m", write_ckpt("ckpt"), "--to", "hf", "-o", hf_dir, "--vocab", vocab, *HEADS)
+    result = cpmgen_cli("convert", "-m", write_ckpt("ckpt"), "--to", "hf", "-o", hf_dir, "--vocab", vocab)
     assert result.code == 0, result.stderr
     umask = os.umask(0)
     os.umask(umask)
@@ -356,7 +358,7 @@ JSON_KEYS = {"format", "iteration", "mp", "num_layers", "hidden_size", "vocab_si
 @pytest.mark.parametrize("mp,dtype", [(1, torch.float32), (2, torch.float16), (4, torch.float32)])
 def test_inspect_sound_checkpoint(write_ckpt, cpmgen_cli, mp, dtype):
     path = write_ckpt("ckpt", mp=mp, iteration=80000, dtype=dtype)
-    result = cpmgen_cli("inspect-ckpt", path, "--json", "--check-values", *HEADS)
+    result = cpmgen_cli("inspect-ckpt", path, "--json", "--check-values")
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     assert JSON_KEYS <= set(report)
@@ -365,17 +367,17 @@ def test_inspect_sound_checkpoint(write_ckpt, cpmgen_cli, mp, dtype):
     assert report["iteration"] == "80000"
     assert report["mp"] == mp
     assert (report["num_layers"], report["hidden_size"], report["vocab_size"], report["max_positions"]) == \
-        (2, 64, 300, 64)
+        (2, 64, 1000, 64)
     assert report["num_heads"] == 4
-    assert report["num_params"] == ARGS.num_params == sum(t.numel() for t in random_state_dict(ARGS).values())
+    assert report["num_params"] == TINY.num_params == sum(t.numel() for t in random_state_dict(TINY).values())
     assert report["dtype"] == str(dtype).removeprefix("torch.")
     assert report["files"] == [{"rank": r, "path": str(f), "bytes": f.stat().st_size} for r, f in enumerate(files)]
     assert report["problems"] == []
 
 
 def test_inspect_text_report_and_unknown_heads(write_ckpt, cpmgen_cli):
-    path = write_ckpt("ckpt", mp=2)
-    result = cpmgen_cli("inspect-ckpt", path)  # no --set model.num_heads: shapes are still reported
+    path = write_ckpt("ckpt", mp=2, with_args=False)
+    result = cpmgen_cli("inspect-ckpt", path)  # no head count stored or given: shapes are still reported
     assert result.code == 0, result.stderr
     assert "no problems found" in result.stdout
     assert "hidden 64" in result.stdout and "pass --set model.num_heads=N" in result.stdout
@@ -385,10 +387,10 @@ def test_inspect_text_report_and_unknown_heads(write_ckpt, cpmgen_cli):
 
 def test_inspect_hf_folder(write_ckpt, cpmgen_cli, tmp_path):
     source = write_ckpt("ckpt", mp=1)
-    assert cpmgen_cli("convert", source, "--to", "hf", "-o", tmp_path / "hf", *HEADS).code == 0
+    assert cpmgen_cli("convert", source, "--to", "hf", "-o", tmp_path / "hf").code == 0
     report = json.loads(cpmgen_cli("inspect-ckpt", tmp_path / "hf", "--json").stdout)
     assert (report["format"], report["iteration"], report["mp"], report["num_heads"]) == ("hf", None, 1, 4)
-    assert report["num_params"] == ARGS.num_params and report["problems"] == []
+    assert report["num_params"] == TINY.num_params and report["problems"] == []
     text = cpmgen_cli("inspect-ckpt", "-m", tmp_path / "hf").stdout
     assert "None" not in text and text.splitlines()[0].endswith("format hf, model-parallel size 1")
 
@@ -432,20 +434,20 @@ def _only_on_one_rank(write_ckpt):
 
 
 def _missing_tensor(write_ckpt):
-    state = random_state_dict(ARGS)
+    state = random_state_dict(TINY)
     del state["transformer.layers.1.mlp.dense_4h_to_h.bias"]
     return write_ckpt("ckpt", mp=2, state=state), "missing tensor transformer.layers.1.mlp.dense_4h_to_h.bias"
 
 
 def _unexpected_tensor(write_ckpt):
-    state = random_state_dict(ARGS)
+    state = random_state_dict(TINY)
     state["transformer.layers.0.attention.rotary_emb.inv_freq"] = torch.ones(8)
     return (write_ckpt("ckpt", mp=2, state=state),
             "unexpected tensor transformer.layers.0.attention.rotary_emb.inv_freq")
 
 
 def _wrong_full_shape(write_ckpt):
-    state = random_state_dict(ARGS)
+    state = random_state_dict(TINY)
     state["transformer.layers.0.mlp.dense_4h_to_h.bias"] = torch.zeros(32)
     return (write_ckpt("ckpt", mp=1, state=state),
             "tensor transformer.layers.0.mlp.dense_4h_to_h.bias has shape [32], expected [64]")
@@ -477,26 +479,26 @@ PROBLEMS = {
 def test_inspect_reports_problem_exit_1(write_ckpt, cpmgen_cli, tree_snapshot, case):
     path, problem = PROBLEMS[case](write_ckpt)
     before = tree_snapshot(path)
-    result = cpmgen_cli("inspect-ckpt", path, "--json", *HEADS)
+    result = cpmgen_cli("inspect-ckpt", path, "--json")
     assert result.code == 1, result.stderr
     report = json.loads(result.stdout)
     assert JSON_KEYS <= set(report)
     assert problem in report["problems"], report["problems"]
-    text = cpmgen_cli("inspect-ckpt", path, *HEADS)
+    text = cpmgen_cli("inspect-ckpt", path)
     assert text.code == 1 and problem in text.stdout.replace("\n", "")
     assert tree_snapshot(path) == before
 
 
 def test_inspect_check_values_finds_nan_and_inf(write_ckpt, cpmgen_cli):
-    state = random_state_dict(ARGS)
+    state = random_state_dict(TINY)
     state["transformer.layers.1.attention.dense.weight"][3, 5] = float("nan")  # column 5: rank 0 of 2
     state["transformer.layers.0.mlp.dense_h_to_4h.weight"][200, 1] = float("inf")  # row 200: rank 1 of 2
     path = write_ckpt("ckpt", mp=2, state=state)
 
-    plain = cpmgen_cli("inspect-ckpt", path, "--json", *HEADS)
+    plain = cpmgen_cli("inspect-ckpt", path, "--json")
     assert plain.code == 0 and json.loads(plain.stdout)["problems"] == []
 
-    result = cpmgen_cli("inspect-ckpt", path, "--json", "--check-values", *HEADS)
+    result = cpmgen_cli("inspect-ckpt", path, "--json", "--check-values")
     assert result.code == 1
     assert sorted(json.loads(result.stdout)["problems"]) == [
         "tensor transformer.layers.0.mlp.dense_h_to_4h.weight on rank 1 holds NaN or Inf values",
@@ -516,14 +518,14 @@ def test_inspect_missing_folder_exit_2(cpmgen_cli, tmp_path):
 
 def _bad_missing_folder(tmp_path, write_ckpt):
     missing = tmp_path / "no_such_model"
-    return (["reshard", missing, "--mp", 2, *HEADS],
+    return (["reshard", missing, "--mp", 2],
             f"{missing}: model folder not found; check --model, model.path or $CPMGEN_MODEL")
 
 
 def _bad_missing_latest_file(tmp_path, write_ckpt):
     path = write_ckpt("ckpt", mp=2, iteration=80000)
     (path / megatron.LATEST_FILE).unlink()
-    return (["reshard", path, "--mp", 1, *HEADS],
+    return (["reshard", path, "--mp", 1],
             f"{path}: no latest_checkpointed_iteration.txt; expected a Megatron checkpoint folder "
             "(or an HF folder with config.json)")
 
@@ -531,14 +533,14 @@ def _bad_missing_latest_file(tmp_path, write_ckpt):
 def _bad_missing_iteration_folder(tmp_path, write_ckpt):
     path = write_ckpt("ckpt", mp=2, iteration=80000)
     (path / "80000").rename(path / "70000")
-    return (["reshard", path, "--mp", 1, *HEADS],
+    return (["reshard", path, "--mp", 1],
             f"{path}: iteration folder 80000/ named by latest_checkpointed_iteration.txt is missing")
 
 
 def _bad_missing_rank_file(tmp_path, write_ckpt):
     path = write_ckpt("ckpt", mp=2)
     (path / "release" / megatron.rank_file_name(1)).unlink()
-    return (["reshard", path, "--mp", 1, *HEADS],
+    return (["reshard", path, "--mp", 1],
             f"{path / 'release'}: missing rank file(s) mp_rank_01_model_states.pt (checkpoint has model-parallel "
             f"size 2); run cpmgen inspect-ckpt {path}")
 
@@ -548,7 +550,7 @@ def _bad_missing_rank_file_score(tmp_path, write_ckpt):
     (path / "release" / megatron.rank_file_name(1)).unlink()
     text = tmp_path / "text.txt"
     text.write_text("你好，世界。", encoding="utf-8")
-    return (["score", text, "--model", path, "--device", "cpu", *HEADS],
+    return (["score", text, "--model", path, "--device", "cpu"],
             f"{path / 'release'}: missing rank file(s) mp_rank_01_model_states.pt (checkpoint has model-parallel "
             f"size 2); run cpmgen inspect-ckpt {path}")
 
@@ -556,7 +558,7 @@ def _bad_missing_rank_file_score(tmp_path, write_ckpt):
 def _bad_extra_rank_file(tmp_path, write_ckpt):
     path = write_ckpt("ckpt", mp=2)
     shutil.copyfile(path / "release" / megatron.rank_file_name(1), path / "release" / megatron.rank_file_name(2))
-    return (["reshard", path, "--mp", 1, *HEADS],
+    return (["reshard", path, "--mp", 1],
             f"{path / 'release'}: unexpected rank file(s) mp_rank_02_model_states.pt (mp_world_size is 2); "
             f"run cpmgen inspect-ckpt {path}")
 
@@ -566,7 +568,7 @@ def _bad_truncated_pt(tmp_path, write_ckpt):
     rank1 = path / "release" / megatron.rank_file_name(1)
     data = rank1.read_bytes()
     rank1.write_bytes(data[:len(data) // 2])
-    return (["reshard", path, "--mp", 1, *HEADS],
+    return (["reshard", path, "--mp", 1],
             (f"{rank1}: cannot read as a PyTorch checkpoint (truncated or not a .pt file: ", "); re-copy this rank file"))
 
 
@@ -574,7 +576,7 @@ def _bad_empty_pt(tmp_path, write_ckpt):
     path = write_ckpt("ckpt", mp=1)
     rank0 = path / "release" / megatron.rank_file_name(0)
     rank0.write_bytes(b"")
-    return (["reshard", path, "--mp", 2, *HEADS],
+    return (["reshard", path, "--mp", 2],
             f"{rank0}: empty file, not a PyTorch checkpoint; re-copy this rank file")
 
 
@@ -582,40 +584,47 @@ def _bad_pt_of_a_list(tmp_path, write_ckpt):
     path = write_ckpt("ckpt", mp=1)
     rank0 = path / "release" / megatron.rank_file_name(0)
     torch.save([1, 2, 3], rank0)
-    return (["reshard", path, "--mp", 2, *HEADS],
+    return (["reshard", path, "--mp", 2],
             f"{rank0}: not a Megatron model checkpoint (no 'module' state dict; found list)")
 
 
 def _bad_pt_without_module(tmp_path, write_ckpt):
     path = write_ckpt("ckpt", mp=1)
     rank0 = path / "release" / megatron.rank_file_name(0)
-    torch.save({"model": random_state_dict(ARGS), "iteration": 5}, rank0)
-    return (["reshard", path, "--mp", 2, *HEADS],
+    torch.save({"model": random_state_dict(TINY), "iteration": 5}, rank0)
+    return (["reshard", path, "--mp", 2],
             f"{rank0}: not a Megatron model checkpoint (no 'module' state dict; found model, iteration)")
 
 
 def _bad_config_disagrees(tmp_path, write_ckpt):
     path = write_ckpt("ckpt", mp=2)
-    return (["reshard", path, "--mp", 1, *HEADS, "--set", "model.hidden_size=128"],
+    return (["reshard", path, "--mp", 1, "--set", "model.hidden_size=128"],
             f"config model.hidden_size=128 disagrees with the checkpoint {path}, which has hidden_size 64; "
             "fix the config or the --model path")
 
 
+def _bad_heads_unknown(tmp_path, write_ckpt):
+    path = write_ckpt("ckpt", mp=2, with_args=False)  # no stored Megatron args, a non-preset hidden size
+    return (["reshard", path, "--mp", 1],
+            f"{path}: cannot infer the number of attention heads for hidden size 64 (not a public CPM-1 size); "
+            "pass --set model.num_heads=N")
+
+
 def _bad_mp_not_dividing_heads(tmp_path, write_ckpt):
     path = write_ckpt("ckpt", mp=1)
-    return (["reshard", path, "--mp", 3, *HEADS],
+    return (["reshard", path, "--mp", 3],
             f"--mp 3 does not divide the 4 attention heads of {path}; choose a divisor of 4")
 
 
 def _bad_mp_not_dividing_vocab(tmp_path, write_ckpt):
-    path = write_ckpt("ckpt", mp=1, args=dataclasses.replace(ARGS, vocab_size=302))
-    return (["reshard", path, "--mp", 4, *HEADS],
+    path = write_ckpt("ckpt", mp=1, args=dataclasses.replace(TINY, vocab_size=302))
+    return (["reshard", path, "--mp", 4],
             f"--mp 4 does not divide the 302 vocab entries of {path}; choose a divisor of 302")
 
 
 def _bad_mp_zero(tmp_path, write_ckpt):
     path = write_ckpt("ckpt", mp=1)
-    return (["reshard", path, "--mp", 0, *HEADS], "--mp 0: the model-parallel size must be at least 1")
+    return (["reshard", path, "--mp", 0], "--mp 0: the model-parallel size must be at least 1")
 
 
 def _bad_existing_output(tmp_path, write_ckpt):
@@ -623,7 +632,7 @@ def _bad_existing_output(tmp_path, write_ckpt):
     out = tmp_path / "ckpt_MP2"
     out.mkdir()
     (out / "mine.txt").write_text("do not replace")
-    return (["reshard", path, "--mp", 2, *HEADS],
+    return (["reshard", path, "--mp", 2],
             f"{out}: output folder already exists; pass --force to replace it or choose another --output")
 
 
@@ -632,7 +641,7 @@ def _bad_existing_output_convert(tmp_path, write_ckpt):
     (path / "chinese_vocab.model").write_bytes(b"not read before the output check")  # no missing-vocab warning
     out = tmp_path / "hf"
     out.mkdir()
-    return (["convert", path, "--to", "hf", "--output", out, *HEADS],
+    return (["convert", path, "--to", "hf", "--output", out],
             f"{out}: output folder already exists; pass --force to replace it or choose another --output")
 
 
@@ -640,7 +649,7 @@ def _bad_non_utf8_text(tmp_path, write_ckpt):
     path = write_ckpt("ckpt", mp=1)
     text = tmp_path / "gbk.txt"
     text.write_bytes("你好，世界".encode("gbk"))
-    return (["score", text, "--model", path, "--device", "cpu", *HEADS],
+    return (["score", text, "--model", path, "--device", "cpu"],
             f"{text}: input file is not valid UTF-8 (byte 0); convert it, e.g. iconv -f GBK -t UTF-8")
 
 
@@ -654,7 +663,7 @@ def _bad_unknown_set_key(tmp_path, write_ckpt):
 
 def _bad_convert_target(tmp_path, write_ckpt):
     path = write_ckpt("ckpt", mp=1)
-    return (["convert", path, "--to", "onnx", "--output", tmp_path / "out", *HEADS],
+    return (["convert", path, "--to", "onnx", "--output", tmp_path / "out"],
             "--to onnx: choose hf or megatron")
 
 
@@ -670,6 +679,7 @@ BAD_INPUTS = {
     "pt-of-a-list": _bad_pt_of_a_list,
     "pt-without-module": _bad_pt_without_module,
     "config-disagrees": _bad_config_disagrees,
+    "heads-unknown": _bad_heads_unknown,
     "mp-not-dividing-heads": _bad_mp_not_dividing_heads,
     "mp-not-dividing-vocab": _bad_mp_not_dividing_vocab,
     "mp-zero": _bad_mp_zero,
@@ -702,11 +712,13 @@ def test_bad_input_exit_2_one_line_nothing_written(case, tmp_path, write_ckpt, c
     _check_bad_input(case, tmp_path, write_ckpt, cpmgen_cli, tree_snapshot)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", SUBPROCESS_CASES)
 def test_bad_input_via_python_m_cpmgen(case, tmp_path, write_ckpt, cpmgen_subprocess, tree_snapshot):
     _check_bad_input(case, tmp_path, write_ckpt, cpmgen_subprocess, tree_snapshot)
 
 
+@pytest.mark.slow
 def test_inspect_via_python_m_cpmgen_exit_1(write_ckpt, cpmgen_subprocess):
     path, problem = _missing_rank(write_ckpt)
     result = cpmgen_subprocess("inspect-ckpt", path, "--json")
@@ -720,7 +732,7 @@ def test_convert_without_vocab_warns_on_one_line(write_ckpt, cpmgen_cli, tmp_pat
     """A warning is one line in a log, however long (stderr is not a terminal here)."""
     monkeypatch.setenv("COLUMNS", "80")  # the width rich assumes for a pipe
     source = write_ckpt("ckpt", mp=1)
-    result = cpmgen_cli("convert", source, "--to", "hf", "--output", tmp_path / "hf", *HEADS)
+    result = cpmgen_cli("convert", source, "--to", "hf", "--output", tmp_path / "hf")
     assert result.code == 0
     assert result.stderr.splitlines() == [
         "warning: no chinese_vocab.model found: the HF folder will have no spiece.model (pass --vocab)"]

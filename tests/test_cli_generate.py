@@ -11,20 +11,18 @@ import time
 
 import pytest
 
-from cpmgen.config import ModelArgs
-
-ARGS = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=1000, max_positions=64)
-HEADS = ["--set", "model.num_heads=4"]
+from helpers import TINY
 
 
 @pytest.fixture(scope="module")
 def model_dir(model_dir_factory):
-    return model_dir_factory("gen", ARGS, seed=3)
+    return model_dir_factory("gen", seed=3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("task", ["lyric", "novel"])
 def test_json_fast_equals_no_fast_past_the_window(cpmgen_cli, model_dir, prompt_file, task):
-    common = [task, prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", "5", "--stride", "8",
+    common = [task, prompt_file, "-m", model_dir, "--json", "--seed", "5", "--stride", "8",
               "--max-new-tokens", "150"]
     code, out, _ = cpmgen_cli(*common)
     assert code == 0
@@ -39,10 +37,11 @@ def test_json_fast_equals_no_fast_past_the_window(cpmgen_cli, model_dir, prompt_
         assert len(fast["ids"]) == 150 and fast["stats"]["slides"] >= 3
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kernels", [["--quantize", "int8"], ["--quantize", "int4"], ["--set", "runtime.prepack=false"]],
                          ids=["int8", "int4", "plain-linears"])
 def test_other_kernels_fast_equal_no_fast(cpmgen_cli, model_dir, prompt_file, kernels):
-    common = ["novel", prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", "5", "--stride", "8",
+    common = ["novel", prompt_file, "-m", model_dir, "--json", "--seed", "5", "--stride", "8",
               "--max-new-tokens", "100", *kernels]
     code, out, _ = cpmgen_cli(*common)
     assert code == 0
@@ -51,7 +50,7 @@ def test_other_kernels_fast_equal_no_fast(cpmgen_cli, model_dir, prompt_file, ke
 
 
 def test_num_samples_gives_a_list(cpmgen_cli, model_dir, prompt_file):
-    code, out, _ = cpmgen_cli("lyric", prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", "1",
+    code, out, _ = cpmgen_cli("lyric", prompt_file, "-m", model_dir, "--json", "--seed", "1",
                        "--num-samples", "3", "--max-new-tokens", "20")
     samples = json.loads(out)
     assert code == 0 and isinstance(samples, list) and len(samples) == 3
@@ -59,7 +58,7 @@ def test_num_samples_gives_a_list(cpmgen_cli, model_dir, prompt_file):
 
 
 def test_out_seq_length_is_the_total_length(cpmgen_cli, model_dir, prompt_file):
-    code, out, _ = cpmgen_cli("lyric", prompt_file, "-m", model_dir, *HEADS, "--json", "--greedy",
+    code, out, _ = cpmgen_cli("lyric", prompt_file, "-m", model_dir, "--json", "--greedy",
                        "--out-seq-length", "40")
     result = json.loads(out)
     assert len(result["prompt_ids"]) + len(result["ids"]) == 40
@@ -68,7 +67,7 @@ def test_out_seq_length_is_the_total_length(cpmgen_cli, model_dir, prompt_file):
 def test_streamed_text_equals_the_full_decode(cpmgen_cli, model_dir, prompt_file, tmp_path):
     """Not a terminal: plain streamed text, which must equal the typed prompt and the decoded ids
     in the JSON, and the --output file."""
-    common = ["novel", prompt_file, "-m", model_dir, *HEADS, "--seed", "9", "--max-new-tokens", "80"]
+    common = ["novel", prompt_file, "-m", model_dir, "--seed", "9", "--max-new-tokens", "80"]
     code, streamed, _ = cpmgen_cli(*common, "--output", tmp_path / "out.txt")
     assert code == 0
     code, out, _ = cpmgen_cli(*common, "--json")
@@ -87,14 +86,14 @@ def test_stdin_input(cpmgen_cli, monkeypatch, model_dir):
     import io
 
     monkeypatch.setattr(sys, "stdin", io.StringIO("从前有一座山"))
-    code, out, _ = cpmgen_cli("novel", "-", "-m", model_dir, *HEADS, "--json", "--greedy",
+    code, out, _ = cpmgen_cli("novel", "-", "-m", model_dir, "--json", "--greedy",
                        "--max-new-tokens", "5")
     assert code == 0 and len(json.loads(out)["ids"]) <= 5
 
 
 def test_config_file_and_model_from_environment(cpmgen_cli, monkeypatch, model_dir, prompt_file, tmp_path):
     config = tmp_path / "novel.yaml"
-    config.write_text("model:\n  num_heads: 4\ngenerate:\n  max_new_tokens: 7\n  json: true\nsampling:\n  greedy: true\n")
+    config.write_text("generate:\n  max_new_tokens: 7\n  json: true\nsampling:\n  greedy: true\n")
     monkeypatch.setenv("CPMGEN_MODEL", str(model_dir))
     code, out, _ = cpmgen_cli("novel", prompt_file, "--config", config)
     assert code == 0
@@ -117,7 +116,7 @@ BAD = [
 
 @pytest.mark.parametrize("extra, message", BAD)
 def test_bad_options(cpmgen_cli, model_dir, prompt_file, extra, message):
-    code, out, err = cpmgen_cli("novel", prompt_file, "-m", model_dir, *HEADS, *extra)
+    code, out, err = cpmgen_cli("novel", prompt_file, "-m", model_dir, *extra)
     assert code == 2
     assert err.strip() == message
     assert out == ""
@@ -126,7 +125,7 @@ def test_bad_options(cpmgen_cli, model_dir, prompt_file, extra, message):
 def test_empty_input(cpmgen_cli, model_dir, tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text(" <eod>\n<eod>", encoding="utf-8")
-    code, _, err = cpmgen_cli("lyric", empty, "-m", model_dir, *HEADS)
+    code, _, err = cpmgen_cli("lyric", empty, "-m", model_dir)
     assert code == 2
     assert err.strip() == f"error: {empty}: the prompt is empty; write the opening text (lyric: lines ending with <eod>)"
 
@@ -135,7 +134,7 @@ def test_non_utf8_input(cpmgen_cli, model_dir, tmp_path):
     gbk = tmp_path / "gbk.txt"
     gbk.write_bytes("春天的风".encode("gbk"))
     output = tmp_path / "out.txt"
-    code, _, err = cpmgen_cli("novel", gbk, "-m", model_dir, *HEADS, "--output", output)
+    code, _, err = cpmgen_cli("novel", gbk, "-m", model_dir, "--output", output)
     assert code == 2
     assert err.strip() == (f"error: {gbk}: input file is not valid UTF-8 (byte 0); convert it, "
                            "e.g. iconv -f GBK -t UTF-8")
@@ -148,12 +147,13 @@ def test_missing_model_path(cpmgen_cli, prompt_file):
     assert err.strip() == "error: no model folder: pass --model DIR, set model.path in a config, or export CPMGEN_MODEL=DIR"
 
 
+@pytest.mark.slow
 def test_ctrl_c_keeps_what_was_generated(cpmgen_env, model_dir, prompt_file, tmp_path):
     """Unlimited generation, interrupted: exit 130, the text so far printed and saved.
     (lyric: a generated <eod> is a line break, so nothing but Ctrl-C ends it)"""
     output = tmp_path / "story.txt"
     env = dict(os.environ)  # cpmgen_env has cleared CPMGEN_* and any user config
-    proc = subprocess.Popen([sys.executable, "-m", "cpmgen", "lyric", str(prompt_file), "-m", str(model_dir), *HEADS,
+    proc = subprocess.Popen([sys.executable, "-m", "cpmgen", "lyric", str(prompt_file), "-m", str(model_dir),
                              "--max-new-tokens", "0", "--output", str(output), "--seed", "2", "--stride", "16",
                              "--temperature", "3"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
@@ -170,11 +170,12 @@ def test_ctrl_c_keeps_what_was_generated(cpmgen_env, model_dir, prompt_file, tmp
     assert len(first + rest) > 300
 
 
+@pytest.mark.slow
 def test_stop_string_ends_on_the_token_that_completes_it(cpmgen_cli, model_dir, prompt_file):
     from cpmgen.tokenizer import CPMTokenizer
 
     tokenizer = CPMTokenizer(model_dir / "chinese_vocab.model")
-    common = ["novel", prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", "3", "--max-new-tokens", "60"]
+    common = ["novel", prompt_file, "-m", model_dir, "--json", "--seed", "3", "--max-new-tokens", "60"]
     code, out, _ = cpmgen_cli(*common)
     free = json.loads(out)
     # choose as stop text the decoded text of generated tokens 10..11: the run must end on token 11
@@ -187,11 +188,12 @@ def test_stop_string_ends_on_the_token_that_completes_it(cpmgen_cli, model_dir, 
     assert stopped["text"].endswith(stop)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("seed", ["1", "4"])
 def test_lyric_lines_counts_every_line_break_shown(cpmgen_cli, model_dir, prompt_file, seed):
     """--lines N ends once the new text shows N line breaks: a generated <eod> (id 7) and the
     newline piece ▃ (id 3) both show as one, so both count."""
-    code, out, _ = cpmgen_cli("lyric", prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", seed,
+    code, out, _ = cpmgen_cli("lyric", prompt_file, "-m", model_dir, "--json", "--seed", seed,
                               "--temperature", "2", "--lines", "3", "--max-new-tokens", "0")
     result = json.loads(out)
     assert code == 0 and result["stop_reason"] == "lines"
@@ -200,12 +202,13 @@ def test_lyric_lines_counts_every_line_break_shown(cpmgen_cli, model_dir, prompt
 
 
 def test_keep_longer_than_the_prompt(cpmgen_cli, model_dir, prompt_file):
-    code, _, err = cpmgen_cli("novel", prompt_file, "-m", model_dir, *HEADS, "--keep", "40")
+    code, _, err = cpmgen_cli("novel", prompt_file, "-m", model_dir, "--keep", "40")
     assert code == 2 and err.startswith("error: --keep 40: the prompt has only ")
 
 
+@pytest.mark.slow
 def test_keep_fast_equals_slow_via_the_cli(cpmgen_cli, model_dir, prompt_file):
-    common = ["lyric", prompt_file, "-m", model_dir, *HEADS, "--json", "--seed", "8", "--stride", "8", "--keep", "6",
+    common = ["lyric", prompt_file, "-m", model_dir, "--json", "--seed", "8", "--stride", "8", "--keep", "6",
               "--max-new-tokens", "150"]
     fast = json.loads(cpmgen_cli(*common).stdout)
     slow = json.loads(cpmgen_cli(*common, "--no-fast").stdout)
@@ -213,17 +216,17 @@ def test_keep_fast_equals_slow_via_the_cli(cpmgen_cli, model_dir, prompt_file):
 
 
 def test_prompt_longer_than_the_window_is_cut_with_a_warning(cpmgen_cli, model_dir, tmp_path):
-    from cpmgen.testing import CORPUS
+    from corpus import CORPUS
 
     long_prompt = tmp_path / "long.txt"
     long_prompt.write_text(CORPUS[:600], encoding="utf-8")
-    code, out, err = cpmgen_cli("novel", long_prompt, "-m", model_dir, *HEADS, "--json", "--greedy",
+    code, out, err = cpmgen_cli("novel", long_prompt, "-m", model_dir, "--json", "--greedy",
                                 "--max-new-tokens", "5")
     assert code == 0
     prompt_ids = json.loads(out)["prompt_ids"]
-    assert len(prompt_ids) > ARGS.max_positions
+    assert len(prompt_ids) > TINY.max_positions
     assert err.strip() == (f"warning: the prompt has {len(prompt_ids)} tokens, more than the "
-                           f"{ARGS.max_positions - 1}-token window; keeping its last part")
+                           f"{TINY.max_positions - 1}-token window; keeping its last part")
 
 
 # ----------------------------------------------------------------------------- the flags people type
@@ -235,10 +238,11 @@ def _run_json(cpmgen_cli, *args):
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_prompt_option_and_piped_stdin_equal_a_prompt_file(cpmgen_cli, monkeypatch, model_dir, prompt_file):
     import io
 
-    common = ["-m", model_dir, *HEADS, "-s", "4", "-n", "12"]
+    common = ["-m", model_dir, "-s", "4", "-n", "12"]
     from_file = _run_json(cpmgen_cli, "novel", prompt_file, *common)
     text = prompt_file.read_text(encoding="utf-8")
     assert _run_json(cpmgen_cli, "novel", "-p", text, *common)["ids"] == from_file["ids"]
@@ -247,20 +251,22 @@ def test_prompt_option_and_piped_stdin_equal_a_prompt_file(cpmgen_cli, monkeypat
 
 
 def test_prompt_text_given_as_a_file_name_says_how(cpmgen_cli, model_dir):
-    code, out, err = cpmgen_cli("novel", "今天天气很好", "-m", model_dir, *HEADS)
+    code, out, err = cpmgen_cli("novel", "今天天气很好", "-m", model_dir)
     assert code == 2 and out == ""
     assert err.strip() == "error: 今天天气很好: input file not found; to give the prompt text itself, use -p/--prompt TEXT"
 
 
+@pytest.mark.slow
 def test_temperature_0_is_greedy_and_dtype_accepts_torch_names(cpmgen_cli, model_dir, prompt_file):
-    common = ["novel", prompt_file, "-m", model_dir, *HEADS, "-n", "20"]
+    common = ["novel", prompt_file, "-m", model_dir, "-n", "20"]
     greedy = _run_json(cpmgen_cli, *common, "--greedy", "-s", "1")
     assert _run_json(cpmgen_cli, *common, "--temperature", "0", "-s", "2")["ids"] == greedy["ids"]
     assert _run_json(cpmgen_cli, *common, "--greedy", "--dtype", "float32")["ids"] == greedy["ids"]
 
 
+@pytest.mark.slow
 def test_sample_k_of_a_batch_is_the_single_run_with_seed_s_plus_k(cpmgen_cli, model_dir, prompt_file):
-    common = ["novel", prompt_file, "-m", model_dir, *HEADS, "-n", "30", "--stride", "8"]
+    common = ["novel", prompt_file, "-m", model_dir, "-n", "30", "--stride", "8"]
     batch = _run_json(cpmgen_cli, *common, "-s", "7", "--num-samples", "3")
     assert [s["seed"] for s in batch] == [7, 8, 9]
     for k, sample in enumerate(batch):
@@ -268,25 +274,25 @@ def test_sample_k_of_a_batch_is_the_single_run_with_seed_s_plus_k(cpmgen_cli, mo
 
 
 def test_out_seq_length_with_max_new_tokens_is_an_error(cpmgen_cli, model_dir, prompt_file):
-    code, out, err = cpmgen_cli("novel", prompt_file, "-m", model_dir, *HEADS, "--out-seq-length", "40", "-n", "5")
+    code, out, err = cpmgen_cli("novel", prompt_file, "-m", model_dir, "--out-seq-length", "40", "-n", "5")
     assert code == 2 and out == ""
     assert err.strip() == "error: --out-seq-length and --max-new-tokens both set the length; give one of them"
 
 
 @pytest.mark.parametrize("extra, words", [
     (["-n", "9"], "Stopped: reached the limit of 9 new tokens."),
-    (["-n", "0", "--lines", "1"], "Stopped: wrote 1 line(s) (--lines)."),
+    pytest.param(["-n", "0", "--lines", "1"], "Stopped: wrote 1 line(s) (--lines).", marks=pytest.mark.slow),
 ])
 def test_plain_run_says_why_it_stopped(cpmgen_cli, model_dir, prompt_file, extra, words):
-    code, out, err = cpmgen_cli("lyric", prompt_file, "-m", model_dir, *HEADS, "-s", "3", "--temperature", "2", *extra)
+    code, out, err = cpmgen_cli("lyric", prompt_file, "-m", model_dir, "-s", "3", "--temperature", "2", *extra)
     assert code == 0
     assert err.strip().startswith("done: ") and err.strip().endswith(words)
 
 
 def test_stop_text_reason_in_words(cpmgen_cli, model_dir, prompt_file):
-    first = _run_json(cpmgen_cli, "novel", prompt_file, "-m", model_dir, *HEADS, "-s", "3", "-n", "30")
+    first = _run_json(cpmgen_cli, "novel", prompt_file, "-m", model_dir, "-s", "3", "-n", "30")
     stop = first["text"][5:7]
-    code, _, err = cpmgen_cli("novel", prompt_file, "-m", model_dir, *HEADS, "-s", "3", "-n", "30", "--stop", stop)
+    code, _, err = cpmgen_cli("novel", prompt_file, "-m", model_dir, "-s", "3", "-n", "30", "--stop", stop)
     assert code == 0 and err.strip().endswith("Stopped: wrote a --stop text.")
 
 
@@ -315,8 +321,8 @@ def test_help_names_the_model_the_same_way_and_only_options_the_command_takes(cp
 
 
 def test_model_option_and_positional_folder_are_the_same(cpmgen_cli, model_dir, tmp_path):
-    by_option = json.loads(cpmgen_cli("inspect-ckpt", "-m", model_dir, *HEADS, "--json").stdout)
-    assert by_option == json.loads(cpmgen_cli("inspect-ckpt", model_dir, *HEADS, "--json").stdout)
+    by_option = json.loads(cpmgen_cli("inspect-ckpt", "-m", model_dir, "--json").stdout)
+    assert by_option == json.loads(cpmgen_cli("inspect-ckpt", model_dir, "--json").stdout)
     code, _, err = cpmgen_cli("inspect-ckpt", model_dir, "-m", tmp_path, "--json")
     assert code == 2 and err.startswith("error: the model folder is given twice")
 

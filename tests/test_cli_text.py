@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -10,15 +11,17 @@ import pytest
 import torch
 import yaml
 
-from cpmgen.config import ModelArgs, Settings, load_settings
+from cpmgen.config import Settings, load_settings
 from cpmgen.loading import load_model
 from cpmgen.score import score_ids
-from cpmgen.testing import CORPUS, train_test_vocab
 from cpmgen.tokenizer import CPMTokenizer
 from cpmgen.window import Window
 
-ARGS = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=800, max_positions=32)
-HEADS = ["--set", "model.num_heads=4"]
+from corpus import CORPUS, train_test_vocab
+from helpers import TINY
+
+# a 31-token window, so that the story slides it several times
+ARGS = dataclasses.replace(TINY, max_positions=32)
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -58,7 +61,7 @@ def test_tokenize_without_vocab(cpmgen_cli, tmp_path):
 
 
 def test_score_json_matches_the_model(cpmgen_cli, model_dir, story):
-    code, out, _ = cpmgen_cli("score", story, "-m", model_dir, *HEADS, "--json", "--stride", "8")
+    code, out, _ = cpmgen_cli("score", story, "-m", model_dir, "--json", "--stride", "8")
     assert code == 0
     result = json.loads(out)
     assert set(result) == {"ids", "logprobs", "nll", "perplexity"}
@@ -69,16 +72,17 @@ def test_score_json_matches_the_model(cpmgen_cli, model_dir, story):
     assert result["perplexity"] == pytest.approx(math.exp(result["nll"]))
     # logprobs[i] is log p(ids[i+1] | the window), checked directly for a token inside the first window
     settings = Settings()
-    settings.model.path, settings.model.num_heads = str(model_dir), 4
+    settings.model.path = str(model_dir)
     model = load_model(settings).model
     with torch.inference_mode():
         logits = model(torch.tensor([ids[:10]]), torch.arange(10))[0, -1]
     assert result["logprobs"][9] == pytest.approx(float(torch.log_softmax(logits, -1)[ids[10]]), abs=1e-4)
 
 
+@pytest.mark.slow
 def test_score_fast_equals_slow(model_dir, story):
     settings = Settings()
-    settings.model.path, settings.model.num_heads = str(model_dir), 4
+    settings.model.path = str(model_dir)
     model = load_model(settings).model
     ids = CPMTokenizer(model_dir / "chinese_vocab.model").encode(story.read_text())[:150]
     for stride in (1, 8, 31):
@@ -89,16 +93,16 @@ def test_score_fast_equals_slow(model_dir, story):
 
 def test_vocab_size_must_match_the_model(cpmgen_cli, model_dir, story, tmp_path):
     other = train_test_vocab(tmp_path / "other.model", vocab_size=600)
-    code, out, err = cpmgen_cli("score", story, "-m", model_dir, *HEADS, "--vocab", other)
+    code, out, err = cpmgen_cli("score", story, "-m", model_dir, "--vocab", other)
     assert code == 2 and out == ""
-    assert err.strip() == (f"error: {other}: vocab has 600 pieces but the model {model_dir} has vocab size 800; "
+    assert err.strip() == (f"error: {other}: vocab has 600 pieces but the model {model_dir} has vocab size 1000; "
                            "pass the --vocab the model was trained with")
 
 
 def test_score_too_short(cpmgen_cli, model_dir, tmp_path):
     short = tmp_path / "short.txt"
     short.write_text("", encoding="utf-8")
-    code, _, err = cpmgen_cli("score", short, "-m", model_dir, *HEADS)
+    code, _, err = cpmgen_cli("score", short, "-m", model_dir)
     assert code == 2
     assert err.strip() == f"error: {short}: the text has 0 token(s); scoring needs at least 2"
 
@@ -138,8 +142,9 @@ def test_config_precedence_one_rule(cpmgen_env, monkeypatch, tmp_path):
     assert load_settings(sets=["model.path=/x"]).model.path == "/x"  # the command line beats the environment
 
 
+@pytest.mark.slow
 def test_window_report_buckets_by_position(cpmgen_cli, model_dir, story):
-    code, out, _ = cpmgen_cli("score", story, "-m", model_dir, *HEADS, "--json", "--stride", "8", "--window-report",
+    code, out, _ = cpmgen_cli("score", story, "-m", model_dir, "--json", "--stride", "8", "--window-report",
                               "--keep", "4")
     result = json.loads(out)
     buckets = result["window_report"]

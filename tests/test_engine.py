@@ -81,6 +81,7 @@ def collect(requests: dict, key, done: threading.Event):
     return emit
 
 
+@pytest.mark.slow
 def test_batched_rows_equal_single_runs(engine):
     singles = [engine.generate(prompt, task, **options) for prompt, task, options in CASES]
     assert all(r.stats.slides >= 2 for r in singles)

@@ -10,19 +10,18 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cpmgen.checkpoint import hf
-from cpmgen.config import ModelArgs
 from cpmgen.errors import UserError
 from cpmgen.model import CPMModel
 
-transformers = pytest.importorskip("transformers")
+from helpers import TINY
 
-ARGS = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=300, max_positions=64)
+transformers = pytest.importorskip("transformers")
 
 
 def tiny_model(seed: int = 0) -> CPMModel:
     """A CPMModel with every tensor random and non-trivial (biases, LayerNorm weights too)."""
     torch.manual_seed(seed)
-    model = CPMModel(ARGS).eval()
+    model = CPMModel(TINY).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "layernorm" in name and name.endswith("weight"):
@@ -41,7 +40,7 @@ def tiny_state_dict(seed: int = 0) -> dict[str, torch.Tensor]:
 def export(tmp_path: Path, state_dict=None, name: str = "hf") -> Path:
     folder = tmp_path / name
     folder.mkdir()
-    hf.write_hf(folder, tiny_state_dict() if state_dict is None else state_dict, ARGS)
+    hf.write_hf(folder, tiny_state_dict() if state_dict is None else state_dict, TINY)
     return folder
 
 
@@ -51,7 +50,7 @@ def hf_model(folder: Path):
 
 def random_hf_model(seed: int = 1):
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(**hf.hf_config(ARGS, torch.float32))
+    config = transformers.GPT2Config(**hf.hf_config(TINY, torch.float32))
     model = transformers.GPT2LMHeadModel(config).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -62,7 +61,7 @@ def random_hf_model(seed: int = 1):
 def assert_same_logits(cpm: CPMModel, gpt2) -> None:
     torch.manual_seed(2)
     batch, steps = 3, 20
-    ids = torch.randint(0, ARGS.vocab_size, (batch, steps))
+    ids = torch.randint(0, TINY.vocab_size, (batch, steps))
     with torch.no_grad():
         expected = cpm(ids, torch.arange(steps))
         got = gpt2(input_ids=ids).logits
@@ -71,7 +70,7 @@ def assert_same_logits(cpm: CPMModel, gpt2) -> None:
 
 
 def cpm_from(state_dict: dict) -> CPMModel:
-    model = CPMModel(ARGS).eval()
+    model = CPMModel(TINY).eval()
     model.load_state_dict(state_dict, strict=True)
     return model
 
@@ -80,9 +79,9 @@ def cpm_from(state_dict: dict) -> CPMModel:
 
 
 def test_name_map_covers_cpm_model():
-    pairs = hf.name_pairs(ARGS.num_layers)
-    assert len(pairs) == len(CPMModel(ARGS).state_dict()) == 2 + 12 * ARGS.num_layers + 2
-    assert {m for m, _, _ in pairs} == set(CPMModel(ARGS).state_dict())
+    pairs = hf.name_pairs(TINY.num_layers)
+    assert len(pairs) == len(CPMModel(TINY).state_dict()) == 2 + 12 * TINY.num_layers + 2
+    assert {m for m, _, _ in pairs} == set(CPMModel(TINY).state_dict())
     assert {h for _, h, _ in pairs} == set(random_hf_model().state_dict()) - {"lm_head.weight"}
 
 
@@ -123,7 +122,7 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path):
 def test_export_reads_back_bitwise(tmp_path):
     sd = tiny_state_dict()
     folder = export(tmp_path, sd)
-    assert hf.read_hf_config(folder) == {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "vocab_size": 300,
+    assert hf.read_hf_config(folder) == {"num_layers": 2, "hidden_size": 64, "num_heads": 4, "vocab_size": 1000,
                                          "max_positions": 64, "layernorm_eps": 1e-5}
     back = hf.read_hf_state_dict(folder)
     assert back.keys() == sd.keys()
@@ -137,7 +136,7 @@ def test_export_fp16_keeps_dtype_and_copies_vocab(tmp_path):
     vocab.write_bytes(b"sentencepiece bytes")
     folder = tmp_path / "hf"
     folder.mkdir()
-    hf.write_hf(folder, sd, ARGS, vocab=vocab)
+    hf.write_hf(folder, sd, TINY, vocab=vocab)
     assert (folder / "spiece.model").read_bytes() == b"sentencepiece bytes"
     assert json.loads((folder / "config.json").read_text())["torch_dtype"] == "float16"
     back = hf.read_hf_state_dict(folder)
@@ -148,7 +147,7 @@ def test_export_missing_vocab(tmp_path):
     folder = tmp_path / "hf"
     folder.mkdir()
     with pytest.raises(UserError) as e:
-        hf.write_hf(folder, tiny_state_dict(), ARGS, vocab=tmp_path / "nope.model")
+        hf.write_hf(folder, tiny_state_dict(), TINY, vocab=tmp_path / "nope.model")
     assert str(e.value) == (f"{tmp_path / 'nope.model'}: sentencepiece model not found; "
                             "check the tokenizer path (chinese_vocab.model)")
 
@@ -177,7 +176,7 @@ def test_reads_pytorch_model_bin(tmp_path):
     if not (folder / "pytorch_model.bin").exists():
         (folder / "model.safetensors").unlink()
         state = dict(gpt2.state_dict())
-        for i in range(ARGS.num_layers):
+        for i in range(TINY.num_layers):
             state[f"transformer.h.{i}.attn.bias"] = torch.tril(torch.ones(64, 64, dtype=torch.bool))[None, None]
             state[f"transformer.h.{i}.attn.masked_bias"] = torch.tensor(-1e4)
         torch.save(state, folder / "pytorch_model.bin")
@@ -258,12 +257,12 @@ def test_config_disagrees_with_weights(tmp_path):
     config["vocab_size"] = 30000
     (folder / "config.json").write_text(json.dumps(config))
     assert user_error(folder) == (f"{folder / 'model.safetensors'}: tensor transformer.wte.weight has shape "
-                                  "[300, 64], expected [30000, 64] from config.json; the weights and config.json disagree")
+                                  "[1000, 64], expected [30000, 64] from config.json; the weights and config.json disagree")
 
 
 def test_untied_lm_head(tmp_path):
     folder = export(tmp_path)
-    file = rewrite_tensors(folder, lambda t: t.update({"lm_head.weight": torch.zeros(300, 64)}))
+    file = rewrite_tensors(folder, lambda t: t.update({"lm_head.weight": torch.zeros(1000, 64)}))
     assert user_error(folder) == (f"{file}: lm_head.weight differs from transformer.wte.weight, but CPM-1 ties "
                                   "the output layer to the word embedding; this is not a CPM-1 model")
 
@@ -319,7 +318,7 @@ def write_config(tmp_path: Path, text: str) -> Path:
 
 
 def test_config_not_gelu_new(tmp_path):
-    config = hf.hf_config(ARGS, torch.float32) | {"activation_function": "gelu"}
+    config = hf.hf_config(TINY, torch.float32) | {"activation_function": "gelu"}
     file = write_config(tmp_path, json.dumps(config))
     message = (f"{file}: activation_function is 'gelu', but CPM-1 uses 'gelu_new' (tanh GELU); "
                "this is not a CPM-1 model")
@@ -340,7 +339,7 @@ def test_config_missing(tmp_path):
 
 
 def test_config_missing_field(tmp_path):
-    config = hf.hf_config(ARGS, torch.float32)
+    config = hf.hf_config(TINY, torch.float32)
     del config["n_head"]
     file = write_config(tmp_path, json.dumps(config))
     assert user_error(tmp_path, hf.read_hf_config) == (
@@ -348,7 +347,7 @@ def test_config_missing_field(tmp_path):
 
 
 def test_config_n_ctx_fallback_and_other_model_type(tmp_path):
-    config = hf.hf_config(ARGS, torch.float32)
+    config = hf.hf_config(TINY, torch.float32)
     del config["n_positions"]
     write_config(tmp_path, json.dumps(config))
     assert hf.read_hf_config(tmp_path)["max_positions"] == 64

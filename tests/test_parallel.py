@@ -17,19 +17,16 @@ import torch
 
 from cpmgen.checkpoint.megatron import rank_file_name
 from cpmgen.checkpoint.reader import needed_ranks, open_checkpoint
-from cpmgen.config import ModelArgs
 from cpmgen.errors import UserError
 from cpmgen.synthetic import random_state_dict
 
-# Every split dimension divisible by 4: heads 8, hidden 64, vocab 800.
-ARGS = ModelArgs(num_layers=2, hidden_size=64, num_heads=8, vocab_size=800, max_positions=48)
-HEADS = ["--set", "model.num_heads=8"]
+from helpers import TINY
 
 
 @pytest.fixture(scope="module")
 def checkpoints(model_dir_factory, tmp_path_factory):
-    state = random_state_dict(ARGS, seed=11)
-    folders = {mp: model_dir_factory(f"mp{mp}", ARGS, mp=mp, state=state, iteration=100) for mp in (1, 2)}
+    state = random_state_dict(TINY, seed=11)
+    folders = {mp: model_dir_factory(f"mp{mp}", mp=mp, state=state, iteration=100) for mp in (1, 2)}
     prompt = tmp_path_factory.mktemp("mp-prompt") / "prompt.txt"
     prompt.write_text("春天的风吹过山岗<eod>我们一起唱歌<eod>", encoding="utf-8")
     return folders, prompt
@@ -51,14 +48,14 @@ def in_process(cpmgen_cli, folder, prompt, *extra):
     """The single-process reference run (mp 1), in this process to save a launch; run once per arguments."""
     key = (str(folder), str(prompt), *map(str, extra))
     if key not in _references:
-        code, out, err = cpmgen_cli("lyric", prompt, "-m", folder, *HEADS, *LYRIC, *extra)
+        code, out, err = cpmgen_cli("lyric", prompt, "-m", folder, *LYRIC, *extra)
         assert code == 0, err
         _references[key] = json.loads(out)
     return _references[key]
 
 
 def launched(folder, prompt, mp, *extra):
-    proc = cpmgen("lyric", prompt, "-m", folder, *HEADS, "--mp", mp, *LYRIC, *extra)
+    proc = cpmgen("lyric", prompt, "-m", folder, "--mp", mp, *LYRIC, *extra)
     assert proc.returncode == 0, proc.stderr
     return json.loads(proc.stdout)
 
@@ -83,7 +80,7 @@ def test_mp2_checkpoint_runs_greedy_at_mp4(cpmgen_cli, checkpoints):
 def test_joins_a_group_started_by_torchrun(cpmgen_cli, checkpoints):
     folders, prompt = checkpoints
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
-                           "-m", "cpmgen", "lyric", str(prompt), "-m", str(folders[2]), *HEADS, *LYRIC, "--greedy"],
+                           "-m", "cpmgen", "lyric", str(prompt), "-m", str(folders[2]), *LYRIC, "--greedy"],
                           capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     # rank 0 alone printed
@@ -93,8 +90,8 @@ def test_joins_a_group_started_by_torchrun(cpmgen_cli, checkpoints):
 @pytest.mark.slow
 def test_score_mp2(cpmgen_cli, checkpoints):
     folders, prompt = checkpoints
-    two = json.loads(cpmgen("score", prompt, "-m", folders[2], *HEADS, "--mp", 2, "--json").stdout)
-    one = json.loads(cpmgen_cli("score", prompt, "-m", folders[2], *HEADS, "--json").stdout)
+    two = json.loads(cpmgen("score", prompt, "-m", folders[2], "--mp", 2, "--json").stdout)
+    one = json.loads(cpmgen_cli("score", prompt, "-m", folders[2], "--json").stdout)
     assert one["ids"] == two["ids"]
     assert two["nll"] == pytest.approx(one["nll"], abs=1e-4)
 
@@ -114,7 +111,7 @@ def broken(checkpoints, tmp_path):
 def test_a_corrupt_rank_file_is_one_clear_error(cpmgen_env, checkpoints, broken):
     """--mp checks what every rank would trip over before it launches them."""
     folder, rank1 = broken
-    proc = cpmgen("novel", checkpoints[1], "-m", folder, *HEADS, "--mp", 2, "--max-new-tokens", 5, timeout=120)
+    proc = cpmgen("novel", checkpoints[1], "-m", folder, "--mp", 2, "--max-new-tokens", 5, timeout=120)
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("error: ") == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith(f"error: {rank1}: cannot read as a PyTorch checkpoint (truncated or not a .pt file: ")
@@ -127,7 +124,7 @@ def test_a_failing_rank_ends_every_rank(cpmgen_env, checkpoints, broken):
     folder, rank1 = broken
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
                            "--monitor-interval=0.2", "-m", "cpmgen", "novel", str(checkpoints[1]), "-m", str(folder),
-                           *HEADS, "--max-new-tokens", "5"], capture_output=True, text=True, timeout=120)
+                           "--max-new-tokens", "5"], capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert proc.stderr.count(f"error: {rank1}: cannot read") == 1  # rank 1's error, once
 
@@ -135,10 +132,10 @@ def test_a_failing_rank_ends_every_rank(cpmgen_env, checkpoints, broken):
 @pytest.mark.slow
 def test_mp_must_divide_the_heads(cpmgen_env, checkpoints):
     folders, prompt = checkpoints
-    proc = cpmgen("novel", prompt, "-m", folders[1], *HEADS, "--mp", 3, "--max-new-tokens", 5)
+    proc = cpmgen("novel", prompt, "-m", folders[1], "--mp", 3, "--max-new-tokens", 5)
     assert proc.returncode == 2
-    assert proc.stderr.strip().startswith("error: --mp 3 does not divide the 8 attention heads of ")
-    assert proc.stderr.strip().endswith("; choose a divisor of 8")
+    assert proc.stderr.strip().startswith("error: --mp 3 does not divide the 4 attention heads of ")
+    assert proc.stderr.strip().endswith("; choose a divisor of 4")
 
 
 # ----------------------------------------------------------------------------- rank files a rank reads
@@ -148,8 +145,7 @@ def test_mp_must_divide_the_heads(cpmgen_env, checkpoints):
 def test_a_rank_opens_only_the_files_of_its_slices(write_ckpt, stored, world):
     """A rank's tensors read from a folder holding only the files it needs equal those read
     from the whole folder."""
-    args = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=300, max_positions=64)
-    full = write_ckpt("full", mp=stored, args=args, iteration=7)
+    full = write_ckpt("full", mp=stored, iteration=7)
     for rank in range(world):
         needed = needed_ranks(stored, world, rank)
         assert needed == ([rank // (world // stored)] if world >= stored else
@@ -210,7 +206,7 @@ def c10d(port: int, node: int, addr: str) -> list[str]:
 def start_node(cwd, torchrun: list[str], folder, *extra) -> subprocess.Popen:
     """One "machine": a torchrun process in its own folder (the prompt is prompt.txt there, if anywhere)."""
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *torchrun, "--monitor-interval", "0.2",
-                             "-m", "cpmgen", "lyric", "prompt.txt", "-m", str(folder), *HEADS, *LYRIC, *GREEDY, *extra],
+                             "-m", "cpmgen", "lyric", "prompt.txt", "-m", str(folder), *LYRIC, *GREEDY, *extra],
                             cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
@@ -264,7 +260,7 @@ def test_two_machines_c10d_where_node_rank_1_becomes_rank_0(cpmgen_cli, cpmgen_e
 
 def plain_ranks(cwds, folder, port: int, *extra) -> list[subprocess.Popen]:
     """Two ranks started by nothing but RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT."""
-    return [subprocess.Popen([sys.executable, "-m", "cpmgen", "lyric", "prompt.txt", "-m", str(folder), *HEADS, *LYRIC,
+    return [subprocess.Popen([sys.executable, "-m", "cpmgen", "lyric", "prompt.txt", "-m", str(folder), *LYRIC,
                               *GREEDY, *extra], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env={**os.environ, "RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1",
                                   "MASTER_PORT": str(port)})
@@ -360,7 +356,7 @@ def test_the_deepspeed_launcher_gives_the_single_process_tokens(cpmgen_cli, cpmg
     expected = in_process(cpmgen_cli, folders[1], prompt, *GREEDY)
     proc = subprocess.run([sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port",
                            str(free_port()), "--module", "cpmgen", "lyric", str(prompt), "-m", str(folders[2]),
-                           *HEADS, *LYRIC, *GREEDY], capture_output=True, text=True, timeout=240)
+                           *LYRIC, *GREEDY], capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     printed = [line for line in proc.stdout.splitlines() if line.startswith("{")]  # the launcher logs to stdout too
     assert len(printed) == 1 and json.loads(printed[0])["ids"] == expected["ids"]
@@ -409,7 +405,7 @@ def _on_a_terminal(argv: list[str], cwd, keys: list[bytes], timeout: float = 180
 def test_the_interactive_loop_under_mp_ends_every_rank(cpmgen_env, checkpoints, end, code):
     """A prompt generates; then "stop" or Ctrl-C at the next prompt ends the launcher, torchrun and both ranks."""
     folders, prompt = checkpoints
-    exit_code, output = _on_a_terminal(["-m", "cpmgen", "lyric", "-m", str(folders[2]), *HEADS, "--mp", "2",
+    exit_code, output = _on_a_terminal(["-m", "cpmgen", "lyric", "-m", str(folders[2]), "--mp", "2",
                                          "--max-new-tokens", "8", *GREEDY], prompt.parent, [b"\xe6\x98\xa5<eod>\r", end])
     assert exit_code == code, output
     assert "done: 8 new" in output  # the closing status line (wrapped at the terminal width)

@@ -6,17 +6,16 @@ import pytest
 import torch
 import torch.nn as nn
 
-from cpmgen.config import ModelArgs
 from cpmgen.model import CPMModel
 from cpmgen.prepack import PackedLinear, prepack_linears, supported
 from cpmgen.synthetic import random_state_dict
 
-ARGS = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=300, max_positions=64)
+from helpers import TINY
 
 
 def model_in(dtype: torch.dtype) -> CPMModel:
-    model = CPMModel(ARGS)
-    model.load_state_dict(random_state_dict(ARGS, 0))
+    model = CPMModel(TINY)
+    model.load_state_dict(random_state_dict(TINY, 0))
     return model.to(dtype).eval().requires_grad_(False)
 
 
@@ -25,10 +24,10 @@ def test_prepacked_model_matches_plain(dtype, tolerance):
     if not supported(torch.device("cpu"), dtype):
         pytest.skip(f"no oneDNN {dtype} linear on this CPU")
     plain, packed = model_in(dtype), model_in(dtype)
-    assert prepack_linears(packed) == 4 * ARGS.num_layers + 1
+    assert prepack_linears(packed) == 4 * TINY.num_layers + 1
     assert not any(type(m) is nn.Linear for m in packed.modules())
-    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 4 * ARGS.num_layers
-    ids = torch.randint(0, ARGS.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 4 * TINY.num_layers
+    ids = torch.randint(0, TINY.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(40)
     with torch.inference_mode():
         want, got = plain(ids, positions).float(), packed(ids, positions).float()
@@ -39,5 +38,5 @@ def test_prepacked_model_matches_plain(dtype, tolerance):
 
 def test_fp16_and_training_weights_stay_plain():
     assert prepack_linears(model_in(torch.float16)) == 0
-    trainable = CPMModel(ARGS)
+    trainable = CPMModel(TINY)
     assert prepack_linears(trainable) == 0

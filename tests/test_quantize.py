@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 import cpmgen.quantize
 from cpmgen.checkpoint import splits
-from cpmgen.config import ModelArgs
 from cpmgen.generate import Stats, generate
 from cpmgen.kernels import qlinear
 from cpmgen.model import CPMModel
@@ -27,15 +26,16 @@ from cpmgen.sampling import SamplingParams
 from cpmgen.synthetic import random_state_dict
 from cpmgen.window import Window
 
-# hidden 64 and 4 * 64 hold whole int4 groups; vocab and ffn split in 2.
-ARGS = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=300, max_positions=64)
+from helpers import TINY
+
+# TINY's hidden 64 and 4 * 64 hold whole int4 groups; its vocab and ffn split in 2.
 BLOCK_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 KINDS = ("int8", "int4")
 
 
 def make_model(dtype: torch.dtype = torch.float32, state: dict | None = None) -> CPMModel:
-    model = CPMModel(ARGS)
-    model.load_state_dict(state or random_state_dict(ARGS, seed=0))
+    model = CPMModel(TINY)
+    model.load_state_dict(state or random_state_dict(TINY, seed=0))
     return model.to(dtype).eval().requires_grad_(False)
 
 
@@ -48,7 +48,7 @@ def logits(model: CPMModel, ids: torch.Tensor) -> torch.Tensor:
         return model(ids, torch.arange(ids.shape[1])).float()
 
 
-IDS = torch.randint(0, ARGS.vocab_size, (2, 50), generator=torch.Generator().manual_seed(3))
+IDS = torch.randint(0, TINY.vocab_size, (2, 50), generator=torch.Generator().manual_seed(3))
 
 
 def test_the_kernel_library_is_built():
@@ -140,7 +140,7 @@ def test_without_the_kernel_the_reference_gives_the_same_logits(monkeypatch):
 @pytest.mark.parametrize("kind", KINDS)
 def test_float_weights_are_freed(kind):
     model = make_model()
-    replaced = [f"transformer.layers.{i}.{name}" for i in range(ARGS.num_layers) for name in BLOCK_LINEARS]
+    replaced = [f"transformer.layers.{i}.{name}" for i in range(TINY.num_layers) for name in BLOCK_LINEARS]
     watched = [weakref.ref(model.get_submodule(name).weight) for name in replaced]
     quantize_model(model, kind)
     assert all(ref() is None for ref in watched)  # gone at once, no garbage collection needed
@@ -153,7 +153,7 @@ def test_float_weights_are_freed(kind):
     # The input lookup keeps the float table; the output layer reads its int8 copy.
     assert model.word_embeddings.weight.dtype == torch.float32
     head = model.lm_head.linear
-    assert type(model.lm_head) is QuantizedOutput and head.bits == 8 and head.out_features == ARGS.vocab_size
+    assert type(model.lm_head) is QuantizedOutput and head.bits == 8 and head.out_features == TINY.vocab_size
 
 
 def test_bf16_model_runs_in_bf16():
@@ -180,9 +180,9 @@ def test_quantizing_twice_or_a_rewritten_layer_is_an_error():
 def test_fast_generation_equals_slow(kind):
     """Decode steps run one row through the kernel, the slow path whole windows: the same logits."""
     model = quantize_model(make_model(), kind)
-    window = Window(ARGS.max_positions - 1, 8)
+    window = Window(TINY.max_positions - 1, 8)
     prompt = list(range(20, 40))
-    new = 3 * ARGS.max_positions + 26
+    new = 3 * TINY.max_positions + 26
     runs = {}
     for fast in (True, False):
         stats = Stats()
@@ -199,7 +199,7 @@ def _rank(rank: int, world: int, init_file: str, state: dict, ids: torch.Tensor,
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     with torch.device("meta"):
-        model = CPMModel(ARGS)
+        model = CPMModel(TINY)
     apply_tensor_parallel(model, rank, world)
     model.load_state_dict({name: splits.shard(name, t, world, rank).clone() for name, t in state.items()}, assign=True)
     model.eval().requires_grad_(False)
@@ -211,10 +211,11 @@ def _rank(rank: int, world: int, init_file: str, state: dict, ids: torch.Tensor,
     shutdown(0)  # leaves with os._exit: gloo's threads can abort an ordinary interpreter exit
 
 
+@pytest.mark.slow
 def test_tensor_parallel_two_ranks(tmp_path):
     """Row-parallel partial products are scaled by their rank's scales, summed, and the bias
     added once; the vocab-parallel output layer is gathered: close to the one-rank int8 model."""
-    state = random_state_dict(ARGS, seed=5)
+    state = random_state_dict(TINY, seed=5)
     out_file = tmp_path / "logits.pt"
     mp.spawn(_rank, args=(2, str(tmp_path / "init"), state, IDS, str(out_file)), nprocs=2)
     two_ranks = torch.load(out_file)

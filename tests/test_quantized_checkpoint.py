@@ -8,28 +8,17 @@ import json
 import pytest
 from safetensors import safe_open
 
-from cpmgen.config import ModelArgs
-
-ARGS = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=1000, max_positions=64)
-HEADS = ["--set", "model.num_heads=4"]
-
 
 @pytest.fixture(scope="module")
 def model_dir(model_dir_factory):
-    return model_dir_factory("source", ARGS, seed=3)
+    return model_dir_factory("source", seed=3)
 
 
-@pytest.fixture
-def prompt_file(tmp_path):
-    path = tmp_path / "in.txt"
-    path.write_text("春天的风吹过山岗<eod>我们一起唱歌<eod>", encoding="utf-8")
-    return path
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["int8", "int4"])
 def test_quantized_folder_loads_as_the_quantize_option_does(cpmgen_cli, model_dir, prompt_file, tmp_path, kind):
     out = tmp_path / f"q{kind}"
-    code, stdout, _ = cpmgen_cli("quantize", model_dir, "--to", kind, "--output", out, *HEADS, "--json")
+    code, stdout, _ = cpmgen_cli("quantize", model_dir, "--to", kind, "--output", out, "--json")
     assert code == 0
     assert json.loads(stdout)["output"] == str(out)
     assert sorted(p.name for p in out.iterdir()) == ["chinese_vocab.model", "model.safetensors", "quantized.json"]
@@ -50,17 +39,17 @@ def test_quantized_folder_loads_as_the_quantize_option_does(cpmgen_cli, model_di
     common = ["novel", prompt_file, "--json", "--greedy", "--stride", "8", "--max-new-tokens", "80"]
     code, from_folder, _ = cpmgen_cli(*common, "-m", out)
     assert code == 0
-    code, at_load, _ = cpmgen_cli(*common, "-m", model_dir, *HEADS, "--quantize", kind)
+    code, at_load, _ = cpmgen_cli(*common, "-m", model_dir, "--quantize", kind)
     assert code == 0
     assert json.loads(from_folder)["ids"] == json.loads(at_load)["ids"]
 
 
 def test_quantize_errors(cpmgen_cli, model_dir, prompt_file, tmp_path):
     out = tmp_path / "q"
-    code, _, err = cpmgen_cli("quantize", model_dir, "--to", "int2", "--output", out, *HEADS)
+    code, _, err = cpmgen_cli("quantize", model_dir, "--to", "int2", "--output", out)
     assert code == 2 and err.strip() == "error: --to int2: choose int8 or int4" and not out.exists()
-    assert cpmgen_cli("quantize", model_dir, "--to", "int4", "--output", out, *HEADS).code == 0
-    code, _, err = cpmgen_cli("quantize", model_dir, "--to", "int8", "--output", out, *HEADS)
+    assert cpmgen_cli("quantize", model_dir, "--to", "int4", "--output", out).code == 0
+    code, _, err = cpmgen_cli("quantize", model_dir, "--to", "int8", "--output", out)
     assert code == 2 and "output folder already exists; pass --force" in err
     assert json.loads((out / "quantized.json").read_text())["quantize"] == "int4"  # untouched
     code, _, err = cpmgen_cli("quantize", out, "--to", "int8", "--output", tmp_path / "again")

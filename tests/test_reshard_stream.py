@@ -21,9 +21,8 @@ import torch
 from cpmgen.checkpoint import megatron
 from cpmgen.checkpoint.reader import open_checkpoint
 from cpmgen.checkpoint.writer import rank_metadata, write_megatron
-from cpmgen.config import ModelArgs
 
-ARGS = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=300, max_positions=64)
+from helpers import TINY
 
 
 def _module() -> dict[str, torch.Tensor]:
@@ -169,14 +168,14 @@ def test_reshard_rank_files_load_as_torch_save_of_the_same_state(write_ckpt, tmp
     calls = []
     released = []
     ckpt.release = released.append
-    files = write_megatron(out, ckpt, ARGS, mp, advance=calls.append)
+    files = write_megatron(out, ckpt, TINY, mp, advance=calls.append)
     assert calls == [1] * (len(ckpt.names()) * mp)
     assert released == ckpt.names() * mp
 
     for rank, path in enumerate(files):
         reference = tmp_path / f"reference_{rank}.pt"
         module = _own_storages(dict(ckpt.rank_tensors(mp, rank)))
-        torch.save({**rank_metadata(ckpt, ARGS, mp, rank), "module": module}, reference)
+        torch.save({**rank_metadata(ckpt, TINY, mp, rank), "module": module}, reference)
         expected = _load(reference, weights_only=False)
         assert expected["mp_world_size"] == mp and "torch_rng_state" in expected and "np_rng_state" in expected
         _assert_same(expected, _load(path, weights_only=False))

@@ -4,6 +4,7 @@ user did not name, outputs checked before the work, one-line errors for every fa
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import signal
 import subprocess
@@ -16,11 +17,9 @@ import pytest
 import torch
 
 from cpmgen.checkpoint import megatron
-from cpmgen.config import ModelArgs
 from cpmgen.synthetic import random_state_dict
 
-ARGS = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=1000, max_positions=64)
-HEADS = ("--set", "model.num_heads=4")
+from helpers import TINY
 
 
 def one_line_error(result, message: str | None = None, contains: str | None = None, code: int = 2) -> None:
@@ -46,7 +45,7 @@ class Payload:
 
 @pytest.fixture(scope="module")
 def model_dir(model_dir_factory):
-    return model_dir_factory("safety", ARGS, seed=5)
+    return model_dir_factory("safety", seed=5)
 
 
 def _poison(folder: Path, marker: Path, legacy: bool) -> None:
@@ -62,7 +61,7 @@ def _poison(folder: Path, marker: Path, legacy: bool) -> None:
 
 @pytest.mark.parametrize("legacy", [False, True], ids=["zip", "legacy"])
 def test_a_pickle_payload_never_runs(cpmgen_cli, model_dir_factory, prompt_file, tmp_path, legacy):
-    folder = model_dir_factory(f"poisoned{int(legacy)}", ARGS, seed=5)
+    folder = model_dir_factory(f"poisoned{int(legacy)}", seed=5)
     marker = tmp_path / "marker"
     _poison(folder, marker, legacy)
     rank_file = folder / "release" / megatron.rank_file_name(0)
@@ -73,16 +72,16 @@ def test_a_pickle_payload_never_runs(cpmgen_cli, model_dir_factory, prompt_file,
                     ["convert", folder, "--to", "megatron", "-o", tmp_path / "m"],
                     ["novel", prompt_file, "-m", folder], ["lyric", prompt_file, "-m", folder],
                     ["score", prompt_file, "-m", folder]):
-        one_line_error(cpmgen_cli(*command, *HEADS), expected)
+        one_line_error(cpmgen_cli(*command), expected)
         assert not marker.exists(), command
     assert not any((tmp_path / name).exists() for name in ("r", "hf", "m"))
 
 
 def test_trust_checkpoint_is_the_explicit_opt_in_and_unpickles_once(cpmgen_cli, model_dir_factory, tmp_path):
-    folder = model_dir_factory("trusted", ARGS, seed=5)
+    folder = model_dir_factory("trusted", seed=5)
     marker = tmp_path / "marker"
     _poison(folder, marker, legacy=False)
-    result = cpmgen_cli("inspect-ckpt", folder, "--trust-checkpoint", *HEADS)
+    result = cpmgen_cli("inspect-ckpt", folder, "--trust-checkpoint")
     assert result.code == 0, result.stderr
     assert marker.read_text().splitlines() == ["ran"]  # scanned and loaded: unpickled once
 
@@ -110,8 +109,8 @@ def test_hf_bin_with_a_payload_is_called_that(cpmgen_cli, tmp_path):
 
     folder = tmp_path / "hf"
     folder.mkdir()
-    (folder / "config.json").write_text(json.dumps(hf_config(ARGS, torch.float32)))
-    state = megatron_to_hf(random_state_dict(ARGS))
+    (folder / "config.json").write_text(json.dumps(hf_config(TINY, torch.float32)))
+    state = megatron_to_hf(random_state_dict(TINY))
     state["extra"] = Payload(tmp_path / "marker")
     torch.save(state, folder / "pytorch_model.bin")
     result = cpmgen_cli("inspect-ckpt", folder)
@@ -128,11 +127,11 @@ def test_force_never_replaces_the_folder_holding_the_source(cpmgen_cli, write_ck
     (tmp_path / "models" / "notes.txt").write_text("mine")
     before = tree_snapshot(tmp_path / "models")
     for target in (tmp_path / "models", source, tmp_path):
-        result = cpmgen_cli("reshard", source, "--mp", 2, "-o", target, "--force", *HEADS)
+        result = cpmgen_cli("reshard", source, "--mp", 2, "-o", target, "--force")
         one_line_error(result, f"{target}: holds the source checkpoint {source}; choose another --output")
-    result = cpmgen_cli("convert", source, "--to", "megatron", "-o", source / "release", "--force", *HEADS)
+    result = cpmgen_cli("convert", source, "--to", "megatron", "-o", source / "release", "--force")
     one_line_error(result, f"{source / 'release'}: holds the source checkpoint {source}; choose another --output")
-    result = cpmgen_cli("reshard", source, "--mp", 2, "-o", source / "release" / "x", "--force", *HEADS)
+    result = cpmgen_cli("reshard", source, "--mp", 2, "-o", source / "release" / "x", "--force")
     one_line_error(result, f"{source / 'release' / 'x'}: is inside the source checkpoint {source}; "
                            "choose another --output")
     assert tree_snapshot(tmp_path / "models") == before
@@ -145,7 +144,7 @@ def test_force_never_replaces_a_folder_with_other_files(cpmgen_cli, write_ckpt, 
     (target / "a.jpg").write_bytes(b"x")
     (target / "b.jpg").write_bytes(b"y")
     before = tree_snapshot(target)
-    result = cpmgen_cli("reshard", source, "--mp", 2, "-o", target, "--force", *HEADS)
+    result = cpmgen_cli("reshard", source, "--mp", 2, "-o", target, "--force")
     one_line_error(result, f"{target}: --force replaces only a checkpoint folder, and this one also holds a.jpg "
                            "and 1 more; choose another --output")
     assert tree_snapshot(target) == before
@@ -155,7 +154,7 @@ def test_force_never_replaces_a_folder_with_other_files(cpmgen_cli, write_ckpt, 
 def test_force_replaces_an_empty_folder(cpmgen_cli, write_ckpt, tmp_path):
     source = write_ckpt("ckpt")
     (tmp_path / "empty").mkdir()
-    assert cpmgen_cli("reshard", source, "--mp", 2, "-o", tmp_path / "empty", "--force", *HEADS).code == 0
+    assert cpmgen_cli("reshard", source, "--mp", 2, "-o", tmp_path / "empty", "--force").code == 0
     assert sorted(p.name for p in (tmp_path / "empty").iterdir()) == [megatron.LATEST_FILE, "release"]
 
 
@@ -172,18 +171,20 @@ def test_a_target_that_appears_meanwhile_is_not_replaced(cpmgen_cli, write_ckpt,
         return real(out, *args, **kwargs)
 
     monkeypatch.setattr(writer, "write_megatron", racing)
-    result = cpmgen_cli("reshard", source, "--mp", 2, "-o", target, *HEADS)
+    result = cpmgen_cli("reshard", source, "--mp", 2, "-o", target)
     one_line_error(result, f"{target}: appeared while this output was written; nothing was replaced (pass --force "
                            "to replace it, or choose another --output)")
     assert [p.name for p in target.iterdir()] == ["theirs.txt"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]  # no temporary folder, no lock left
 
 
+@pytest.mark.slow
 def test_two_writers_to_one_output_exactly_one_wins(write_ckpt, tmp_path, cpmgen_env):
-    source = write_ckpt("ckpt", args=ModelArgs(num_layers=4, hidden_size=256, num_heads=4, vocab_size=4000,
-                                               max_positions=256))
+    # large enough that the two writers overlap
+    source = write_ckpt("ckpt", args=dataclasses.replace(TINY, num_layers=4, hidden_size=256, vocab_size=4000,
+                                                         max_positions=256))
     target = tmp_path / "out"
-    command = [sys.executable, "-m", "cpmgen", "reshard", str(source), "--mp", "2", "-o", str(target), *HEADS]
+    command = [sys.executable, "-m", "cpmgen", "reshard", str(source), "--mp", "2", "-o", str(target)]
     procs = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     results = [(p.wait(timeout=120), *p.communicate()) for p in procs]
     assert sorted(code for code, _, _ in results) == [0, 2], results
@@ -201,7 +202,7 @@ def test_iteration_name_cannot_lead_out_of_the_folder(cpmgen_cli, write_ckpt, tm
     (tmp_path / "it").mkdir()
     (source / "release").rename(tmp_path / "it" / "x")
     (source / megatron.LATEST_FILE).write_text("../it/x\n")
-    result = cpmgen_cli("reshard", source, "--mp", 2, "-o", tmp_path / "out", *HEADS)
+    result = cpmgen_cli("reshard", source, "--mp", 2, "-o", tmp_path / "out")
     one_line_error(result, f"{source / megatron.LATEST_FILE}: '../it/x' is not a plain folder name (no '/', no "
                            "'..'); fix the file to name the iteration folder")
     assert not (tmp_path / "out").exists()
@@ -212,18 +213,19 @@ def test_leftovers_of_a_killed_reshard_are_removed_by_the_next(cpmgen_cli, write
     stale = tmp_path / ".out.k1ll3d.partial"
     (stale / "release").mkdir(parents=True)
     (stale / "release" / "mp_rank_00_model_states.pt").write_bytes(b"\0" * 2_000_000)
-    result = cpmgen_cli("reshard", source, "--mp", 2, "-o", tmp_path / "out", *HEADS)
+    result = cpmgen_cli("reshard", source, "--mp", 2, "-o", tmp_path / "out")
     assert result.code == 0, result.stderr
     assert "warning: removed .out.k1ll3d.partial (2 MB), left by an interrupted run" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "out"]
 
 
+@pytest.mark.slow
 def test_sigterm_during_reshard_leaves_nothing_and_the_next_run_works(write_ckpt, tmp_path, cpmgen_env):
-    source = write_ckpt("ckpt", args=ModelArgs(num_layers=8, hidden_size=512, num_heads=8, vocab_size=8000,
-                                               max_positions=512))
+    # large enough that the reshard is still writing when the signal comes
+    source = write_ckpt("ckpt", args=dataclasses.replace(TINY, num_layers=8, hidden_size=512, vocab_size=8000,
+                                                         max_positions=512))
     target = tmp_path / "out"
-    command = [sys.executable, "-m", "cpmgen", "reshard", str(source), "--mp", "2", "-o", str(target),
-               "--set", "model.num_heads=8"]
+    command = [sys.executable, "-m", "cpmgen", "reshard", str(source), "--mp", "2", "-o", str(target)]
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 60
     while not list(tmp_path.glob(".out.*.partial")) and time.time() < deadline and proc.poll() is None:
@@ -240,7 +242,7 @@ def test_dangling_symlink_output_is_refused_up_front(cpmgen_cli, write_ckpt, tmp
     source = write_ckpt("ckpt")
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "nowhere")
-    result = cpmgen_cli("reshard", source, "--mp", 2, "-o", link, *HEADS)
+    result = cpmgen_cli("reshard", source, "--mp", 2, "-o", link)
     one_line_error(result, f"{link}: is a symbolic link; give the folder it should be, or another --output")
     assert link.is_symlink() and not (tmp_path / "nowhere").exists()
 
@@ -252,7 +254,7 @@ def test_no_space_is_refused_before_the_work(cpmgen_cli, write_ckpt, tmp_path, m
     source = write_ckpt("ckpt")
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**9, 10**9 - 1000, 1000))
-    result = cpmgen_cli("reshard", source, "--mp", 2, "-o", tmp_path / "out", *HEADS)
+    result = cpmgen_cli("reshard", source, "--mp", 2, "-o", tmp_path / "out")
     one_line_error(result, contains=f"{tmp_path / 'out'}: needs about ")
     assert "free some space or choose another --output" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
@@ -268,6 +270,7 @@ def _run_limited(command: list, limit: int) -> subprocess.CompletedProcess:
                           preexec_fn=limited, timeout=120)
 
 
+@pytest.mark.slow
 def test_file_size_limit_is_one_line_and_leaves_nothing(write_ckpt, tmp_path, cpmgen_env):
     """`ulimit -f` below a rank file: refused before the work; just above the estimate, the
     write itself fails (EFBIG in torch's writer): one line either way, nothing left."""
@@ -275,11 +278,11 @@ def test_file_size_limit_is_one_line_and_leaves_nothing(write_ckpt, tmp_path, cp
 
     source = write_ckpt("ckpt")
     per_rank = open_checkpoint(source, strict=False).nbytes() // 2
-    proc = _run_limited(["reshard", source, "--mp", 2, "-o", tmp_path / "out", *HEADS], per_rank // 2)
+    proc = _run_limited(["reshard", source, "--mp", 2, "-o", tmp_path / "out"], per_rank // 2)
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.startswith(f"error: {tmp_path / 'out'}: a file of about ") and "ulimit -f" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
-    proc = _run_limited(["reshard", source, "--mp", 2, "-o", tmp_path / "out", *HEADS], per_rank + 1)
+    proc = _run_limited(["reshard", source, "--mp", 2, "-o", tmp_path / "out"], per_rank + 1)
     assert proc.stderr == (f"error: {tmp_path / 'out'}: writing failed (disk full or file size limit, ulimit -f); "
                            "nothing was written\n")
     assert proc.returncode == 2
@@ -297,7 +300,7 @@ def test_a_write_that_fails_midway_is_one_line_and_leaves_nothing(cpmgen_cli, wr
 
     source = write_ckpt("ckpt")
     monkeypatch.setattr(writer, "write_megatron", full)
-    result = cpmgen_cli("reshard", source, "--mp", 2, "-o", tmp_path / "out", *HEADS)
+    result = cpmgen_cli("reshard", source, "--mp", 2, "-o", tmp_path / "out")
     one_line_error(result, f"{tmp_path / 'out'}: writing failed: no space left on the device; nothing was written")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
@@ -333,13 +336,12 @@ def test_output_is_checked_before_the_work(cpmgen_cli, model_dir, prompt_file, t
                 continue
             if output == tmp_path / "missing" / "out.txt" and force:
                 continue
-            result = cpmgen_cli("novel", prompt_file, "-m", model_dir, "-o", output, *force, "--max-new-tokens", 4,
-                                *HEADS)
+            result = cpmgen_cli("novel", prompt_file, "-m", model_dir, "-o", output, *force, "--max-new-tokens", 4)
             one_line_error(result, message)
     assert existing.read_text() == "keep me"
     assert prompt_file.read_text(encoding="utf-8") == "春天的风吹过山岗<eod>我们一起唱歌<eod>"
     result = cpmgen_cli("novel", prompt_file, "-m", model_dir, "-o", existing, "--force", "--max-new-tokens", 4,
-                        "--seed", 1, *HEADS)
+                        "--seed", 1)
     assert result.code == 0, result.stderr
     assert existing.read_text(encoding="utf-8") == result.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "in.txt", "old.txt"]
@@ -352,17 +354,18 @@ def test_read_only_output_folder(cpmgen_cli, model_dir, prompt_file, tmp_path):
     try:
         if os.access(folder, os.W_OK):
             pytest.skip("running as a user who can write anywhere (root): permissions are not enforced")
-        result = cpmgen_cli("novel", prompt_file, "-m", model_dir, "-o", folder / "out.txt", *HEADS)
+        result = cpmgen_cli("novel", prompt_file, "-m", model_dir, "-o", folder / "out.txt")
         one_line_error(result, f"{folder / 'out.txt'}: cannot write in {folder} (permission denied or read-only); "
                                "choose another --output")
     finally:
         folder.chmod(0o755)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGHUP, signal.SIGTERM])
 def test_a_signal_keeps_the_text_so_far_at_output(cpmgen_env, model_dir, prompt_file, tmp_path, sig):
     output = tmp_path / "story.txt"
-    proc = subprocess.Popen([sys.executable, "-m", "cpmgen", "lyric", str(prompt_file), "-m", str(model_dir), *HEADS,
+    proc = subprocess.Popen([sys.executable, "-m", "cpmgen", "lyric", str(prompt_file), "-m", str(model_dir),
                              "--max-new-tokens", "0", "--output", str(output), "--seed", "2", "--stride", "16",
                              "--temperature", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     first = b""
@@ -392,7 +395,7 @@ def test_a_run_that_fails_midway_keeps_the_text_so_far(cpmgen_cli, model_dir, pr
 
     monkeypatch.setattr(runner, "generate", dies)
     output = tmp_path / "out.txt"
-    result = cpmgen_cli("novel", prompt_file, "-m", model_dir, "-o", output, "--greedy", *HEADS)
+    result = cpmgen_cli("novel", prompt_file, "-m", model_dir, "-o", output, "--greedy")
     one_line_error(result, "rank 1 stopped")
     saved = output.read_text(encoding="utf-8")
     assert saved.startswith("春天的风吹过山") and saved == result.stdout + "\n" and len(saved) > 20
@@ -402,8 +405,7 @@ def test_a_run_that_fails_midway_keeps_the_text_so_far(cpmgen_cli, model_dir, pr
 def test_a_killed_generation_leaves_a_partial_that_the_next_run_removes(cpmgen_cli, model_dir, prompt_file,
                                                                         tmp_path):
     (tmp_path / ".out.txt.x1y2.partial").write_text("text of a run killed with SIGKILL")
-    result = cpmgen_cli("novel", prompt_file, "-m", model_dir, "-o", tmp_path / "out.txt", "--max-new-tokens", 3,
-                        *HEADS)
+    result = cpmgen_cli("novel", prompt_file, "-m", model_dir, "-o", tmp_path / "out.txt", "--max-new-tokens", 3)
     assert result.code == 0, result.stderr
     assert "warning: removed .out.txt.x1y2.partial (0 KB), left by an interrupted run" in result.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "out.txt"]
@@ -424,7 +426,7 @@ def test_a_killed_generation_leaves_a_partial_that_the_next_run_removes(cpmgen_c
     (["--num-samples", "100000000"], None),
 ])
 def test_degenerate_values_are_refused_up_front(cpmgen_cli, model_dir, prompt_file, option, message):
-    result = cpmgen_cli("novel", prompt_file, "-m", model_dir, *HEADS, *option)
+    result = cpmgen_cli("novel", prompt_file, "-m", model_dir, *option)
     if message is None:
         one_line_error(result, contains="--num-samples 100000000: needs about ")
         assert result.stderr.strip().endswith(" samples")
@@ -433,14 +435,14 @@ def test_degenerate_values_are_refused_up_front(cpmgen_cli, model_dir, prompt_fi
 
 
 def test_nan_weights_stop_generation_and_score_with_the_cause(cpmgen_cli, model_dir_factory, prompt_file):
-    state = random_state_dict(ARGS, seed=5)
+    state = random_state_dict(TINY, seed=5)
     state["transformer.final_layernorm.weight"][3] = float("nan")
-    folder = model_dir_factory("nan", ARGS, state=state)
+    folder = model_dir_factory("nan", state=state)
     message = ("the model computed NaN or Inf logits; its weights may hold NaN/Inf (run cpmgen inspect-ckpt "
                "--check-values on the model folder), or fp16 overflowed (try --dtype bf16 or fp32)")
     for command in ("novel", "score"):
-        one_line_error(cpmgen_cli(command, prompt_file, "-m", folder, *HEADS), message)
-    result = cpmgen_cli("inspect-ckpt", folder, "--check-values", *HEADS)
+        one_line_error(cpmgen_cli(command, prompt_file, "-m", folder), message)
+    result = cpmgen_cli("inspect-ckpt", folder, "--check-values")
     assert result.code == 1
     assert "tensor transformer.final_layernorm.weight on rank 0 holds NaN or Inf values" in result.stdout
 
@@ -459,11 +461,12 @@ def test_inspect_reports_head_counts_that_cannot_be(cpmgen_cli, write_ckpt):
     assert "the stored training args say num_attention_heads=0, not a positive number" in result.stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_while_starting_exits_130_without_a_traceback(cpmgen_env, model_dir, prompt_file):
     """Ctrl-C at moments before generation (importing, loading): exit 130, no traceback."""
     for delay in (0.3, 0.8, 1.5, 2.5):
-        proc = subprocess.Popen([sys.executable, "-m", "cpmgen", "novel", str(prompt_file), "-m", str(model_dir),
-                                 *HEADS], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        proc = subprocess.Popen([sys.executable, "-m", "cpmgen", "novel", str(prompt_file), "-m", str(model_dir)],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
@@ -526,7 +529,7 @@ def _rank_pid(rank: int, root: int) -> int | None:
 def test_a_killed_rank_leaves_the_text_so_far_at_output(cpmgen_env, model_dir, prompt_file, tmp_path):
     output = tmp_path / "story.txt"
     env = {**os.environ, "CPMGEN_TEST_ROOT": str(os.getpid())}
-    proc = subprocess.Popen([sys.executable, "-m", "cpmgen", "lyric", str(prompt_file), "-m", str(model_dir), *HEADS,
+    proc = subprocess.Popen([sys.executable, "-m", "cpmgen", "lyric", str(prompt_file), "-m", str(model_dir),
                              "--mp", "2", "--max-new-tokens", "0", "--output", str(output), "--seed", "2",
                              "--stride", "16", "--temperature", "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env=env)

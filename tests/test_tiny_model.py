@@ -63,6 +63,7 @@ def test_loads_through_the_normal_path(loaded, tokenizer):
     assert tokenizer.vocab_size == result.args.vocab_size
 
 
+@pytest.mark.slow
 def test_heldout_perplexity_is_below_half_the_unigram_perplexity(loaded, tokenizer):
     settings, result = loaded
     ids = tokenizer.encode((MODEL / "heldout.txt").read_text(encoding="utf-8"))
@@ -83,16 +84,17 @@ def test_heads_come_from_megatron_args_in_the_rank_file(tmp_path, kind):
     """Megatron stores its training arguments (an argparse Namespace) under `args`; their
     num_attention_heads names the head count that a non-preset hidden size cannot tell."""
     import argparse
+    import dataclasses
 
     import torch
 
     from cpmgen.checkpoint import megatron
     from cpmgen.checkpoint.reader import architecture, open_checkpoint
-    from cpmgen.config import ModelArgs
     from cpmgen.errors import UserError
     from cpmgen.synthetic import random_state_dict
+    from helpers import TINY
 
-    args = ModelArgs(num_layers=2, hidden_size=64, num_heads=8, vocab_size=300, max_positions=32)
+    args = dataclasses.replace(TINY, num_heads=8)  # not TINY's 4, which the explicit count below gives
     (tmp_path / "release").mkdir()
     (tmp_path / megatron.LATEST_FILE).write_text("release\n")
     stored = {"num_attention_heads": 8, "hidden_size": 64}
@@ -121,6 +123,7 @@ def _json(cpmgen_cli, *args):
     return json.loads(result.stdout)
 
 
+@pytest.mark.slow
 def test_ignore_eos_writes_on_past_several_windows(cpmgen_cli, tokenizer):
     """At this seed the model ends its text early; with --ignore-eos the same tokens come, then
     the end of text (kept in the window, shown as a line break) and the rest, window after window,
@@ -140,6 +143,7 @@ def test_ignore_eos_writes_on_past_several_windows(cpmgen_cli, tokenizer):
     assert at_least["ids"][:n + 1] == on["ids"][:n + 1] and len(at_least["ids"]) > n + 1
 
 
+@pytest.mark.slow
 def test_reshard_2_and_4_and_mp2_generation_on_the_shipped_model(cpmgen_cli, tmp_path):
     for mp in (2, 4):
         result = cpmgen_cli("reshard", "-m", MODEL, "--mp", mp, "-o", tmp_path / f"mp{mp}")
@@ -154,6 +158,7 @@ def test_reshard_2_and_4_and_mp2_generation_on_the_shipped_model(cpmgen_cli, tmp
     assert json.loads(proc.stdout)["ids"] == single["ids"]
 
 
+@pytest.mark.slow
 def test_convert_round_trip_on_the_shipped_model(cpmgen_cli, tmp_path):
     assert cpmgen_cli("convert", "-m", MODEL, "--to", "hf", "-o", tmp_path / "hf").code == 0
     assert cpmgen_cli("convert", "-m", tmp_path / "hf", "--to", "megatron", "--mp", "2", "-o", tmp_path / "back").code == 0

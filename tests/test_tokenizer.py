@@ -14,8 +14,9 @@ import pytest
 import sentencepiece as spm
 
 from cpmgen.errors import UserError
-from cpmgen.testing import CORPUS, train_test_vocab
 from cpmgen.tokenizer import CPMTokenizer, StreamDecoder, find_vocab
+
+from corpus import CORPUS, train_test_vocab
 
 HINT = "pass chinese_vocab.model (from the bpe_3w_new/ folder of the CPM-1-Generate repository)"
 NO_VOCAB = (

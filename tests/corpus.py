@@ -1,10 +1,9 @@
-"""Fixtures for tests and `make demo`: a small Chinese corpus and a tiny CPM-shaped vocab.
+"""Test-only: a small Chinese corpus and a tiny CPM-shaped vocab trained on it.
 
 `train_test_vocab(path)` trains, in about a second, a sentencepiece model with the special
 pieces at the CPM-1 ids (see cpmgen.tokenizer.SPECIAL_PIECES), on CORPUS prepared exactly
 as CPMTokenizer.encode prepares text (jieba words, spaces/newlines mapped, space-joined);
 the training itself is cpmgen.vocab.train_cpm_vocab, shared with tools/train_tiny.py.
-No pytest dependency.
 """
 
 from __future__ import annotations

@@ -1,0 +1,9 @@
+"""Shared by the test files, imported directly (conftest's fixtures cover the rest)."""
+
+from cpmgen.config import ModelArgs
+
+# The one tiny model of the tests: 2 layers, hidden 64 (not a public CPM-1 size, so the head
+# count comes from the Megatron args a synthetic checkpoint stores), 4 heads, a vocab of 1000
+# (the test vocab of tests/corpus.py is trained to that size), 64 positions. Every
+# model-parallel split dimension is divisible by 4.
+TINY = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=1000, max_positions=64)
