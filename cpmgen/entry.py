@@ -13,19 +13,19 @@ QUIET = {"-h", "--help", "--version"}  # these print at once; a spinner would on
 
 
 def main() -> None:
-    from cpmgen import console
-    from cpmgen.signals import held
-    from cpmgen.threads import configure_wait_policy
-
-    configure_wait_policy()
     status = None
-    if console.stderr.is_terminal and len(sys.argv) > 1 and not QUIET & set(sys.argv[1:]):
-        status = console.stderr.status("starting cpmgen", spinner="dots")
-        status.start()
     try:
+        from cpmgen import console
+        from cpmgen.signals import held
+        from cpmgen.threads import configure_wait_policy
+
+        configure_wait_policy()
+        if console.stderr.is_terminal and len(sys.argv) > 1 and not QUIET & set(sys.argv[1:]):
+            status = console.stderr.status("starting cpmgen", spinner="dots")
+            status.start()
         with held():  # cli imports torch: an interrupt inside that import would leave NumPy broken
             from cpmgen import cli
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # also while rich and the small modules above import
         sys.exit(130)
     finally:
         if status is not None:
