@@ -19,7 +19,10 @@ and prints one JSON object on stdout, with the issue's targets checked under `ta
 (a table and progress on stderr).
 
 The checkpoint is written once with cpmgen.synthetic.write_megatron_checkpoint into
-$CPMGEN_BENCH_CACHE, else $XDG_CACHE_HOME/cpmgen-bench, else ~/.cache/cpmgen-bench, and reused.
+$CPMGEN_BENCH_CACHE, else $XDG_CACHE_HOME/cpmgen-bench, else ~/.cache/cpmgen-bench, and reused
+(workload.py). The measurements come from the shared modules beside this script: bandwidth.py
+(bandwidth and bound), timing.py (cpmgen's loop; re-encode time from its own Stats),
+hf_baseline.py (HF transformers), peak_memory.py (peak RSS in a child process).
 
     .venv/bin/python benchmarks/bench_generate.py            # full run (about 8 minutes on 2 cores)
     .venv/bin/python benchmarks/bench_generate.py --quick    # smaller counts, no compile: about 3 minutes
@@ -31,28 +34,24 @@ import argparse
 import json
 import os
 import platform
-import shutil
-import statistics
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-import cpmgen.generate
-import peers
+import bandwidth
+import hf_baseline
+import peak_memory
+import timing
 from cpmgen.config import PRESETS, WindowSection
-from cpmgen.generate import Stats, generate
-from cpmgen.sampling import SamplingParams
-from cpmgen.synthetic import write_megatron_checkpoint
+from cpmgen.generate import generate
 from cpmgen.window import Window
+from workload import GREEDY, PROMPT_TOKENS, WINDOW, ensure_checkpoint, load_cpmgen, random_ids
 
 PRESET = "cpm-small"
-PROMPT_TOKENS = 32
-GREEDY = SamplingParams(greedy=True)
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
 
 
@@ -84,157 +83,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def cache_dir() -> Path:
-    if os.environ.get("CPMGEN_BENCH_CACHE"):
-        return Path(os.environ["CPMGEN_BENCH_CACHE"])
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "cpmgen-bench"
-
-
-def ensure_checkpoint(folder: Path) -> Path:
-    """The random CPM-Small checkpoint, written once (to a temporary folder, then renamed)."""
-    if (folder / "latest_checkpointed_iteration.txt").is_file():
-        return folder
-    console.print(f"writing a random {PRESET} checkpoint to {folder} ...")
-    partial = folder.with_name(folder.name + ".partial")
-    shutil.rmtree(partial, ignore_errors=True)
-    write_megatron_checkpoint(partial, PRESETS[PRESET], seed=0)
-    partial.rename(folder)
-    return folder
-
-
-def random_ids(n: int, vocab: int, seed: int = 0) -> list[int]:
-    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed)).tolist()
-
-
-# ----------------------------------------------------------------------------- timing helpers
-
-
-def synchronize() -> None:
-    """Wait for queued GPU work, so a timer stopped after a call measures the call (bench_gpu.py)."""
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-@contextmanager
-def timed_prefills():
-    """Time every call of cpmgen.generate.prefill (the prompt's encoding and each re-encode)."""
-    durations: list[float] = []
-    original = cpmgen.generate.prefill
-
-    def timed(*args, **kwargs):
-        start = time.perf_counter()
-        result = original(*args, **kwargs)
-        synchronize()
-        durations.append(time.perf_counter() - start)
-        return result
-
-    cpmgen.generate.prefill = timed
-    try:
-        yield durations
-    finally:
-        cpmgen.generate.prefill = original
-
-
-def run_generate(model, prompt: list[int], window: Window, count: int, fast: bool = True) -> dict:
-    """Take `count` tokens from generate(); Stats plus the time to the first token and the time after it.
-
-    The loop stops right at the last token wanted (generate() would otherwise run one more step
-    when resumed), so every timed forward pass produced a token that was used."""
-    stats = Stats()
-    start = time.perf_counter()
-    first = end = None
-    with timed_prefills() as prefills:
-        for taken, _ in enumerate(generate(model, prompt, window, GREEDY, None, fast=fast, stats=stats), 1):
-            end = time.perf_counter()
-            if first is None:
-                first = end
-            if taken == count:
-                break
-    return {"stats": stats, "first_token_s": first - start, "after_first_s": end - first,
-            "prefill_s": list(prefills)}
-
-
-def rate(tokens: float, seconds: float) -> float:
-    return round(tokens / seconds, 3) if seconds > 0 else 0.0
-
-
-# ----------------------------------------------------------------------------- measurements
-
-
 def warm_up(model, size: int, stride: int) -> None:
     """Touch every weight page and the allocator paths once (checkpoint tensors are memory-mapped)."""
-    run_generate(model, random_ids(PROMPT_TOKENS, model.args.vocab_size, 99), Window(size, stride), 32)
-
-
-def measure_in_window(model, size: int, stride: int, prompt_tokens: int, new_tokens: int, seed: int) -> dict:
-    """Fast-path decode without a slide: the first token comes from the prompt's prefill, the
-    `new_tokens` after it each cost one decode step."""
-    prompt = random_ids(prompt_tokens, model.args.vocab_size, seed)
-    if prompt_tokens + new_tokens + 1 > size:
-        raise SystemExit(f"--new-tokens {new_tokens}: an in-window run must fit the {size}-token window")
-    result = run_generate(model, prompt, Window(size, stride), new_tokens + 1)
-    return {"prompt_tokens": prompt_tokens, "decode_tokens": new_tokens,
-            "context_tokens": [prompt_tokens, prompt_tokens + new_tokens],
-            "prompt_prefill_s": round(result["first_token_s"], 4),
-            "decode_s": round(result["after_first_s"], 4),
-            "tokens_per_s": rate(new_tokens, result["after_first_s"])}
-
-
-def slide_figures(result: dict, size: int, stride: int, tokens: int, seconds: float) -> dict:
-    stats: Stats = result["stats"]
-    reencode_s = sum(result["prefill_s"][1:])  # the first prefill call encodes the prompt
-    return {"stride": stride, "kept_after_slide": size + 1 - stride, "new_tokens": tokens,
-            "slides": stats.slides, "prefill_tokens": stats.prefill_tokens, "seconds": round(seconds, 3),
-            "tokens_per_s": rate(tokens, seconds), "prompt_prefill_s": round(result["prefill_s"][0], 4),
-            "reencode_s": round(reencode_s, 3), "reencode_share": round(reencode_s / seconds, 4),
-            "reencode_per_slide_s": round(reencode_s / stats.slides, 3) if stats.slides else None,
-            "decode_tokens_per_s": rate(tokens, seconds - reencode_s)}
-
-
-def measure_unlimited(model, size: int, stride: int, prompt: list[int], new_tokens: int) -> dict:
-    """Fast path from a short prompt over many windows; the whole run is timed, re-encodes
-    (every prefill call after the prompt's) measured apart."""
-    result = run_generate(model, prompt, Window(size, stride), new_tokens)
-    seconds = result["first_token_s"] + result["after_first_s"]
-    return {"prompt_tokens": len(prompt), **slide_figures(result, size, stride, new_tokens, seconds)}
-
-
-def measure_steady(model, size: int, stride: int, new_tokens: int) -> dict:
-    """Fast path in the steady state: the prompt fills the window, so the first token is followed
-    by a slide, and every `stride` tokens after it by another. Timed after the first token:
-    new_tokens (rounded up to whole strides) tokens, new_tokens / stride re-encodes of
-    size + 1 - stride tokens each."""
-    new_tokens = -(-new_tokens // stride) * stride
-    prompt = random_ids(size, model.args.vocab_size, 6)
-    result = run_generate(model, prompt, Window(size, stride), new_tokens + 1)
-    return {"prompt_tokens": size, **slide_figures(result, size, stride, new_tokens, result["after_first_s"])}
-
-
-def measure_slow(model, size: int, tokens: int) -> dict:
-    """The slow path at a full window: stride 1 keeps the window at `size` tokens, so every
-    step recomputes all of them."""
-    prompt = random_ids(size, model.args.vocab_size, 2)
-    result = run_generate(model, prompt, Window(size, 1), tokens, fast=False)
-    seconds = result["first_token_s"] + result["after_first_s"]
-    return {"window_tokens": size, "new_tokens": tokens, "seconds": round(seconds, 3),
-            "tokens_per_s": rate(tokens, seconds)}
-
-
-def measure_prefill(model, size: int, reps: int) -> dict:
-    """cpmgen.generate.prefill of a full window into a KV cache (what each slide costs)."""
-    ids = random_ids(size, model.args.vocab_size, 3)
-    cache = model.new_kv_cache(1, size)
-    times = []
-    with torch.inference_mode():
-        for _ in range(reps):
-            start = time.perf_counter()
-            cpmgen.generate.prefill(model, ids, cache, 0)
-            synchronize()
-            times.append(time.perf_counter() - start)
-    best = statistics.median(times)
-    return {"tokens": size, "seconds": [round(t, 3) for t in times], "median_s": round(best, 3),
-            "tokens_per_s": rate(size, best)}
+    timing.run_generate(model, random_ids(PROMPT_TOKENS, model.args.vocab_size, 99), Window(size, stride), 32)
 
 
 # ----------------------------------------------------------------------------- report
@@ -279,40 +130,41 @@ def measure_variant(folder: Path, name: str, dtype: str, extra: dict, prompt: li
     variant's first call compiles: timed apart as compile_s, with the tokens it takes to win
     that time back against the same dtype uncompiled (filled in by add_targets)."""
     start = time.perf_counter()
-    model = peers.load_cpmgen(str(folder), PRESET, dtype, extra)
+    model = load_cpmgen(str(folder), PRESET, dtype, extra)
     load_s = time.perf_counter() - start
     row = {"variant": name, "dtype": dtype, "settings": extra, "load_s": round(load_s, 2),
-           "model_bytes": peers.model_bytes(model), "weight_bytes_per_token": peers.weight_bytes_per_token(model)}
+           "model_bytes": bandwidth.model_bytes(model),
+           "weight_bytes_per_token": bandwidth.weight_bytes_per_token(model)}
     if extra.get("runtime.compile"):
         start = time.perf_counter()
-        for _ in generate(model, prompt, peers.WINDOW, GREEDY, 3):
+        for _ in generate(model, prompt, WINDOW, GREEDY, 3):
             pass
         row["compile_s"] = round(time.perf_counter() - start, 1)
-    row["decode"] = peers.cpmgen_generate_rate(model, prompt, args.new_tokens, args.reps)
+    row["decode"] = timing.cpmgen_generate_rate(model, prompt, args.new_tokens, args.reps)
     row["tokens_per_s"] = row["decode"]["tokens_per_s"]
-    row["bound_tokens_per_s"] = peers.decode_bound(bound_gbs, row["weight_bytes_per_token"])
+    row["bound_tokens_per_s"] = bandwidth.decode_bound(bound_gbs, row["weight_bytes_per_token"])
     row["of_bound"] = round(row["tokens_per_s"] / row["bound_tokens_per_s"], 3)
     row["effective_gbs"] = round(row["tokens_per_s"] * row["weight_bytes_per_token"] / 1e9, 2)
-    row["prefill"] = measure_prefill(model, 1023, 1 if args.quick else 2)
+    row["prefill"] = timing.measure_prefill(model, 1023, 1 if args.quick else 2)
     return row
 
 
 def measure_hf(folder: Path, prompt: list[int], args) -> list[dict]:
     """HF GPT2LMHeadModel.generate on the same weights in fp32 and bf16 (its faster attention),
     with the logits check against cpmgen and what it does past 1024 positions."""
-    plain = peers.load_cpmgen(str(folder), PRESET, "fp32", {"runtime.prepack": False})
+    plain = load_cpmgen(str(folder), PRESET, "fp32", {"runtime.prepack": False})
     rows = []
     for dtype in (torch.float32, torch.bfloat16):
-        hf = peers.hf_model_from_cpmgen(plain, dtype)
-        choice = peers.choose_attn_implementation(hf, prompt, min(args.new_tokens, 64), 1)
-        rate = peers.hf_generate_rate(hf, prompt, args.new_tokens, args.reps)
+        hf = hf_baseline.hf_model_from_cpmgen(plain, dtype)
+        choice = hf_baseline.choose_attn_implementation(hf, prompt, min(args.new_tokens, 64), 1)
+        rate = hf_baseline.hf_generate_rate(hf, prompt, args.new_tokens, args.reps)
         row = {"variant": f"hf-{str(dtype).removeprefix('torch.').replace('float32', 'fp32').replace('bfloat16', 'bf16')}",
                "attn_implementation": choice["attn_implementation"], "decode": rate,
                "tokens_per_s": rate["tokens_per_s"]}
         if dtype == torch.float32:
-            row["logits_vs_cpmgen"] = peers.hf_logits_diff(plain, hf)
-            row["greedy_agreement"] = peers.greedy_agreement(plain, hf, prompt, 32)
-            row["past_window"] = peers.hf_past_window(hf, random_ids(1020, plain.args.vocab_size, 2), 8)
+            row["logits_vs_cpmgen"] = hf_baseline.hf_logits_diff(plain, hf)
+            row["greedy_agreement"] = hf_baseline.greedy_agreement(plain, hf, prompt, 32)
+            row["past_window"] = hf_baseline.hf_past_window(hf, random_ids(1020, plain.args.vocab_size, 2), 8)
         rows.append(row)
         del hf
     return rows
@@ -421,7 +273,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
     env = environment()
-    folder = ensure_checkpoint(cache_dir() / f"{PRESET}-seed0")
+    folder = ensure_checkpoint(PRESET, log=console.print)
     result = {"benchmark": "cpmgen generate", "model": PRESET, "device": "cpu", "sampling": "greedy", "batch": 1,
               "env": env, "config": {"quick": args.quick, "new_tokens": args.new_tokens, "reps": args.reps,
                                      "windows": args.windows, "strides": args.strides,
@@ -431,7 +283,7 @@ def main(argv=None) -> int:
         console.print(f"[{time.perf_counter() - started:6.1f}s] {name}")
 
     step("memory bandwidth")
-    result["bandwidth"] = peers.memory_bandwidth()
+    result["bandwidth"] = bandwidth.memory_bandwidth()
     bound_gbs = result["bandwidth"]["bound_gbs"]
     vocab = PRESETS[PRESET].vocab_size
     prompt = random_ids(PROMPT_TOKENS, vocab, 1)
@@ -442,7 +294,7 @@ def main(argv=None) -> int:
     step("HF transformers generate, fp32 and bf16")
     result["hf"] = measure_hf(folder, prompt, args)
 
-    model = peers.load_cpmgen(str(folder), PRESET, "fp32")
+    model = load_cpmgen(str(folder), PRESET, "fp32")
     default = Window.from_settings(WindowSection(), model.args.max_positions)  # what the CLI uses by default
     size, default_stride = default.size, default.stride
     result["config"].update(window=size, default_stride=default_stride)
@@ -452,22 +304,22 @@ def main(argv=None) -> int:
     # both then cover contexts from short to full, and what differs is the slides.
     first_window = size - PROMPT_TOKENS - 1
     step(f"fp32: in-window decode, {first_window} tokens after a {PROMPT_TOKENS}-token prompt (one whole window)")
-    result["in_window"] = measure_in_window(model, size, default_stride, PROMPT_TOKENS, first_window, seed=1)
+    result["in_window"] = timing.measure_in_window(model, size, default_stride, PROMPT_TOKENS, first_window, seed=1)
     long_tokens = min(args.new_tokens, 128)
     step(f"fp32: in-window decode at a nearly full window, {long_tokens} tokens")
-    result["in_window_long_context"] = measure_in_window(model, size, default_stride, size - long_tokens - 1,
-                                                         long_tokens, seed=4)
+    result["in_window_long_context"] = timing.measure_in_window(model, size, default_stride, size - long_tokens - 1,
+                                                                long_tokens, seed=4)
     step(f"fp32: prefill of {size} tokens x {args.prefill_reps}")
-    result["prefill"] = measure_prefill(model, size, args.prefill_reps)
+    result["prefill"] = timing.measure_prefill(model, size, args.prefill_reps)
     step(f"fp32: slow path at a full window, {args.slow_tokens} tokens")
-    result["slow_full_window"] = measure_slow(model, size, args.slow_tokens)
+    result["slow_full_window"] = timing.measure_slow(model, size, args.slow_tokens)
     step(f"fp32: unlimited, {args.windows} windows ({args.windows * size} tokens) at stride {default_stride}")
-    result["unlimited"] = measure_unlimited(model, size, default_stride, random_ids(PROMPT_TOKENS, vocab, 5),
-                                            args.windows * size)
+    result["unlimited"] = timing.measure_unlimited(model, size, default_stride, random_ids(PROMPT_TOKENS, vocab, 5),
+                                                   args.windows * size)
     result["stride_sweep"] = []
     for stride in args.strides:
         step(f"fp32: steady state from a full window, {args.sweep_tokens}+ tokens at stride {stride}")
-        result["stride_sweep"].append(measure_steady(model, size, stride, args.sweep_tokens))
+        result["stride_sweep"].append(timing.measure_steady(model, size, stride, args.sweep_tokens))
     del model
     add_ratios(result)
 
@@ -475,7 +327,7 @@ def main(argv=None) -> int:
     for name, dtype, extra in VARIANTS:
         if name != "fp32-plain":
             step(f"peak RSS of generation, {name}")
-            rss = peers.peak_rss_of_generation(str(folder), PRESET, dtype, args.new_tokens, extra)
+            rss = peak_memory.peak_rss_of_generation(str(folder), PRESET, dtype, args.new_tokens, extra)
             result["peak_rss"].append({"variant": name, **rss})
     add_targets(result)
     env["loadavg_end"] = [round(x, 2) for x in os.getloadavg()]

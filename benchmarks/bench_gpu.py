@@ -10,8 +10,10 @@ The performance issue's GPU targets, measured side by side in one run:
    share of time spent re-encoding after slides, and a full-window prefill.
 
 The weights are random and made on the device (a 2.6B checkpoint on disk would take longer to
-write than the whole run); loading is measured by the CPU benchmark. Prints one JSON object
-with the targets checked; progress on stderr.
+write than the whole run); loading is measured by the CPU benchmark. The timing, the bound and
+the HF baseline come from the shared modules beside this script (timing.py, bandwidth.py,
+hf_baseline.py), as in bench_generate.py. Prints one JSON object with the targets checked;
+progress on stderr.
 
     python benchmarks/bench_gpu.py                          # CPM-Large fp16, a few minutes on an H100
     python benchmarks/bench_gpu.py --preset cpm-small --device cpu --new-tokens 16 --windows 1   # a dry run
@@ -26,14 +28,15 @@ import time
 
 import torch
 
-import peers
-from bench_generate import (PROMPT_TOKENS, measure_in_window, measure_prefill, measure_unlimited, random_ids,
-                            synchronize)
+import bandwidth
+import hf_baseline
 from cpmgen.config import PRESETS, WindowSection
 from cpmgen.generate import generate
 from cpmgen.loading import DTYPES, compile_decode
 from cpmgen.model import CPMModel
 from cpmgen.window import Window
+from timing import cpmgen_generate_rate, measure_in_window, measure_prefill, measure_unlimited
+from workload import GREEDY, PROMPT_TOKENS, random_ids, synchronize
 
 TARGETS = {"of_hbm_bound": 0.60, "over_hf": 2.0, "reencode_share_max": 0.10}
 
@@ -81,9 +84,9 @@ def random_model(preset: str, dtype: torch.dtype, device: torch.device) -> CPMMo
 
 
 def decode_row(name: str, model: CPMModel, prompt: list[int], args, bound_gbs: float) -> dict:
-    rate = peers.cpmgen_generate_rate(model, prompt, args.new_tokens, args.reps)
-    weight_bytes = peers.weight_bytes_per_token(model)
-    bound = peers.decode_bound(bound_gbs, weight_bytes)
+    rate = cpmgen_generate_rate(model, prompt, args.new_tokens, args.reps)
+    weight_bytes = bandwidth.weight_bytes_per_token(model)
+    bound = bandwidth.decode_bound(bound_gbs, weight_bytes)
     return {"variant": name, "weight_bytes_per_token": weight_bytes, "tokens_per_s": rate["tokens_per_s"],
             "bound_tokens_per_s": bound, "of_bound": round(rate["tokens_per_s"] / bound, 3), "decode": rate}
 
@@ -119,18 +122,18 @@ def main(argv=None) -> int:
 
     if args.hf:
         step("HF transformers generate")
-        hf = peers.hf_model_from_cpmgen(model, dtype)
-        choice = peers.choose_attn_implementation(hf, prompt, min(args.new_tokens, 64), 1)
+        hf = hf_baseline.hf_model_from_cpmgen(model, dtype)
+        choice = hf_baseline.choose_attn_implementation(hf, prompt, min(args.new_tokens, 64), 1)
         result["hf"] = {"attn_implementation": choice["attn_implementation"],
-                        **peers.hf_generate_rate(hf, prompt, args.new_tokens, args.reps),
-                        "logits_vs_cpmgen": peers.hf_logits_diff(model, hf)}
+                        **hf_baseline.hf_generate_rate(hf, prompt, args.new_tokens, args.reps),
+                        "logits_vs_cpmgen": hf_baseline.hf_logits_diff(model, hf)}
         del hf
 
     if args.compile:
         step("--compile: compile, then decode")
         compile_decode(model)
         start = time.perf_counter()
-        for _ in generate(model, prompt, window, peers.GREEDY, 3):
+        for _ in generate(model, prompt, window, GREEDY, 3):
             pass
         compile_s = round(time.perf_counter() - start, 1)
         result["variants"].append({**decode_row("compiled", model, prompt, args, result["copy_gbs"]),

@@ -2,7 +2,7 @@
 
 The random CPM-Small checkpoint of bench_generate.py (12 x 768, vocab 30000, 1024 positions) runs in:
 - cpmgen at fp32, bf16, --quantize int8 and int4;
-- HF transformers GPT2LMHeadModel (fp32, bf16), built from cpmgen's weights (peers.py);
+- HF transformers GPT2LMHeadModel (fp32, bf16), built from cpmgen's weights (hf_baseline.py);
 - CTranslate2 (float32, bfloat16, int8_float32), its model converted from that HF model by its
   transformers loader, with a placeholder vocabulary (token strings t0, t1, ...: only ids matter);
 - llama.cpp through llama-cpp-python (f32, f16, q8_0, q4_0): a GGUF written with the `gguf`
@@ -13,15 +13,18 @@ Each system decodes greedily after a short (16-token) and a long (~900-token) pr
 threads; the decode rate is (tokens - 1) / (time of the last token - time of the first),
 timestamped per token, so the prompt's prefill is left out. Systems are interleaved round by
 round and the median of the rounds is reported, beside the read-bandwidth bound measured in
-the same run (peers.memory_bandwidth) over the weight bytes each system reads per token (the
+the same run (bandwidth.memory_bandwidth) over the weight bytes each system reads per token (the
 KV cache a long context also reads is not in the bound). Each system's top-1 over 32 positions
-of a random sequence is compared with cpmgen fp32's, so no one is timing a broken model: random
-weights give nearly tied logits, so quantized precisions agree less than they would on a
-trained model, while a broken conversion agrees at chance (about 0).
+of a random sequence is compared with cpmgen fp32's, with the largest logit difference, so no
+one is timing a broken model: random weights give nearly tied logits, so quantized precisions
+agree less than they would on a trained model, while a broken conversion agrees at chance
+(about 0).
 
     .venv/bin/python benchmarks/bench_peers.py [--rounds 3] [--tokens 32]  (make bench-peers)
+    .venv/bin/python benchmarks/bench_peers.py --quick --engines llama.cpp  # a check, 1 round of 8 tokens
 
-Writes benchmarks/results/peers.json and prints a table.
+Prints one JSON object on stdout and a table on stderr; a full run also writes it to
+benchmarks/results/peers.json (a --quick run only where --output says).
 """
 
 from __future__ import annotations
@@ -38,10 +41,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import peers
-from bench_generate import PRESET, cache_dir, ensure_checkpoint
+import bandwidth
+import hf_baseline
+from cpmgen.checkpoint.hf import EOS_ID, megatron_to_hf
 from cpmgen.generate import generate
+from timing import TokenClock
+from workload import GREEDY, WINDOW, ensure_checkpoint, load_cpmgen, random_ids
 
+PRESET = "cpm-small"  # the checkpoint bench_generate.py measures
+PEERS = ("transformers", "ctranslate2", "llama.cpp")
 SHORT, LONG = 16, 900
 AGREE_TOKENS = 32  # positions compared with cpmgen fp32's top-1
 RESULTS = Path(__file__).with_name("results") / "peers.json"
@@ -65,11 +73,11 @@ def cpmgen_systems(checkpoint: Path) -> list[System]:
     for precision, dtype, extra in (("fp32", "fp32", {}), ("bf16", "bf16", {}),
                                     ("int8", "fp32", {"runtime.quantize": "int8"}),
                                     ("int4", "fp32", {"runtime.quantize": "int4"})):
-        model = peers.load_cpmgen(str(checkpoint), PRESET, dtype, extra)
+        model = load_cpmgen(str(checkpoint), PRESET, dtype, extra)
 
         def decode(prompt, n, model=model):
             times = [time.perf_counter()]
-            for _ in generate(model, prompt, peers.WINDOW, peers.GREEDY, n):
+            for _ in generate(model, prompt, WINDOW, GREEDY, n):
                 times.append(time.perf_counter())
             return times[1:]
 
@@ -77,18 +85,18 @@ def cpmgen_systems(checkpoint: Path) -> list[System]:
             with torch.inference_mode():
                 return model(torch.tensor([ids]), torch.arange(len(ids)))[0].float().numpy()
 
-        systems.append(System("cpmgen", precision, peers.weight_bytes_per_token(model), decode, logits))
+        systems.append(System("cpmgen", precision, bandwidth.weight_bytes_per_token(model), decode, logits))
     return systems
 
 
 def hf_systems(plain) -> list[System]:
     systems = []
     for precision, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        hf = peers.hf_model_from_cpmgen(plain, dtype)
+        hf = hf_baseline.hf_model_from_cpmgen(plain, dtype)
 
         def decode(prompt, n, hf=hf):
-            clock = peers._TokenClock()
-            peers._hf_generate(hf, prompt, n, clock)
+            clock = TokenClock()
+            hf_baseline.hf_generate(hf, prompt, n, clock)
             return clock.times[1:]
 
         def logits(ids, hf=hf):
@@ -108,7 +116,7 @@ def ctranslate2_systems(plain, folder: Path) -> list[System]:
 
     # A copy: the converter works on numpy views of the HF tensors, which share memory with
     # `plain` (and with the transformers system); its conversions changed them in place.
-    hf = peers.hf_model_from_cpmgen(copy.deepcopy(plain), torch.float32)
+    hf = hf_baseline.hf_model_from_cpmgen(copy.deepcopy(plain), torch.float32)
     vocab = [f"t{i}" for i in range(plain.args.vocab_size)]
     systems = []
     supported = ctranslate2.get_supported_compute_types("cpu")
@@ -118,7 +126,7 @@ def ctranslate2_systems(plain, folder: Path) -> list[System]:
         out = folder / f"ct2-{compute}"
         spec = GPT2Loader().get_model_spec(hf)
         spec.register_vocabulary(vocab)
-        spec.config.bos_token = spec.config.eos_token = spec.config.unk_token = vocab[peers.EOS_ID]
+        spec.config.bos_token = spec.config.eos_token = spec.config.unk_token = vocab[EOS_ID]
         spec.validate()
         spec.optimize(quantization=compute)
         out.mkdir()
@@ -188,7 +196,7 @@ def write_gguf(plain, path: Path, dtype) -> None:
     import gguf
 
     args = plain.args
-    state = {k: v.float().numpy() for k, v in peers.megatron_to_hf(plain.state_dict()).items()}
+    state = {k: v.float().numpy() for k, v in megatron_to_hf(plain.state_dict()).items()}
     writer = gguf.GGUFWriter(str(path), "gpt2")
     writer.add_context_length(args.max_positions)
     writer.add_embedding_length(args.hidden_size)
@@ -202,8 +210,8 @@ def write_gguf(plain, path: Path, dtype) -> None:
     writer.add_token_list([f"t{i}" for i in range(args.vocab_size)])
     writer.add_token_types([gguf.TokenType.NORMAL] * args.vocab_size)
     writer.add_token_merges(["t 0"])
-    writer.add_eos_token_id(peers.EOS_ID)
-    writer.add_bos_token_id(peers.EOS_ID)
+    writer.add_eos_token_id(EOS_ID)
+    writer.add_bos_token_id(EOS_ID)
     names = {"wte": "token_embd", "wpe": "position_embd", "ln_f": "output_norm", "ln_1": "attn_norm",
              "attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "ln_2": "ffn_norm", "mlp.c_fc": "ffn_up",
              "mlp.c_proj": "ffn_down"}
@@ -223,64 +231,100 @@ def write_gguf(plain, path: Path, dtype) -> None:
     writer.close()
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=32, help="tokens decoded per measurement")
+    parser.add_argument("--quick", action="store_true",
+                        help="a check that every system runs and agrees: 1 round of 8 tokens, no results file")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds, the median reported (default 3, quick 1)")
+    parser.add_argument("--tokens", type=int, help="tokens decoded per measurement (default 32, quick 8)")
+    parser.add_argument("--engines", default=",".join(PEERS),
+                        help=f"comma-separated peers to run beside cpmgen (default {','.join(PEERS)})")
+    parser.add_argument("--output", help="write the JSON here too (default: benchmarks/results/peers.json; "
+                                         "quick: nowhere)")
     args = parser.parse_args(argv)
+    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.tokens = args.tokens or (8 if args.quick else 32)
+    args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = set(args.engines) - set(PEERS)
+    if unknown:
+        parser.error(f"--engines: unknown {', '.join(sorted(unknown))}; choose from {', '.join(PEERS)}")
+    if args.output is None and not args.quick:
+        args.output = str(RESULTS)
+    return args
+
+
+def print_table(result: dict) -> None:
+    def out(line: str) -> None:
+        print(line, file=sys.stderr)
+
+    out(f"read bandwidth {result['read_gbs']:.1f} GB/s (median of {result['read_gbs_rounds']}), "
+        f"{result['threads']} threads, {result['rounds']} rounds of {result['decode_tokens']} tokens")
+    out(f"{'system':<24}{'MB/token':>9}{'bound':>7}{'short tok/s':>12}{'of bound':>9}{'long tok/s':>11}"
+        f"{'of bound':>9}{'top-1':>7}{'max |dlogit|':>13}")
+    for r in result["systems"]:
+        out(f"{r['engine'] + ' ' + r['precision']:<24}{r['weight_mb_per_token']:>9}{r['bound_tokens_per_s']:>7}"
+            f"{r['short_tokens_per_s']:>12}{r['short_of_bound']:>9}{r['long_tokens_per_s']:>11}"
+            f"{r['long_of_bound']:>9}{r['top1_agree_with_cpmgen_fp32']:>7.2f}"
+            f"{r['max_abs_logit_diff_with_cpmgen_fp32']:>13.2g}")
+    for engine, why in result["skipped"].items():
+        out(f"{engine}: skipped ({why})")
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     torch.set_num_threads(2)
-    checkpoint = ensure_checkpoint(cache_dir() / PRESET)
-    plain = peers.load_cpmgen(str(checkpoint), PRESET, "fp32", {"runtime.prepack": False})
+    checkpoint = ensure_checkpoint(PRESET, log=lambda line: print(line, file=sys.stderr))
+    plain = load_cpmgen(checkpoint, PRESET, "fp32", {"runtime.prepack": False})
     systems, skipped = cpmgen_systems(checkpoint), {}
     work = Path(tempfile.mkdtemp(prefix="cpmgen-peers-"))
-    for engine, make in (("transformers", lambda: hf_systems(plain)),
-                         ("ctranslate2", lambda: ctranslate2_systems(plain, work)),
-                         ("llama.cpp", lambda: llama_cpp_systems(plain, work))):
+    makers = {"transformers": lambda: hf_systems(plain),
+              "ctranslate2": lambda: ctranslate2_systems(plain, work),
+              "llama.cpp": lambda: llama_cpp_systems(plain, work)}
+    for engine in args.engines:
         try:
-            systems += make()
+            systems += makers[engine]()
         except Exception as e:  # a missing package or a converter that fails: report, go on
             skipped[engine] = f"{type(e).__name__}: {e}"
             print(f"skipping {engine}: {skipped[engine]}", file=sys.stderr)
 
-    ids = peers._ids(AGREE_TOKENS, plain.args.vocab_size, 7)
-    reference = systems[0].logits(ids).argmax(-1)
-    prompts = {"short": peers._ids(SHORT, plain.args.vocab_size, 1), "long": peers._ids(LONG, plain.args.vocab_size, 2)}
+    ids = random_ids(AGREE_TOKENS, plain.args.vocab_size, 7)
+    reference_logits = systems[0].logits(ids)
+    reference = reference_logits.argmax(-1)
+    prompts = {"short": random_ids(SHORT, plain.args.vocab_size, 1), "long": random_ids(LONG, plain.args.vocab_size, 2)}
     rates = {(s.name, c): [] for s in systems for c in prompts}
-    bandwidth = []
+    read_rounds = []
     for s in systems:
         s.decode(prompts["short"], 4)  # one-time costs out of the way
     for _ in range(args.rounds):
-        bandwidth.append(peers.memory_bandwidth(2, reps=3)["read_gbs"])
+        read_rounds.append(bandwidth.memory_bandwidth(2, reps=3)["read_gbs"])
         for s in systems:
             for context, prompt in prompts.items():
                 times = s.decode(prompt, args.tokens)
                 rates[(s.name, context)].append((len(times) - 1) / (times[-1] - times[0]))
-    read = statistics.median(bandwidth)
+    read = statistics.median(read_rounds)
     rows = []
     for s in systems:
         bound = read * 1e9 / s.weight_bytes
+        logits = s.logits(ids)
         row = {"engine": s.engine, "precision": s.precision, "weight_mb_per_token": round(s.weight_bytes / 1e6, 1),
                "bound_tokens_per_s": round(bound, 1),
-               "top1_agree_with_cpmgen_fp32": float((s.logits(ids).argmax(-1) == reference).mean())}
+               "top1_agree_with_cpmgen_fp32": float((logits.argmax(-1) == reference).mean()),
+               "max_abs_logit_diff_with_cpmgen_fp32": round(float(np.abs(logits - reference_logits).max()), 6)}
         for context in prompts:
             median = statistics.median(rates[(s.name, context)])
             row[f"{context}_tokens_per_s"] = round(median, 2)
             row[f"{context}_of_bound"] = round(median / bound, 3)
             row[f"{context}_rounds"] = [round(r, 2) for r in rates[(s.name, context)]]
         rows.append(row)
-    result = {"preset": PRESET, "threads": 2, "rounds": args.rounds, "decode_tokens": args.tokens,
-              "prompt_tokens": {"short": SHORT, "long": LONG}, "read_gbs_rounds": bandwidth, "read_gbs": read,
+    result = {"preset": PRESET, "threads": 2, "quick": args.quick, "rounds": args.rounds, "decode_tokens": args.tokens,
+              "prompt_tokens": {"short": SHORT, "long": LONG}, "read_gbs_rounds": read_rounds, "read_gbs": read,
               "systems": rows, "skipped": skipped}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"read bandwidth {read:.1f} GB/s (median of {bandwidth}), 2 threads, {args.rounds} rounds")
-    print(f"{'system':<24}{'MB/token':>9}{'bound':>7}{'short tok/s':>12}{'of bound':>9}{'long tok/s':>11}{'of bound':>9}{'top-1':>7}")
-    for r in rows:
-        print(f"{r['engine'] + ' ' + r['precision']:<24}{r['weight_mb_per_token']:>9}{r['bound_tokens_per_s']:>7}"
-              f"{r['short_tokens_per_s']:>12}{r['short_of_bound']:>9}{r['long_tokens_per_s']:>11}{r['long_of_bound']:>9}"
-              f"{r['top1_agree_with_cpmgen_fp32']:>7.2f}")
-    for engine, why in skipped.items():
-        print(f"{engine}: skipped ({why})")
+    print_table(result)
+    text = json.dumps(result, indent=1) + "\n"
+    if args.output:
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.output).write_text(text)
+    sys.stdout.write(text)
     return 0
 
 

@@ -1,8 +1,10 @@
 """Quality past the window, measured on the trained cpm-tiny: perplexity and tokens/s against stride.
 
-Every configuration reads the same held-out text token by token through the generation loop
-itself (cpmgen.generate.generate with the text's tokens forced instead of sampled), so the
-perplexity is what generation with that window rule sees and the tokens/s is its real cost:
+Every configuration scores the same held-out text with cpmgen.score.score_ids (what `cpmgen
+score` runs): each token predicted from exactly the window generation would have had after the
+tokens before it, so the perplexity is what generation with that window rule sees. Its
+tokens/s is the real cost of generating that many tokens with the same window
+(cpmgen.generate.generate, greedy, from the text's first token):
 
 - slow path, stride 1: the older scripts' exact rule (recompute the last W tokens per token);
 - fast path at strides 1, 8, 16, 32, 64 and W/2: KV cache, one re-encode per slide;
@@ -30,26 +32,22 @@ import torch
 from cpmgen.config import Settings
 from cpmgen.generate import Stats, generate, prefill
 from cpmgen.loading import load_model
+from cpmgen.model import decode_step
 from cpmgen.sampling import SamplingParams
+from cpmgen.score import score_ids
 from cpmgen.tokenizer import CPMTokenizer
 from cpmgen.window import Window
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def forced_run(model, ids: list[int], window: Window, fast: bool) -> dict:
-    """Teacher forcing through generate(): log p(ids[j] | window) for j = 1..n-1."""
-    logprobs: list[float] = []
-
-    def choose(logits: torch.Tensor, windows) -> torch.Tensor:
-        target = ids[len(logprobs) + 1]
-        logprobs.append(float(torch.log_softmax(logits[0].float(), dim=-1)[target]))
-        return torch.tensor([target])
-
+def window_run(model, ids: list[int], window: Window, fast: bool) -> dict:
+    """Perplexity of ids[1:] under `window` (score_ids), and the tokens/s and slides of
+    generating len(ids) - 1 tokens after ids[0] with the same window and path."""
+    logprobs = score_ids(model, ids, window, fast)
     stats = Stats()
     start = time.perf_counter()
-    for _ in generate(model, ids[:1], window, SamplingParams(greedy=True), len(ids) - 1, 1, fast, None, stats,
-                      choose):
+    for _ in generate(model, ids[:1], window, SamplingParams(greedy=True), len(ids) - 1, fast=fast, stats=stats):
         pass
     return result(logprobs, time.perf_counter() - start, stats.slides)
 
@@ -70,7 +68,7 @@ def stale_cache_run(model, ids: list[int], size: int) -> dict:
             for t in kv_cache.k + kv_cache.v:
                 t[:, :, :-1] = t[:, :, 1:].clone()
             cached -= 1
-        logits = model.decode_step(torch.tensor([ids[j]]), torch.tensor([cached]), kv_cache)[0]
+        logits = decode_step(model, torch.tensor([ids[j]]), torch.tensor([cached]), kv_cache)[0]
         cached += 1
     return result(logprobs, time.perf_counter() - start, 0)
 
@@ -136,9 +134,9 @@ def main() -> None:
     size = model.args.max_positions - 1
     strides = [int(s) for s in options.strides.split(",")] if options.strides else [1, 8, 16, 32, 64, size // 2]
 
-    rows = [{"path": "slow", "stride": 1, **forced_run(model, ids, Window(size, 1), fast=False)}]
+    rows = [{"path": "slow", "stride": 1, **window_run(model, ids, Window(size, 1), fast=False)}]
     for stride in strides:
-        rows.append({"path": "fast", "stride": stride, **forced_run(model, ids, Window(size, stride), fast=True)})
+        rows.append({"path": "fast", "stride": stride, **window_run(model, ids, Window(size, stride), fast=True)})
     rows.append({"path": "stale-cache", "stride": 1, **stale_cache_run(model, ids, size)})
 
     slow = rows[0]

@@ -22,19 +22,18 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
 
-from bench_generate import cache_dir  # the same cache folder (the peaks are measured in child processes)
 from cpmgen.config import PRESETS
 from cpmgen.synthetic import random_state_dict, write_megatron_checkpoint
+from peak_memory import peak_rss_of_command
+from workload import cache_dir
 
 LIMIT = 1.3  # peak RSS over checkpoint size, the requirement
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
@@ -71,31 +70,6 @@ def rank_files_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("mp_rank_*_model_states.pt"))
 
 
-# Runs argv[1:] and prints its exit code and ru_maxrss. A child's ru_maxrss starts from the
-# peak of the process it was spawned from (Linux carries it over exec), so each reshard is
-# spawned from this small wrapper, not from the benchmark, which holds torch and made the weights.
-MEASURE = """
-import os, sys
-pid = os.posix_spawn(sys.argv[1], sys.argv[1:], os.environ,
-                     file_actions=[(os.POSIX_SPAWN_OPEN, 1, os.devnull, os.O_WRONLY, 0)])
-_, status, usage = os.wait4(pid, 0)
-print(os.waitstatus_to_exitcode(status), usage.ru_maxrss)
-"""
-
-
-def run_child(argv: list[str], log: Path) -> tuple[int, float]:
-    """Run argv in a fresh process: its own peak RSS in bytes and its wall seconds."""
-    started = time.perf_counter()
-    with open(log, "wb") as err:
-        measured = subprocess.run([sys.executable, "-c", MEASURE, *argv], stdout=subprocess.PIPE, stderr=err,
-                                  check=True, text=True)
-    seconds = time.perf_counter() - started
-    code, maxrss = map(int, measured.stdout.split())
-    if code != 0:
-        raise SystemExit(f"{' '.join(argv)} failed:\n{log.read_text(errors='replace')}")
-    return maxrss * 1024, seconds  # ru_maxrss is in KiB on Linux
-
-
 def print_table(result: dict) -> None:
     table = Table(title=f"cpmgen reshard, {result['preset']} {result['dtype']}: peak RSS of the process")
     for column in ("reshard", "checkpoint MB", "peak RSS MB", "peak / checkpoint", "seconds"):
@@ -117,11 +91,11 @@ def main(argv=None) -> int:
               "checkpoints": {f"mp{mp}": str(folder) for mp, folder in folders.items()}, "runs": []}
     with tempfile.TemporaryDirectory(dir=cache_dir(), prefix="reshard-") as tmp:
         log = Path(tmp) / "stderr.txt"
-        result["baseline_rss_bytes"], _ = run_child([sys.executable, "-c", "import torch, cpmgen.cli"], log)
+        result["baseline_rss_bytes"], _ = peak_rss_of_command([sys.executable, "-c", "import torch, cpmgen.cli"], log)
         for source, mp in args.runs:
             out = Path(tmp) / f"mp{source}-to-mp{mp}"
             console.print(f"cpmgen reshard {folders[source]} --mp {mp} ...")
-            peak, seconds = run_child([sys.executable, "-m", "cpmgen", "reshard", str(folders[source]), "--mp", str(mp),
+            peak, seconds = peak_rss_of_command([sys.executable, "-m", "cpmgen", "reshard", str(folders[source]), "--mp", str(mp),
                                        "--output", str(out)], log)
             size = rank_files_bytes(folders[source])
             result["runs"].append({"source_mp": source, "mp": mp, "checkpoint_bytes": size,

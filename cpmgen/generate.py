@@ -23,10 +23,16 @@ from cpmgen.window import Window
 
 @dataclass
 class Stats:
+    """What a generation did so far: tokens, elapsed time, slides, and the prefills (the
+    prompt's encoding and each re-encode after a slide) with their tokens and time, so a
+    caller can tell the cost of slides from the cost of decoding."""
+
     new_tokens: int = 0
     seconds: float = 0.0
     slides: int = 0
     prefill_tokens: int = 0
+    prefills: int = 0
+    prefill_seconds: float = 0.0
 
     @property
     def tokens_per_s(self) -> float:
@@ -45,6 +51,19 @@ def prefill(model: CPMModel, window_ids: list[int], kv_cache: KVCache, row: int)
     logits = model(tokens, torch.arange(len(window_ids), device=device), kv_cache.rows(slice(row, row + 1)),
                    last_only=True)
     return logits[0, -1]
+
+
+def timed_prefill(model: CPMModel, window_ids: list[int], kv_cache: KVCache, row: int, stats: Stats) -> torch.Tensor:
+    """prefill, counted in `stats`. On a GPU the time waits for the work queued (one
+    synchronize per prefill, not per token), so it is the prefill's and not its launch's."""
+    start = time.perf_counter()
+    logits = prefill(model, window_ids, kv_cache, row)
+    if logits.device.type == "cuda":
+        torch.cuda.synchronize(logits.device)
+    stats.prefills += 1
+    stats.prefill_tokens += len(window_ids)
+    stats.prefill_seconds += time.perf_counter() - start
+    return logits
 
 
 def recompute(model: CPMModel, window_ids: list[int]) -> torch.Tensor:
@@ -74,17 +93,14 @@ def draw(logits: torch.Tensor, params: SamplingParams,
 @torch.inference_mode()
 def generate(model: CPMModel, prompt: list[int], window: Window, params: SamplingParams,
              max_new_tokens: Optional[int], num_samples: int = 1, fast: bool = True,
-             generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None, stats: Optional[Stats] = None,
-             choose: Optional[Callable[[torch.Tensor, list[list[int]]], torch.Tensor]] = None,
-             decode: Callable = decode_step) -> Iterator[list[int]]:
+             generator: Union[None, torch.Generator, Sequence[torch.Generator]] = None,
+             stats: Optional[Stats] = None, decode: Callable = decode_step) -> Iterator[list[int]]:
     """Yield the next token of every sample, step after step (max_new_tokens None: without end).
 
     The caller decides when a sample is finished (end of text, stop strings) and stops
     iterating when all are; `stats` is updated in place so it is right at any interruption.
     `generator`: one for the batch, or one per sample (see `draw`). `decode`: the one-token
-    step (model.decode_step, or its compiled form).
-    `choose(logits, windows)` replaces sampling, e.g. to force the tokens of a text (teacher
-    forcing, to measure perplexity through the very same loop)."""
+    step (decode_step, or its compiled form: loading.compile_decode)."""
     stats = stats if stats is not None else Stats()
     if window.size > model.args.max_positions:
         raise ValueError(f"window of {window.size} tokens exceeds the model's {model.args.max_positions} positions")
@@ -94,15 +110,14 @@ def generate(model: CPMModel, prompt: list[int], window: Window, params: Samplin
     kv_cache = None
     if fast:
         kv_cache = model.new_kv_cache(num_samples, window.size)
-        first = prefill(model, windows[0], kv_cache, 0)  # all samples share the prompt: encode once
+        first = timed_prefill(model, windows[0], kv_cache, 0, stats)  # all samples share the prompt: encode once
         kv_cache.copy_row(0)
         logits = first.expand(num_samples, -1)
-        stats.prefill_tokens += len(windows[0])
     step = 0
     while max_new_tokens is None or step < max_new_tokens:
         if not fast:
             logits = torch.stack([recompute(model, w) for w in windows])
-        tokens = choose(logits, windows) if choose else draw(logits, params, generator, windows)
+        tokens = draw(logits, params, generator, windows)
         new = tokens.tolist()
         step += 1
         stats.new_tokens = step
@@ -125,5 +140,4 @@ def generate(model: CPMModel, prompt: list[int], window: Window, params: Samplin
             if slid:
                 logits = logits.clone() if len(slid) < num_samples else torch.empty_like(logits)
                 for row in slid:
-                    logits[row] = prefill(model, windows[row], kv_cache, row)
-                    stats.prefill_tokens += len(windows[row])
+                    logits[row] = timed_prefill(model, windows[row], kv_cache, row, stats)

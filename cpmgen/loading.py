@@ -53,7 +53,7 @@ class Loaded:
     args: ModelArgs
     device: torch.device
     dtype: torch.dtype
-    decode: Callable = decode_step  # the one-token step: model.decode_step or its compiled form
+    decode: Callable = decode_step  # the one-token step: decode_step or its compiled form
 
 
 def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = None,
@@ -110,7 +110,7 @@ def _load_quantized(settings: Settings, ckpt: Checkpoint, args: ModelArgs, devic
 
 
 def compile_decode(model: CPMModel) -> Callable:
-    """model.decode_step, compiled for `model` (prefill lengths vary, so it stays eager).
+    """decode_step, compiled for `model` (prefill lengths vary, so it stays eager).
 
     Freezing lets inductor treat the weights as constants. It cannot lower oneDNN's opaque
     prepacked weights, so --compile replaces prepacking, and on the CPU it lowers the linears

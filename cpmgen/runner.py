@@ -137,7 +137,7 @@ class Follow:
 def run(job: Job, model: CPMModel, tokenizer: CPMTokenizer, prompt_ids: list[int], view,
         agree: Callable[[bool], bool] = bool, decode: Callable = decode_step) -> Result:
     """`agree(flag)` makes model-parallel ranks stop at the same step: true on all when true on
-    any; `decode`: the one-token step (model.decode_step or its compiled form)."""
+    any; `decode`: the one-token step (decode_step or its compiled form)."""
     seed = job.seed if job.seed is not None else new_seed()
     device = model.word_embeddings.weight.device
     generators = [torch.Generator(device).manual_seed(sample_seed(seed, i)) for i in range(job.num_samples)]
