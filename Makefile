@@ -1,7 +1,7 @@
 PY := .venv/bin/python
 PIP := .venv/bin/pip
 
-.PHONY: install test test-fast demo bench bench-quality bench-peers clean
+.PHONY: install test test-fast demo bench bench-quality bench-peers bench-memory clean
 
 # torch first and pinned: the CPU build is served from local disk here; an open range would pull a CUDA build
 install:
@@ -36,6 +36,11 @@ bench:
 bench-peers:
 	$(PIP) install -q -e ".[peers]"
 	$(PY) benchmarks/bench_peers.py
+
+# peak RSS of loading and generating with CPM-Large's shape, --quantize int8/int4 and cpmgen quantize folders
+# (JSON; writes a 5.2 GB random checkpoint into the bench cache once, and needs about 11 GB of memory)
+bench-memory:
+	$(PY) benchmarks/bench_memory.py
 
 # perplexity and tokens/s against stride on the trained cpm-tiny (JSON, a table, benchmarks/results/quality.png)
 bench-quality:
