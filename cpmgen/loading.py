@@ -76,9 +76,16 @@ def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = No
         from cpmgen.parallel import apply_tensor_parallel
 
         apply_tensor_parallel(model, rank, world)
+    if settings.runtime.quantize != "none":
+        from cpmgen.quantize import quantized_linear
     state = {}
     for name, tensor in ckpt.full_tensors() if world == 1 else ckpt.rank_tensors(world, rank):
-        state[name] = tensor.to(device=device, dtype=dtype)
+        if settings.runtime.quantize != "none" and name.endswith(".weight") and quantized_linear(name):
+            # Kept as stored: quantize_model rounds it to `dtype` a block of rows at a time, so no
+            # converted copy of the whole model is ever held.
+            state[name] = tensor.to(device)
+        else:
+            state[name] = tensor.to(device=device, dtype=dtype)
         if state[name].data_ptr() != tensor.data_ptr():
             ckpt.release(name)  # converted or moved: the mapped pages are no longer needed
         if advance:

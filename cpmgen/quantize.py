@@ -31,6 +31,8 @@ from __future__ import annotations
 
 from typing import Callable, Optional
 
+import re
+
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -78,12 +80,26 @@ def _int4_groups(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torc
     return unit, best[1], best[2], best[3]
 
 
-def quantize_weight(weight: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
+# The linears of a block that are quantized (the output layer is too, from the word embedding).
+QUANTIZED_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+_BLOCK_LINEAR = re.compile(r"^(transformer\.layers\.\d+\.(?:" + "|".join(map(re.escape, QUANTIZED_LINEARS))
+                           + r"))\.(weight|bias)$")
+
+
+def quantized_linear(name: str) -> Optional[str]:
+    """"transformer.layers.3.mlp.dense_h_to_4h" for that linear's weight or bias, else None."""
+    match = _BLOCK_LINEAR.match(name)
+    return match.group(1) if match else None
+
+
+def quantize_weight(weight: torch.Tensor, bits: int, dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
     """{"packed", "gparams", "scale"}: the layout qlinear.cpp reads (gparams is empty for int8).
 
     int8: symmetric per row. int4: asymmetric per group of GROUP inputs, an integer scale and
     zero point per group and one float scale per row. Rows go QUANTIZE_ROWS at a time, so the
-    temporaries stay small next to the weight."""
+    temporaries stay small next to the weight; `dtype`: the model's float type, which each
+    block of rows is rounded to first (as if the weight had been loaded in it), so a weight
+    can be quantized from its stored copy without a converted copy of the whole model."""
     n, k = weight.shape
     n_pad, k_pad = _round_up(n, LANES), _round_up(k, 4 if bits == 8 else GROUP)
     ints = torch.full((n_pad, k_pad), 128 if bits == 8 else 0, dtype=torch.uint8)  # padding: weight 0
@@ -93,7 +109,7 @@ def quantize_weight(weight: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
     for start in range(0, n, QUANTIZE_ROWS):
         rows = slice(start, min(start + QUANTIZE_ROWS, n))
         w = torch.zeros(rows.stop - start, k_pad)
-        w[:, :k] = weight[rows].detach().float().cpu()
+        w[:, :k] = weight[rows].detach().to(dtype or weight.dtype).float().cpu()
         if bits == 8:
             scale[rows] = w.abs().amax(dim=1) / 127
             q = torch.round(w / scale[rows].clamp(min=torch.finfo(torch.float32).tiny)[:, None]).clamp(-127, 127)
@@ -159,8 +175,9 @@ class QuantizedLinear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().float())
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int) -> "QuantizedLinear":
-        t = quantize_weight(weight, bits)
+    def from_weight(cls, weight: torch.Tensor, bias: Optional[torch.Tensor], bits: int,
+                    dtype: Optional[torch.dtype] = None) -> "QuantizedLinear":
+        t = quantize_weight(weight, bits, dtype)
         device = weight.device
         return cls(t["packed"].to(device), t["gparams"].to(device), t["scale"].to(device), bias, weight.shape[1], bits)
 
@@ -243,7 +260,7 @@ def quantize_model(model: CPMModel, kind: str, replaced: Callable[[torch.Tensor]
     head = model.lm_head.local if isinstance(model.lm_head, GatheredOutput) else model.lm_head
     if type(head) is not TiedOutput:
         raise ValueError("the output layer was already replaced (prepacked or quantized); quantize a freshly loaded model")
-    bits = BITS[kind]
+    bits, dtype = BITS[kind], model.word_embeddings.weight.dtype
     for parent, name, dotted in block_linears(model):
         child = getattr(parent, name)
         if type(child) is nn.Linear:
@@ -253,7 +270,8 @@ def quantize_model(model: CPMModel, kind: str, replaced: Callable[[torch.Tensor]
         else:
             raise ValueError(f"cannot quantize {dotted}: {type(child).__name__} is not a plain or row-parallel linear")
         bits_here = bits if child.weight.shape[1] <= MAX_INT4_INPUTS else 8
-        setattr(parent, name, cls.from_weight(child.weight, child.bias, bits_here))  # the float weight's last reference
+        # the float weight's last reference; it may still be in the checkpoint's stored dtype (loading.py)
+        setattr(parent, name, cls.from_weight(child.weight, child.bias, bits_here, dtype))
         replaced(child.weight)
     set_lm_head(model, QuantizedLinear.from_weight(model.word_embeddings.weight, None, 8))
     replaced(model.word_embeddings.weight)  # from now on only looked up: a few rows a step

@@ -18,30 +18,22 @@ from typing import Callable, Optional
 
 import torch
 
-from cpmgen.checkpoint.reader import LAYER, Checkpoint
+from cpmgen.checkpoint.reader import Checkpoint
 from cpmgen.checkpoint.writer import copy_vocab
 from cpmgen.config import ModelArgs
 from cpmgen.errors import UserError
 from cpmgen.model import CPMModel
-from cpmgen.quantize import BITS, MAX_INT4_INPUTS, QuantizedLinear, block_linears, quantize_weight, set_lm_head
+from cpmgen.quantize import (BITS, MAX_INT4_INPUTS, QuantizedLinear, block_linears, quantize_weight, quantized_linear,
+                             set_lm_head)
 
 CONFIG_NAME = "quantized.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT = "cpmgen-quantized"
 HEAD = "lm_head_quantized"
-BLOCK_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 
 
 def is_quantized_folder(path: Path) -> bool:
     return (Path(path) / CONFIG_NAME).is_file()
-
-
-def _linear_prefix(name: str) -> Optional[str]:
-    """"transformer.layers.3.mlp.dense_h_to_4h" for that linear's weight or bias, else None."""
-    prefix, _, leaf = name.rpartition(".")
-    if leaf in ("weight", "bias") and LAYER.match(name) and prefix.endswith(BLOCK_LINEARS):
-        return prefix
-    return None
 
 
 def _quantized_tensors(prefix: str, weight: torch.Tensor, bits: int) -> dict[str, torch.Tensor]:
@@ -65,7 +57,7 @@ def write_quantized(out: Path, ckpt: Checkpoint, args: ModelArgs, kind: str,
     bits = BITS[kind]
     tensors: dict[str, torch.Tensor] = {}
     for name, tensor in ckpt.full_tensors():
-        prefix = _linear_prefix(name)
+        prefix = quantized_linear(name)
         if prefix and name.endswith(".weight"):
             tensors.update(_quantized_tensors(prefix, tensor, bits if tensor.shape[1] <= MAX_INT4_INPUTS else 8))
         elif prefix:
@@ -130,7 +122,7 @@ def build_quantized_model(ckpt: Checkpoint, args: ModelArgs, dtype: torch.dtype,
 
 
 def _quantized_name(name: str) -> bool:
-    return name.startswith(HEAD + ".") or _linear_prefix(name) is not None or name.rpartition(".")[2] in (
+    return name.startswith(HEAD + ".") or quantized_linear(name) is not None or name.rpartition(".")[2] in (
         "packed", "gparams", "scale")
 
 

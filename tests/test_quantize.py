@@ -20,8 +20,8 @@ from cpmgen.generate import Stats, generate
 from cpmgen.kernels import qlinear
 from cpmgen.model import CPMModel
 from cpmgen.parallel import apply_tensor_parallel, shutdown
-from cpmgen.quantize import (GROUP, QuantizedLinear, QuantizedOutput, QuantizedRowParallelLinear, quantize_model,
-                             quantize_rows_int8, quantize_weight, reference_linear, unpack_int_weight)
+from cpmgen.quantize import (GROUP, QUANTIZED_LINEARS, QuantizedLinear, QuantizedOutput, QuantizedRowParallelLinear,
+                             quantize_model, quantize_rows_int8, quantize_weight, reference_linear, unpack_int_weight)
 from cpmgen.sampling import SamplingParams
 from cpmgen.synthetic import random_state_dict
 from cpmgen.window import Window
@@ -29,7 +29,6 @@ from cpmgen.window import Window
 from helpers import TINY
 
 # TINY's hidden 64 and 4 * 64 hold whole int4 groups; its vocab and ffn split in 2.
-BLOCK_LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
 KINDS = ("int8", "int4")
 
 
@@ -137,10 +136,30 @@ def test_without_the_kernel_the_reference_gives_the_same_logits(monkeypatch):
     assert torch.equal(logits(model, IDS), with_kernel)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_quantizing_from_a_stored_fp16_checkpoint_equals_quantizing_its_loaded_copy(write_ckpt, kind, dtype):
+    """--quantize reads each block linear in its stored dtype (no converted copy of the model is
+    held) and gives the weights of quantizing the model loaded in `dtype`."""
+    from cpmgen.config import Settings
+    from cpmgen.loading import load_model
+
+    settings = Settings()
+    settings.model.path = str(write_ckpt(dtype=torch.float16))
+    settings.runtime.dtype, settings.runtime.prepack = dtype, False
+    plain = quantize_model(load_model(settings).model, kind)
+    settings.runtime.quantize = kind
+    loaded = load_model(settings).model
+    for (name, a), (_, b) in zip(plain.state_dict().items(), loaded.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+    with torch.inference_mode():
+        assert torch.equal(plain(IDS, torch.arange(IDS.shape[1])), loaded(IDS, torch.arange(IDS.shape[1])))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_float_weights_are_freed(kind):
     model = make_model()
-    replaced = [f"transformer.layers.{i}.{name}" for i in range(TINY.num_layers) for name in BLOCK_LINEARS]
+    replaced = [f"transformer.layers.{i}.{name}" for i in range(TINY.num_layers) for name in QUANTIZED_LINEARS]
     watched = [weakref.ref(model.get_submodule(name).weight) for name in replaced]
     quantize_model(model, kind)
     assert all(ref() is None for ref in watched)  # gone at once, no garbage collection needed
