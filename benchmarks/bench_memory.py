@@ -54,6 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per case (default 32)")
     parser.add_argument("--slack-mb", type=float, default=400,
                         help="what a case may hold beyond its weights and KV cache (default 400)")
+    parser.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=True,
+                        help="load the checkpoint with --quantize (default on)")
     parser.add_argument("--folders", action=argparse.BooleanOptionalAction, default=True,
                         help="also time `cpmgen quantize` and the loading of its folders (default on)")
     args = parser.parse_args(argv)
@@ -126,7 +128,7 @@ def main(argv=None) -> int:
                       "cpu_count": os.cpu_count(), "python": platform.python_version(),
                       "loadavg_start": [round(x, 2) for x in os.getloadavg()]},
               "cases": []}
-    for q in args.quantize:
+    for q in args.quantize if args.checkpoint else []:
         console.print(f"[{time.perf_counter() - started:6.1f}s] load with --quantize {q}, generate")
         extra = {"runtime.quantize": q} if q != "none" else {}
         row = peak_rss_of_generation(checkpoint, args.preset, "fp32", args.new_tokens, extra)

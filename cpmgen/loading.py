@@ -110,9 +110,10 @@ def _load_quantized(settings: Settings, ckpt: Checkpoint, args: ModelArgs, devic
     if world > 1:
         raise UserError(f"--mp {world}: {ckpt.path} is a quantized folder, which runs on one rank; "
                         "pass the original checkpoint with --quantize instead")
-    model = build_quantized_model(ckpt, args, dtype).to(device)
+    count = len(ckpt.names())
+    model = build_quantized_model(ckpt, args, dtype).to(device)  # takes the float tensors out of ckpt
     if advance:
-        advance(len(ckpt.names()))
+        advance(count)
     return Loaded(model.eval(), args, device, dtype, compile_decode(model) if settings.runtime.compile else decode_step)
 
 

@@ -101,7 +101,8 @@ def read_quantized(path: Path) -> tuple[dict, Path, dict[str, torch.Tensor]]:
 
 def build_quantized_model(ckpt: Checkpoint, args: ModelArgs, dtype: torch.dtype,
                           advance: Optional[Callable[[int], None]] = None) -> CPMModel:
-    """The quantized CPMModel of a quantized folder (CPU), float tensors in `dtype`."""
+    """The quantized CPMModel of a quantized folder (CPU), float tensors in `dtype`. The float
+    tensors are taken out of `ckpt` as they are converted (its stored copies are not kept)."""
     tensors = ckpt.shards[0]
     with torch.device("meta"):
         model = CPMModel(args)
@@ -112,7 +113,8 @@ def build_quantized_model(ckpt: Checkpoint, args: ModelArgs, dtype: torch.dtype,
             if advance:
                 advance(2)
         set_lm_head(model, _linear_from(tensors, HEAD, args.hidden_size))
-        floats = {name: tensors[name].to(dtype) for name in model.state_dict() if not _quantized_name(name)}
+        # popped as converted: the stored copy of each float tensor is freed before the next is made
+        floats = {name: tensors.pop(name).to(dtype) for name in model.state_dict() if not _quantized_name(name)}
     except KeyError as e:
         raise UserError(f"{ckpt.files[0]}: missing tensor {e.args[0]}; quantize the model again") from None
     model.load_state_dict({**model.state_dict(), **floats}, assign=True)

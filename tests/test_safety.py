@@ -470,7 +470,7 @@ def test_ctrl_c_while_starting_exits_130_without_a_traceback(cpmgen_env, model_d
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=60)
-        if b"init_import_site" in err:
+        if b"init_import_site" in err or (proc.returncode == -signal.SIGINT and not err):
             continue  # still in the interpreter's own start-up (a busy machine), before any cpmgen code
         assert b"Traceback" not in err, err.decode()
         assert proc.returncode in (0, 130), (delay, proc.returncode, err.decode())
