@@ -17,6 +17,7 @@ import torch.nn.functional as F
 import cpmgen.quantize
 from cpmgen.checkpoint import splits
 from cpmgen.generate import Stats, generate
+from cpmgen import kernels
 from cpmgen.kernels import qlinear
 from cpmgen.model import CPMModel
 from cpmgen.parallel import apply_tensor_parallel, shutdown
@@ -51,8 +52,21 @@ IDS = torch.randint(0, TINY.vocab_size, (2, 50), generator=torch.Generator().man
 
 
 def test_the_kernel_library_is_built():
-    """`make install` builds it; without it every quantized linear runs the slow reference."""
+    """`make install` builds it; without it every quantized linear runs the slow reference. It
+    uses the best loops the CPU runs, and refuses ones it does not."""
     assert qlinear() is not None
+    assert kernels.isa() == kernels.isas()[0] and kernels.isas()[-1] == "generic"
+    with pytest.raises(RuntimeError, match="this CPU runs .*generic, not sse9"):
+        with kernels.use_isa("sse9"):
+            pass
+    assert kernels.isa() == kernels.isas()[0]
+
+
+def test_the_weights_hold_every_int8_value_the_kernels_read():
+    """The AVX2 loops move the activation's sign onto the weight: a weight of -128 would not
+    survive that, so the quantizer keeps to -127..127 (padding is 0)."""
+    t = quantize_weight(torch.tensor([[-1.0, 1.0, -0.5, 0.25, 0.0]]), 8)
+    assert int(t["packed"].min()) >= 1
 
 
 def test_int8_round_trip_error_is_at_most_half_a_scale():
@@ -94,13 +108,17 @@ def test_int4_round_trip():
 @pytest.mark.parametrize("features", [(64, 192), (256, 64), (40, 24)], ids=["qkv", "4h_to_h", "odd-width"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", KINDS)
-def test_kernel_equals_the_reference_bitwise(kind, dtype, features, rows):
+@pytest.mark.parametrize("isa", kernels.isas())
+def test_kernel_equals_the_reference_bitwise(isa, kind, dtype, features, rows):
+    """Every version of the loops this CPU runs (AVX-512 VNNI, AVX2, plain C++) gives the reference's bits."""
     in_features, out_features = features
     generator = torch.Generator().manual_seed(rows)
     layer = QuantizedLinear.from_weight(0.02 * torch.randn(out_features, in_features, generator=generator),
                                         0.02 * torch.randn(out_features, generator=generator), cpmgen.quantize.BITS[kind])
     x = torch.randn(2, rows, in_features, generator=generator).to(dtype)
-    out = layer(x)
+    x[0, 0, :4] = torch.tensor([8.0, -8.0, 7.9, -7.9])  # inputs quantized to +-127, the extremes of the products
+    with kernels.use_isa(isa):
+        out = layer(x)
     assert out.dtype == dtype and out.shape == (2, rows, out_features)
     reference = reference_linear(x.reshape(-1, in_features), layer.int_weight(), layer.scale, layer.bias)
     assert torch.equal(out.reshape(-1, out_features), reference)

@@ -8,32 +8,46 @@
 // torch reference gives them too (the tests check this).
 //
 // Weights are stored unsigned (int8: w + 128; int4: a nibble u with its group's zero point) in blocks of
-// 16 output rows interleaved 4 inputs at a time: the bytes of block b, step j are
-// [16 rows][4 inputs], so one AVX-512 VNNI instruction (vpdpbusd) adds 4 products to each of 16
-// row sums without any horizontal reduction. The offsets are taken back out through the
-// activation sums: sum((w + c) * x) = sum(w * x) + c * sum(x) (per group for int4).
+// 16 output rows interleaved 4 inputs at a time: the bytes of block b, step j are [16 rows][4 inputs].
 //   int8: packed [N/16][K/4][16][4] bytes.
 //   int4: packed [N/16][K/8][16][4] bytes, low nibbles inputs 8j..8j+3, high nibbles 8j+4..8j+7;
 //         each group of G inputs of a row has an integer scale q and zero point z (gparams
 //         [N/16][K/G][2][16]: q of the 16 rows, then z), the weight being q * (u - z) for the
 //         nibble u. q <= 63, so the int32 sums cannot overflow below 17,000 inputs.
 // N and K are padded by the packer (zero weights), K to a multiple of 4 (int8) or G (int4).
+//
+// Three versions of the inner loops, chosen at run time for the CPU it runs on (so a library
+// built on one machine runs on another), all giving the same int32 sums and so the same bits:
+//   avx512vnni: one vpdpbusd adds 4 unsigned-by-signed products to each of 16 row sums; the
+//               weights' offset is taken back out through the activation sums:
+//               sum((w + c) * x) = sum(w * x) + c * sum(x) (per group for int4).
+//   avx2:       vpmaddubsw multiplies unsigned by signed bytes into int16 pair sums, vpmaddwd adds
+//               the pairs into int32. int8 signs the weights (u ^ 0x80 = w) and moves the
+//               activation's sign onto them, |x| * (w * sign x): each pair sum stays within int16
+//               (2 * 127 * 127). int4 nibbles are small enough to add 8 pair sums in int16
+//               (8 * 2 * 15 * 127 < 32768) before widening.
+//   generic:    plain C++ loops.
+// cpmgen::qlinear_use(name) switches to another one the CPU runs (tests and benchmarks compare them).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <string>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
-#define CPMGEN_VNNI 1
+#define CPMGEN_X86 1
+#define CPMGEN_AVX2 __attribute__((target("avx2,fma")))
+#define CPMGEN_VNNI __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vnni")))
 #else
-#define CPMGEN_VNNI 0
+#define CPMGEN_X86 0
 #endif
 
 namespace {
@@ -41,14 +55,23 @@ namespace {
 constexpr int kLanes = 16;  // output rows per block
 constexpr int kRows = 4;    // input rows that share one pass over a weight block
 
-struct Activations {
-  std::vector<int8_t> q;       // [M][K]
-  std::vector<float> scale;    // [M]
-  std::vector<int32_t> sums;   // [M][K / group]: sum of q over each group
+// One ISA's inner loops: the sums acc[r][lane] of `rows` (1..kRows) input rows from m0 with the 16
+// output rows of one weight block, and the quantization of one input row.
+struct Kernels {
+  const char* name;
+  void (*int8)(const uint8_t* w, const int8_t* xq, const int32_t* sums, int64_t k, int64_t m0, int rows, int32_t* acc);
+  void (*int4)(const uint8_t* w, const uint8_t* gparams, const int8_t* xq, const int32_t* sums, int64_t k,
+               int64_t group, int64_t m0, int rows, int32_t* acc);
+  void (*quantize_f32)(const float* x, int64_t k_in, int64_t k, int64_t group, int8_t* q, float* scale, int32_t* sums);
+  void (*quantize_bf16)(const at::BFloat16* x, int64_t k_in, int64_t k, int64_t group, int8_t* q, float* scale,
+                        int32_t* sums);
 };
 
+// Inlined into each ISA's wrapper, so the compiler vectorizes it for that ISA; every version
+// computes each value with the same IEEE operations (no contraction: -ffp-contract=off).
 template <typename T>
-void quantize_row(const T* x, int64_t k_in, int64_t k, int64_t group, int8_t* q, float* scale, int32_t* sums) {
+inline __attribute__((always_inline)) void quantize_row(const T* x, int64_t k_in, int64_t k, int64_t group,
+                                                         int8_t* q, float* scale, int32_t* sums) {
   float amax = 0.f;
   for (int64_t i = 0; i < k_in; ++i) amax = std::max(amax, std::fabs(static_cast<float>(x[i])));
   if (amax == 0.f) {
@@ -70,113 +93,317 @@ void quantize_row(const T* x, int64_t k_in, int64_t k, int64_t group, int8_t* q,
   }
 }
 
-Activations quantize(const at::Tensor& x, int64_t k, int64_t group) {
+// Calls f<R> for R = rows: the sums of up to kRows input rows are kept in registers.
+template <template <int> class F, typename... Args>
+inline __attribute__((always_inline)) void by_rows(int rows, Args... args) {
+  switch (rows) {
+    case 1: F<1>::run(args...); break;
+    case 2: F<2>::run(args...); break;
+    case 3: F<3>::run(args...); break;
+    default: F<4>::run(args...);
+  }
+}
+
+// ---- generic ----
+
+template <int R>
+struct Int8Generic {
+  static void run(const uint8_t* w, const int8_t* xq, const int32_t* sums, int64_t k, int64_t m0, int32_t* acc) {
+    for (int r = 0; r < R; ++r) {
+      const int8_t* x = xq + (m0 + r) * k;
+      for (int lane = 0; lane < kLanes; ++lane) {
+        int32_t s = 0;
+        for (int64_t j = 0; j < k / 4; ++j)
+          for (int i = 0; i < 4; ++i) s += static_cast<int32_t>(w[(j * kLanes + lane) * 4 + i]) * x[j * 4 + i];
+        acc[r * kLanes + lane] = s - 128 * sums[m0 + r];
+      }
+    }
+  }
+};
+
+template <int R>
+struct Int4Generic {
+  static void run(const uint8_t* w, const uint8_t* gparams, const int8_t* xq, const int32_t* sums, int64_t k,
+                  int64_t group, int64_t m0, int32_t* acc) {
+    const int64_t groups = k / group, steps = group / 8;
+    for (int r = 0; r < R; ++r) {
+      const int8_t* x = xq + (m0 + r) * k;
+      for (int lane = 0; lane < kLanes; ++lane) {
+        int32_t total = 0;
+        for (int64_t g = 0; g < groups; ++g) {
+          int32_t s = 0;
+          for (int64_t j = g * steps; j < (g + 1) * steps; ++j)
+            for (int i = 0; i < 4; ++i) {
+              const uint8_t b = w[(j * kLanes + lane) * 4 + i];
+              s += static_cast<int32_t>(b & 0x0F) * x[8 * j + i] + static_cast<int32_t>(b >> 4) * x[8 * j + 4 + i];
+            }
+          const uint8_t* p = gparams + g * 2 * kLanes;
+          total += (s - p[kLanes + lane] * sums[(m0 + r) * groups + g]) * p[lane];
+        }
+        acc[r * kLanes + lane] = total;
+      }
+    }
+  }
+};
+
+void int8_generic(const uint8_t* w, const int8_t* xq, const int32_t* sums, int64_t k, int64_t m0, int rows,
+                  int32_t* acc) {
+  by_rows<Int8Generic>(rows, w, xq, sums, k, m0, acc);
+}
+void int4_generic(const uint8_t* w, const uint8_t* gparams, const int8_t* xq, const int32_t* sums, int64_t k,
+                  int64_t group, int64_t m0, int rows, int32_t* acc) {
+  by_rows<Int4Generic>(rows, w, gparams, xq, sums, k, group, m0, acc);
+}
+void quantize_f32_generic(const float* x, int64_t k_in, int64_t k, int64_t group, int8_t* q, float* scale,
+                          int32_t* sums) {
+  quantize_row(x, k_in, k, group, q, scale, sums);
+}
+void quantize_bf16_generic(const at::BFloat16* x, int64_t k_in, int64_t k, int64_t group, int8_t* q, float* scale,
+                           int32_t* sums) {
+  quantize_row(x, k_in, k, group, q, scale, sums);
+}
+
+constexpr Kernels kGeneric{"generic", int8_generic, int4_generic, quantize_f32_generic, quantize_bf16_generic};
+
+#if CPMGEN_X86
+
+// ---- avx2 ----
+
+template <int R>
+struct Int8Avx2 {
+  CPMGEN_AVX2 static void run(const uint8_t* w, const int8_t* xq, const int32_t* sums, int64_t k, int64_t m0,
+                              int32_t* acc) {
+    const __m256i flip = _mm256_set1_epi8(static_cast<char>(0x80)), ones = _mm256_set1_epi16(1);
+    __m256i s[R][2];  // rows 0-7 and 8-15 of the block
+    for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
+    for (int64_t j = 0; j < k / 4; ++j) {
+      const __m256i w0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64)), flip);
+      const __m256i w1 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32)), flip);
+      for (int r = 0; r < R; ++r) {
+        const __m256i x = _mm256_set1_epi32(reinterpret_cast<const int32_t*>(xq + (m0 + r) * k)[j]);
+        const __m256i ax = _mm256_abs_epi8(x);
+        s[r][0] = _mm256_add_epi32(s[r][0], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w0, x)), ones));
+        s[r][1] = _mm256_add_epi32(s[r][1], _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(w1, x)), ones));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * kLanes), s[r][0]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * kLanes + 8), s[r][1]);
+    }
+  }
+};
+
+template <int R>
+struct Int4Avx2 {
+  CPMGEN_AVX2 static void run(const uint8_t* w, const uint8_t* gparams, const int8_t* xq, const int32_t* sums,
+                              int64_t k, int64_t group, int64_t m0, int32_t* acc) {
+    const int64_t groups = k / group, steps = group / 8;  // 64-byte steps per group
+    constexpr int64_t kChunk = 4;  // steps whose 8 pair sums per lane are added in int16
+    const __m256i low = _mm256_set1_epi8(0x0F), ones = _mm256_set1_epi16(1);
+    __m256i total[R][2];
+    for (int r = 0; r < R; ++r) total[r][0] = total[r][1] = _mm256_setzero_si256();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m256i part[R][2];
+      for (int r = 0; r < R; ++r) part[r][0] = part[r][1] = _mm256_setzero_si256();
+      for (int64_t c = g * steps; c < (g + 1) * steps; c += kChunk) {
+        __m256i s[R][2];
+        for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
+        for (int64_t j = c; j < std::min(c + kChunk, (g + 1) * steps); ++j) {
+              const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
+          const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
+          const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+          const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+          for (int r = 0; r < R; ++r) {
+            const int32_t* x32 = reinterpret_cast<const int32_t*>(xq + (m0 + r) * k);
+            const __m256i xl = _mm256_set1_epi32(x32[2 * j]), xh = _mm256_set1_epi32(x32[2 * j + 1]);
+            s[r][0] = _mm256_add_epi16(s[r][0], _mm256_add_epi16(_mm256_maddubs_epi16(lo0, xl), _mm256_maddubs_epi16(hi0, xh)));
+            s[r][1] = _mm256_add_epi16(s[r][1], _mm256_add_epi16(_mm256_maddubs_epi16(lo1, xl), _mm256_maddubs_epi16(hi1, xh)));
+          }
+        }
+        for (int r = 0; r < R; ++r) {
+          part[r][0] = _mm256_add_epi32(part[r][0], _mm256_madd_epi16(s[r][0], ones));
+          part[r][1] = _mm256_add_epi32(part[r][1], _mm256_madd_epi16(s[r][1], ones));
+        }
+      }
+      const uint8_t* p = gparams + g * 2 * kLanes;
+      __m256i q[2], z[2];
+      for (int h = 0; h < 2; ++h) {
+        q[h] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * h)));
+        z[h] = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + kLanes + 8 * h)));
+      }
+      for (int r = 0; r < R; ++r) {
+        const __m256i xs = _mm256_set1_epi32(sums[(m0 + r) * groups + g]);
+        for (int h = 0; h < 2; ++h) {
+          const __m256i exact = _mm256_sub_epi32(part[r][h], _mm256_mullo_epi32(z[h], xs));
+          total[r][h] = _mm256_add_epi32(total[r][h], _mm256_mullo_epi32(exact, q[h]));
+        }
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * kLanes), total[r][0]);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(acc + r * kLanes + 8), total[r][1]);
+    }
+  }
+};
+
+CPMGEN_AVX2 void int8_avx2(const uint8_t* w, const int8_t* xq, const int32_t* sums, int64_t k, int64_t m0, int rows,
+                           int32_t* acc) {
+  by_rows<Int8Avx2>(rows, w, xq, sums, k, m0, acc);
+}
+CPMGEN_AVX2 void int4_avx2(const uint8_t* w, const uint8_t* gparams, const int8_t* xq, const int32_t* sums, int64_t k,
+                           int64_t group, int64_t m0, int rows, int32_t* acc) {
+  by_rows<Int4Avx2>(rows, w, gparams, xq, sums, k, group, m0, acc);
+}
+CPMGEN_AVX2 void quantize_f32_avx2(const float* x, int64_t k_in, int64_t k, int64_t group, int8_t* q, float* scale,
+                                   int32_t* sums) {
+  quantize_row(x, k_in, k, group, q, scale, sums);
+}
+CPMGEN_AVX2 void quantize_bf16_avx2(const at::BFloat16* x, int64_t k_in, int64_t k, int64_t group, int8_t* q,
+                                    float* scale, int32_t* sums) {
+  quantize_row(x, k_in, k, group, q, scale, sums);
+}
+
+constexpr Kernels kAvx2{"avx2", int8_avx2, int4_avx2, quantize_f32_avx2, quantize_bf16_avx2};
+
+// ---- avx512vnni ----
+
+template <int R>
+struct Int8Vnni {
+  CPMGEN_VNNI static void run(const uint8_t* w, const int8_t* xq, const int32_t* sums, int64_t k, int64_t m0,
+                              int32_t* acc) {
+    __m512i s[R][2];
+    for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm512_setzero_si512();
+    const int64_t steps = k / 4;
+    int64_t j = 0;
+    for (; j + 1 < steps; j += 2) {
+      const __m512i w0 = _mm512_loadu_si512(w + j * 64), w1 = _mm512_loadu_si512(w + (j + 1) * 64);
+      for (int r = 0; r < R; ++r) {
+        const int32_t* x32 = reinterpret_cast<const int32_t*>(xq + (m0 + r) * k);
+        s[r][0] = _mm512_dpbusd_epi32(s[r][0], w0, _mm512_set1_epi32(x32[j]));
+        s[r][1] = _mm512_dpbusd_epi32(s[r][1], w1, _mm512_set1_epi32(x32[j + 1]));
+      }
+    }
+    if (j < steps) {
+      const __m512i w0 = _mm512_loadu_si512(w + j * 64);
+      for (int r = 0; r < R; ++r) {
+        const int32_t* x32 = reinterpret_cast<const int32_t*>(xq + (m0 + r) * k);
+        s[r][0] = _mm512_dpbusd_epi32(s[r][0], w0, _mm512_set1_epi32(x32[j]));
+      }
+    }
+    for (int r = 0; r < R; ++r) {
+      __m512i total = _mm512_add_epi32(s[r][0], s[r][1]);
+      total = _mm512_sub_epi32(total, _mm512_set1_epi32(128 * sums[m0 + r]));
+      _mm512_storeu_si512(acc + r * kLanes, total);
+    }
+  }
+};
+
+template <int R>
+struct Int4Vnni {
+  CPMGEN_VNNI static void run(const uint8_t* w, const uint8_t* gparams, const int8_t* xq, const int32_t* sums,
+                              int64_t k, int64_t group, int64_t m0, int32_t* acc) {
+    const int64_t groups = k / group, steps = group / 8;  // 64-byte vectors per group
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512i total[R];
+    for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_si512();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512i s[R][4];  // four independent sums: a vpdpbusd waits for the one before on its sum
+      for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = s[r][2] = s[r][3] = _mm512_setzero_si512();
+      for (int64_t j = g * steps; j < (g + 1) * steps; ++j) {
+        const int half = 2 * static_cast<int>(j & 1);
+        const __m512i v = _mm512_loadu_si512(w + j * 64);
+        const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+        for (int r = 0; r < R; ++r) {
+          const int32_t* x32 = reinterpret_cast<const int32_t*>(xq + (m0 + r) * k);
+          s[r][half] = _mm512_dpbusd_epi32(s[r][half], lo, _mm512_set1_epi32(x32[2 * j]));
+          s[r][half + 1] = _mm512_dpbusd_epi32(s[r][half + 1], hi, _mm512_set1_epi32(x32[2 * j + 1]));
+        }
+      }
+      const uint8_t* p = gparams + g * 2 * kLanes;
+      const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kLanes)));
+      for (int r = 0; r < R; ++r) {
+        __m512i part = _mm512_add_epi32(_mm512_add_epi32(s[r][0], s[r][1]), _mm512_add_epi32(s[r][2], s[r][3]));
+        part = _mm512_sub_epi32(part, _mm512_mullo_epi32(z, _mm512_set1_epi32(sums[(m0 + r) * groups + g])));
+        total[r] = _mm512_add_epi32(total[r], _mm512_mullo_epi32(part, q));
+      }
+    }
+    for (int r = 0; r < R; ++r) _mm512_storeu_si512(acc + r * kLanes, total[r]);
+  }
+};
+
+CPMGEN_VNNI void int8_vnni(const uint8_t* w, const int8_t* xq, const int32_t* sums, int64_t k, int64_t m0, int rows,
+                           int32_t* acc) {
+  by_rows<Int8Vnni>(rows, w, xq, sums, k, m0, acc);
+}
+CPMGEN_VNNI void int4_vnni(const uint8_t* w, const uint8_t* gparams, const int8_t* xq, const int32_t* sums, int64_t k,
+                           int64_t group, int64_t m0, int rows, int32_t* acc) {
+  by_rows<Int4Vnni>(rows, w, gparams, xq, sums, k, group, m0, acc);
+}
+CPMGEN_VNNI void quantize_f32_vnni(const float* x, int64_t k_in, int64_t k, int64_t group, int8_t* q, float* scale,
+                                   int32_t* sums) {
+  quantize_row(x, k_in, k, group, q, scale, sums);
+}
+CPMGEN_VNNI void quantize_bf16_vnni(const at::BFloat16* x, int64_t k_in, int64_t k, int64_t group, int8_t* q,
+                                    float* scale, int32_t* sums) {
+  quantize_row(x, k_in, k, group, q, scale, sums);
+}
+
+constexpr Kernels kVnni{"avx512vnni", int8_vnni, int4_vnni, quantize_f32_vnni, quantize_bf16_vnni};
+
+#endif  // CPMGEN_X86
+
+// The versions this CPU runs, best first.
+std::vector<const Kernels*> supported() {
+  std::vector<const Kernels*> out;
+#if CPMGEN_X86
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni"))
+    out.push_back(&kVnni);
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) out.push_back(&kAvx2);
+#endif
+  out.push_back(&kGeneric);
+  return out;
+}
+
+std::atomic<const Kernels*>& chosen() {
+  static std::atomic<const Kernels*> kernels{supported().front()};
+  return kernels;
+}
+
+const Kernels& kernels() { return *chosen().load(); }
+
+// Switches to the version called `name` and returns the name of the one it replaces.
+std::string use(const std::string& name) {
+  std::string names;
+  for (const Kernels* k : supported()) {
+    if (name == k->name) return chosen().exchange(k)->name;
+    names += (names.empty() ? "" : ", ") + std::string(k->name);
+  }
+  TORCH_CHECK(false, "qlinear_use: this CPU runs ", names, ", not ", name);
+}
+
+struct Activations {
+  std::vector<int8_t> q;       // [M][K]
+  std::vector<float> scale;    // [M]
+  std::vector<int32_t> sums;   // [M][K / group]: sum of q over each group
+};
+
+Activations quantize(const Kernels& kern, const at::Tensor& x, int64_t k, int64_t group) {
   const int64_t m = x.size(0), k_in = x.size(1);
   Activations a{std::vector<int8_t>(m * k), std::vector<float>(m), std::vector<int32_t>(m * (k / group))};
   at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       if (x.scalar_type() == at::kFloat) {
-        quantize_row(x.data_ptr<float>() + r * k_in, k_in, k, group, &a.q[r * k], &a.scale[r], &a.sums[r * (k / group)]);
+        kern.quantize_f32(x.data_ptr<float>() + r * k_in, k_in, k, group, &a.q[r * k], &a.scale[r],
+                          &a.sums[r * (k / group)]);
       } else {
-        quantize_row(x.data_ptr<at::BFloat16>() + r * k_in, k_in, k, group, &a.q[r * k], &a.scale[r],
-                     &a.sums[r * (k / group)]);
+        kern.quantize_bf16(x.data_ptr<at::BFloat16>() + r * k_in, k_in, k, group, &a.q[r * k], &a.scale[r],
+                           &a.sums[r * (k / group)]);
       }
     }
   });
   return a;
-}
-
-// acc[r][lane] for rows m0..m0+R-1 and the 16 output rows of block b.
-template <int R>
-void block_int8(const uint8_t* w, const int8_t* xq, const int32_t* sums, int64_t k, int64_t m0, int32_t* acc) {
-#if CPMGEN_VNNI
-  __m512i s[R][2];
-  for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm512_setzero_si512();
-  const int64_t steps = k / 4;
-  int64_t j = 0;
-  for (; j + 1 < steps; j += 2) {
-    const __m512i w0 = _mm512_loadu_si512(w + j * 64), w1 = _mm512_loadu_si512(w + (j + 1) * 64);
-    for (int r = 0; r < R; ++r) {
-      const int32_t* x32 = reinterpret_cast<const int32_t*>(xq + (m0 + r) * k);
-      s[r][0] = _mm512_dpbusd_epi32(s[r][0], w0, _mm512_set1_epi32(x32[j]));
-      s[r][1] = _mm512_dpbusd_epi32(s[r][1], w1, _mm512_set1_epi32(x32[j + 1]));
-    }
-  }
-  if (j < steps) {
-    const __m512i w0 = _mm512_loadu_si512(w + j * 64);
-    for (int r = 0; r < R; ++r) {
-      const int32_t* x32 = reinterpret_cast<const int32_t*>(xq + (m0 + r) * k);
-      s[r][0] = _mm512_dpbusd_epi32(s[r][0], w0, _mm512_set1_epi32(x32[j]));
-    }
-  }
-  for (int r = 0; r < R; ++r) {
-    __m512i total = _mm512_add_epi32(s[r][0], s[r][1]);
-    total = _mm512_sub_epi32(total, _mm512_set1_epi32(128 * sums[m0 + r]));
-    _mm512_storeu_si512(acc + r * kLanes, total);
-  }
-#else
-  for (int r = 0; r < R; ++r) {
-    const int8_t* x = xq + (m0 + r) * k;
-    for (int lane = 0; lane < kLanes; ++lane) {
-      int32_t s = 0;
-      for (int64_t j = 0; j < k / 4; ++j)
-        for (int i = 0; i < 4; ++i) s += static_cast<int32_t>(w[(j * kLanes + lane) * 4 + i]) * x[j * 4 + i];
-      acc[r * kLanes + lane] = s - 128 * sums[m0 + r];
-    }
-  }
-#endif
-}
-
-template <int R>
-void block_int4(const uint8_t* w, const uint8_t* gparams, const int8_t* xq, const int32_t* sums, int64_t k,
-                int64_t group, int64_t m0, int32_t* acc) {
-  const int64_t groups = k / group, steps = group / 8;  // 64-byte vectors per group
-#if CPMGEN_VNNI
-  const __m512i low = _mm512_set1_epi8(0x0F);
-  __m512i total[R];
-  for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_si512();
-  for (int64_t g = 0; g < groups; ++g) {
-    __m512i s[R][4];  // four independent sums: a vpdpbusd waits for the one before on its sum
-    for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = s[r][2] = s[r][3] = _mm512_setzero_si512();
-    for (int64_t j = g * steps; j < (g + 1) * steps; ++j) {
-      const int half = 2 * static_cast<int>(j & 1);
-      const __m512i v = _mm512_loadu_si512(w + j * 64);
-      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
-      for (int r = 0; r < R; ++r) {
-        const int32_t* x32 = reinterpret_cast<const int32_t*>(xq + (m0 + r) * k);
-        s[r][half] = _mm512_dpbusd_epi32(s[r][half], lo, _mm512_set1_epi32(x32[2 * j]));
-        s[r][half + 1] = _mm512_dpbusd_epi32(s[r][half + 1], hi, _mm512_set1_epi32(x32[2 * j + 1]));
-      }
-    }
-    const uint8_t* p = gparams + g * 2 * kLanes;
-    const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + kLanes)));
-    for (int r = 0; r < R; ++r) {
-      __m512i part = _mm512_add_epi32(_mm512_add_epi32(s[r][0], s[r][1]), _mm512_add_epi32(s[r][2], s[r][3]));
-      part = _mm512_sub_epi32(part, _mm512_mullo_epi32(z, _mm512_set1_epi32(sums[(m0 + r) * groups + g])));
-      total[r] = _mm512_add_epi32(total[r], _mm512_mullo_epi32(part, q));
-    }
-  }
-  for (int r = 0; r < R; ++r) _mm512_storeu_si512(acc + r * kLanes, total[r]);
-#else
-  for (int r = 0; r < R; ++r) {
-    const int8_t* x = xq + (m0 + r) * k;
-    for (int lane = 0; lane < kLanes; ++lane) {
-      int32_t total = 0;
-      for (int64_t g = 0; g < groups; ++g) {
-        int32_t s = 0;
-        for (int64_t j = g * steps; j < (g + 1) * steps; ++j)
-          for (int i = 0; i < 4; ++i) {
-            const uint8_t b = w[(j * kLanes + lane) * 4 + i];
-            s += static_cast<int32_t>(b & 0x0F) * x[8 * j + i] + static_cast<int32_t>(b >> 4) * x[8 * j + 4 + i];
-          }
-        const uint8_t* p = gparams + g * 2 * kLanes;
-        total += (s - p[kLanes + lane] * sums[(m0 + r) * groups + g]) * p[lane];
-      }
-      acc[r * kLanes + lane] = total;
-    }
-  }
-#endif
 }
 
 template <typename T>
@@ -215,7 +442,8 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, const at::Tens
     b = bias->data_ptr<float>();
   }
   const int64_t m = x.size(0);
-  const Activations a = quantize(x, k, g);
+  const Kernels& kern = kernels();
+  const Activations a = quantize(kern, x, k, g);
   at::Tensor y = at::empty({m, n}, x.options());
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const uint8_t* gs = bits == 4 ? gparams.data_ptr<uint8_t>() : nullptr;
@@ -228,20 +456,9 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, const at::Tens
       for (int64_t m0 = 0; m0 < m; m0 += kRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kRows, m - m0));
         if (bits == 8) {
-          switch (rows) {
-            case 1: block_int8<1>(wb, a.q.data(), a.sums.data(), k, m0, acc); break;
-            case 2: block_int8<2>(wb, a.q.data(), a.sums.data(), k, m0, acc); break;
-            case 3: block_int8<3>(wb, a.q.data(), a.sums.data(), k, m0, acc); break;
-            default: block_int8<4>(wb, a.q.data(), a.sums.data(), k, m0, acc);
-          }
+          kern.int8(wb, a.q.data(), a.sums.data(), k, m0, rows, acc);
         } else {
-          const uint8_t* gb = gs + blk * (k / g) * 2 * kLanes;
-          switch (rows) {
-            case 1: block_int4<1>(wb, gb, a.q.data(), a.sums.data(), k, g, m0, acc); break;
-            case 2: block_int4<2>(wb, gb, a.q.data(), a.sums.data(), k, g, m0, acc); break;
-            case 3: block_int4<3>(wb, gb, a.q.data(), a.sums.data(), k, g, m0, acc); break;
-            default: block_int4<4>(wb, gb, a.q.data(), a.sums.data(), k, g, m0, acc);
-          }
+          kern.int4(wb, gs + blk * (k / g) * 2 * kLanes, a.q.data(), a.sums.data(), k, g, m0, rows, acc);
         }
         if (x.scalar_type() == at::kFloat) {
           epilogue(acc, rows, a.scale.data(), sw, b, blk * kLanes, n, y.data_ptr<float>(), m0);
@@ -258,6 +475,13 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, const at::Tens
 
 TORCH_LIBRARY(cpmgen, m) {
   m.def("qlinear(Tensor x, Tensor packed, Tensor gparams, Tensor scale, Tensor? bias, int n, int bits, int group) -> Tensor");
+  m.def("qlinear_isa() -> str", []() { return std::string(kernels().name); });
+  m.def("qlinear_use(str name) -> str", use);
+  m.def("qlinear_isas() -> str[]", []() {
+    std::vector<std::string> names;
+    for (const Kernels* k : supported()) names.push_back(k->name);
+    return names;
+  });
 }
 
 TORCH_LIBRARY_IMPL(cpmgen, CPU, m) { m.impl("qlinear", qlinear); }
