@@ -56,15 +56,17 @@ class Engine:
 
     def __init__(self, settings: Settings, rank: int = 0, world: int = 1, progress=no_progress):
         from cpmgen.loading import load_model, open_model
-        from cpmgen.threads import apply_threads
+        from cpmgen.threads import apply_threads, tuned_decode
 
         settings.validate()
-        apply_threads(settings.runtime.threads)
+        threads = apply_threads(settings.runtime.threads)
         self.settings, self.world = settings, world
         checkpoint = open_model(settings, rank=rank, world=world)
         with progress(f"loading {checkpoint.path.name}", len(checkpoint.names()) + 1) as advance:
             self.loaded = load_model(settings, advance, checkpoint, rank, world)
-            self.model, self.args, self.decode = self.loaded.model, self.loaded.args, self.loaded.decode
+            self.model, self.args = self.loaded.model, self.loaded.args
+            self.decode = tuned_decode(self.loaded.decode, settings.runtime.threads, threads, self.loaded.device.type,
+                                       world)
             self.tokenizer = open_tokenizer(settings, self.args.vocab_size)
             advance(1)
 

@@ -158,3 +158,72 @@ def test_compiled_decode_step_gives_the_same_tokens():
     eager, _ = run(model, prompt, window, SAMPLED, MAX_POS + 40, fast=True)
     compiled, stats = run(model, prompt, window, SAMPLED, MAX_POS + 40, fast=True, decode=compile_decode(model))
     assert compiled == eager and stats.slides >= 2
+
+
+class FakeClock:
+    """A step costs `cost[threads]` seconds of this clock: the tuner's choices without timing noise."""
+
+    def __init__(self, cost: dict[int, float]):
+        self.now, self.cost = 0.0, cost
+
+    def __call__(self) -> float:
+        return self.now
+
+    def step(self, *args):
+        self.now += self.cost[torch.get_num_threads()]
+
+
+@pytest.mark.parametrize("faster", [1, 2])
+def test_the_thread_tuner_settles_on_the_faster_count_and_tries_again_later(faster):
+    from cpmgen.threads import ThreadTuner
+
+    before = torch.get_num_threads()
+    clock = FakeClock({faster: 1.0, 3 - faster: 2.0})
+    tuner = ThreadTuner(2, clock)
+    step = tuner.wrap(clock.step)
+    try:
+        torch.set_num_threads(2)
+        counts = []
+        for _ in range(400):
+            step()
+            counts.append(torch.get_num_threads())
+        assert tuner.current == faster and counts[-1] == faster
+        tries = sum(1 for a, b in zip(counts, counts[1:]) if a == faster and b != faster)
+        # a losing try every 16, 32, 64, 128, 128 ... steps, each PROBE + 1 steps long
+        assert 3 <= tries <= 6 and tuner.period == ThreadTuner.MAX_PERIOD
+        clock.cost = {faster: 2.0, 3 - faster: 1.0}  # the machine's load changed: the other count wins now
+        for _ in range(ThreadTuner.MAX_PERIOD + ThreadTuner.PROBE + 2):
+            step()
+        assert tuner.current == 3 - faster and torch.get_num_threads() == 3 - faster
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_the_thread_count_changes_no_value():
+    """Every kernel splits a step's work by output rows, so 1 and 2 threads give bitwise the same
+    logits: the tuner may move between them mid-text without changing a token."""
+    from cpmgen.quantize import quantize_model
+
+    args = dataclasses.replace(TINY, hidden_size=256, num_heads=4, vocab_size=4000, num_layers=2)
+    before = torch.get_num_threads()
+    ids = torch.randint(0, args.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
+    try:
+        for kernels in ("plain", "prepacked", "int8", "int4"):
+            model = CPMModel(args)
+            model.load_state_dict(random_state_dict(args, 0))
+            model.eval().requires_grad_(False)
+            if kernels == "prepacked":
+                prepack_linears(model)
+            elif kernels != "plain":
+                quantize_model(model, kernels)
+            outputs = []
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                with torch.inference_mode():
+                    cache = model.new_kv_cache(1, 32)
+                    logits = [model(ids[:, :16], torch.arange(16), cache)[0]]
+                    logits += [decode_step(model, ids[:, i], torch.tensor([i]), cache) for i in range(16, 24)]
+                outputs.append(torch.cat(logits))
+            assert torch.equal(outputs[0], outputs[1]), kernels
+    finally:
+        torch.set_num_threads(before)

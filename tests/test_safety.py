@@ -499,16 +499,29 @@ def test_default_threads_follow_affinity_and_local_ranks(monkeypatch):
         torch.set_num_threads(before)
 
 
-def test_wait_policy_is_passive_unless_the_user_chose(monkeypatch):
+def test_workers_spin_a_bounded_while_unless_the_user_chose(monkeypatch):
     from cpmgen import threads
 
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     monkeypatch.delenv("GOMP_SPINCOUNT", raising=False)
     threads.configure_wait_policy()
-    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert os.environ["GOMP_SPINCOUNT"] == "10000" and "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.delenv("GOMP_SPINCOUNT")
+    monkeypatch.setenv("OMP_WAIT_POLICY", "PASSIVE")
     threads.configure_wait_policy()
-    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE" and "GOMP_SPINCOUNT" not in os.environ
+
+
+def test_the_thread_count_is_tuned_only_where_cpmgen_chose_it():
+    """--threads N, one thread, a GPU and model-parallel ranks decode with the step as it is."""
+    from cpmgen.threads import tuned_decode
+
+    def step():
+        return 1
+
+    assert tuned_decode(step, 0, 2, "cpu", 1) is not step and tuned_decode(step, 0, 2, "cpu", 1)() == 1
+    for requested, threads, device, world in ((2, 2, "cpu", 1), (0, 1, "cpu", 1), (0, 2, "cuda", 1), (0, 2, "cpu", 2)):
+        assert tuned_decode(step, requested, threads, device, world) is step
 
 
 def _rank_pid(rank: int, root: int) -> int | None:
