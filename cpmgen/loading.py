@@ -95,7 +95,7 @@ def load_model(settings: Settings, advance: Optional[Callable[[int], None]] = No
     del state
     optimize(model, settings.runtime, ckpt)
     trim_heap()  # converted and replaced copies were freed one by one; hand their memory back
-    return Loaded(model.eval(), args, device, dtype, compile_decode(model) if settings.runtime.compile else decode_step)
+    return _loaded(model, args, device, dtype, settings)
 
 
 def _load_quantized(settings: Settings, ckpt: Checkpoint, args: ModelArgs, device: torch.device, dtype: torch.dtype,
@@ -114,6 +114,10 @@ def _load_quantized(settings: Settings, ckpt: Checkpoint, args: ModelArgs, devic
     model = build_quantized_model(ckpt, args, dtype).to(device)  # takes the float tensors out of ckpt
     if advance:
         advance(count)
+    return _loaded(model, args, device, dtype, settings)
+
+
+def _loaded(model: CPMModel, args: ModelArgs, device: torch.device, dtype: torch.dtype, settings: Settings) -> Loaded:
     return Loaded(model.eval(), args, device, dtype, compile_decode(model) if settings.runtime.compile else decode_step)
 
 

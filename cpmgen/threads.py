@@ -67,20 +67,23 @@ class ThreadTuner:
 
     Every step is timed. After `period` steps at the current count the other one is tried for
     PROBE steps (and one more that is not counted: the first step after a change also starts
-    or parks the workers); the faster of the two medians is kept. A try that loses doubles the
-    period up to MAX_PERIOD, so a settled choice costs few slow steps; one that wins starts
-    again from FIRST_PERIOD, as the load on the machine has just changed. The count changes no
-    value: every kernel of a step splits its work by output rows, not within a sum (the tests
-    check that the tokens are the same)."""
+    or parks the workers); the faster of the two medians is kept. A try that loses makes the
+    period four times longer, up to MAX_PERIOD, so a settled choice costs few slow steps; one
+    that wins starts again from FIRST_PERIOD, as the load on the machine has just changed. The
+    count changes no value: every kernel of a step splits its work by output rows, not within
+    a sum (the tests check that the logits are the same)."""
 
     PROBE = 4
-    FIRST_PERIOD = 16
+    FIRST_PERIOD = 8
     MAX_PERIOD = 128  # steps: how soon a change in the machine's load is noticed at the latest
     MARGIN = 0.95  # the other count must be this much faster to be taken
 
-    def __init__(self, most: int, clock: Callable[[], float] = time.perf_counter):
+    def __init__(self, most: int, start: int, clock: Callable[[], float] = time.perf_counter):
+        import torch
+
         self.clock = clock
-        self.current, self.other = most, 1
+        self.current, self.other = (most, 1) if start == most else (1, most)
+        torch.set_num_threads(self.current)
         self.period = self.until_try = self.FIRST_PERIOD
         self.recent: collections.deque[float] = collections.deque(maxlen=self.PROBE)
         self.trial: list[float] | None = None  # step times of the other count while it is tried
@@ -114,13 +117,28 @@ class ThreadTuner:
             self.period = self.FIRST_PERIOD
         else:
             torch.set_num_threads(self.current)
-            self.period = min(2 * self.period, self.MAX_PERIOD)
+            self.period = min(4 * self.period, self.MAX_PERIOD)
         self.until_try, self.trial = self.period, None
+
+
+def others_running() -> int:
+    """Processes running or ready to run on the machine now, besides this one (Linux's
+    /proc/stat; 0 where it cannot be read)."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("procs_running "):
+                    return max(0, int(line.split()[1]) - 1)
+    except (OSError, ValueError):
+        pass
+    return 0
 
 
 def tuned_decode(decode: Callable, requested: int, threads: int, device_type: str, world: int) -> Callable:
     """`decode` under a ThreadTuner where cpmgen chose the thread count (no --threads) of a
-    single CPU process with more than one; else `decode` itself."""
+    single CPU process with more than one; else `decode` itself. It starts with every thread
+    where the cores they need are free now, else with one."""
     if requested > 0 or threads < 2 or device_type != "cpu" or world > 1:
         return decode
-    return ThreadTuner(threads).wrap(decode)
+    start = threads if others_running() + threads <= available_cores() else 1
+    return ThreadTuner(threads, start).wrap(decode)

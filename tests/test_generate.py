@@ -179,18 +179,17 @@ def test_the_thread_tuner_settles_on_the_faster_count_and_tries_again_later(fast
 
     before = torch.get_num_threads()
     clock = FakeClock({faster: 1.0, 3 - faster: 2.0})
-    tuner = ThreadTuner(2, clock)
-    step = tuner.wrap(clock.step)
     try:
-        torch.set_num_threads(2)
+        tuner = ThreadTuner(2, 2, clock)
+        step = tuner.wrap(clock.step)
         counts = []
         for _ in range(400):
             step()
             counts.append(torch.get_num_threads())
         assert tuner.current == faster and counts[-1] == faster
         tries = sum(1 for a, b in zip(counts, counts[1:]) if a == faster and b != faster)
-        # a losing try every 16, 32, 64, 128, 128 ... steps, each PROBE + 1 steps long
-        assert 3 <= tries <= 6 and tuner.period == ThreadTuner.MAX_PERIOD
+        # a losing try after 8, 32, 128, 128 ... steps, each PROBE + 1 steps long
+        assert 3 <= tries <= 5 and tuner.period == ThreadTuner.MAX_PERIOD
         clock.cost = {faster: 2.0, 3 - faster: 1.0}  # the machine's load changed: the other count wins now
         for _ in range(ThreadTuner.MAX_PERIOD + ThreadTuner.PROBE + 2):
             step()
