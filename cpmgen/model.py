@@ -104,7 +104,9 @@ class Attention(nn.Module):
             # key, so masked keys get weight exactly 0 either way.
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
         else:
-            # One query (decode): plain matmuls; SDPA's CPU kernels cost more than the work here.
+            # One query (decode): plain matmuls. SDPA's CPU kernel splits one query's keys among
+            # the threads, so its values would depend on the thread count (threads.ThreadTuner
+            # changes it mid-text); the matmuls split by heads and give the same bits.
             scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
             if mask is not None:
                 scores = scores.masked_fill(~mask, MASKED_SCORE)
