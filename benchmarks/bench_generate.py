@@ -38,7 +38,10 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+from cpmgen.threads import configure_wait_policy
+
+configure_wait_policy()  # the cpmgen command's OpenMP wait policy, set before torch loads OpenMP
+import torch  # noqa: E402
 from rich.console import Console
 from rich.table import Table
 

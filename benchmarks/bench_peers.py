@@ -9,8 +9,10 @@ The random CPM-Small checkpoint of bench_generate.py (12 x 768, vocab 30000, 102
   package (gpt2 architecture, placeholder vocabulary), quantized by llama.cpp itself.
 A peer whose package is missing (`pip install -e ".[peers]"`) is reported as skipped.
 
-Each system decodes greedily after a short (16-token) and a long (~900-token) prompt with 2
-threads; the decode rate is (tokens - 1) / (time of the last token - time of the first),
+Each engine runs in a process of its own (CTranslate2 brings its own OpenMP runtime, and in one
+process with it cpmgen decoded at half its speed), loaded once and driven through a pipe, so the
+rounds still interleave. Each system decodes greedily after a short (16-token) and a long
+(~900-token) prompt with 2 threads; the decode rate is (tokens - 1) / (time of the last token - time of the first),
 timestamped per token, so the prompt's prefill is left out. Systems are interleaved round by
 round and the median of the rounds is reported, beside the read-bandwidth bound measured in
 the same run (bandwidth.memory_bandwidth) over the weight bytes each system reads per token (the
@@ -32,6 +34,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import multiprocessing
 import statistics
 import sys
 import tempfile
@@ -39,11 +42,15 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
+from cpmgen.threads import configure_wait_policy
+
+configure_wait_policy()  # the cpmgen command's OpenMP wait policy, set before torch loads OpenMP
+import torch  # noqa: E402
 
 import bandwidth
 import hf_baseline
 from cpmgen.checkpoint.hf import EOS_ID, megatron_to_hf
+from cpmgen.config import PRESETS
 from cpmgen.generate import generate
 from timing import TokenClock
 from workload import GREEDY, WINDOW, ensure_checkpoint, load_cpmgen, random_ids
@@ -66,6 +73,61 @@ class System:
     @property
     def name(self) -> str:
         return f"{self.engine} {self.precision}"
+
+
+def serve(engine: str, checkpoint: Path, folder: Path, conn) -> None:
+    """A worker process: build `engine`'s systems, send [(engine, precision, weight bytes)] (or an
+    error's text), then answer ("decode", system, prompt, n) and ("logits", system, ids, None)
+    until None comes."""
+    torch.set_num_threads(2)
+    try:
+        if engine == "cpmgen":
+            systems = cpmgen_systems(checkpoint)
+        else:
+            plain = load_cpmgen(checkpoint, PRESET, "fp32", {"runtime.prepack": False})
+            makers = {"transformers": lambda: hf_systems(plain), "ctranslate2": lambda: ctranslate2_systems(plain, folder),
+                      "llama.cpp": lambda: llama_cpp_systems(plain, folder)}
+            systems = makers[engine]()
+    except Exception as e:  # a missing package or a converter that fails: reported, the others go on
+        conn.send(f"{type(e).__name__}: {e}")
+        return
+    conn.send([(s.engine, s.precision, s.weight_bytes) for s in systems])
+    while (message := conn.recv()) is not None:
+        op, index, ids, n = message
+        conn.send(systems[index].decode(ids, n) if op == "decode" else systems[index].logits(ids))
+
+
+class Remote(System):
+    """A system of a worker process, called through its pipe."""
+
+    def __init__(self, conn, index: int, engine: str, precision: str, weight_bytes: int):
+        super().__init__(engine, precision, weight_bytes,
+                         lambda prompt, n: self.call("decode", prompt, n), lambda ids: self.call("logits", ids, None))
+        self.conn, self.index = conn, index
+
+    def call(self, op: str, ids: list[int], n):
+        self.conn.send((op, self.index, ids, n))
+        return self.conn.recv()
+
+
+def start_workers(engines: list[str], checkpoint: Path, folder: Path) -> tuple[list[System], dict, list]:
+    """(systems, skipped engines with why, worker processes), one worker per engine, started one
+    after another (each converts its weights alone)."""
+    context = multiprocessing.get_context("spawn")
+    systems, skipped, processes = [], {}, []
+    for engine in engines:
+        conn, child = context.Pipe()
+        process = context.Process(target=serve, args=(engine, checkpoint, folder, child), daemon=True)
+        process.start()
+        info = conn.recv()
+        if isinstance(info, str):
+            skipped[engine] = info
+            print(f"skipping {engine}: {info}", file=sys.stderr)
+            process.join()
+            continue
+        processes.append((process, conn))
+        systems += [Remote(conn, i, *row) for i, row in enumerate(info)]
+    return systems, skipped, processes
 
 
 def cpmgen_systems(checkpoint: Path) -> list[System]:
@@ -272,27 +334,18 @@ def print_table(result: dict) -> None:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    torch.set_num_threads(2)
     checkpoint = ensure_checkpoint(PRESET, log=lambda line: print(line, file=sys.stderr))
-    plain = load_cpmgen(checkpoint, PRESET, "fp32", {"runtime.prepack": False})
-    systems, skipped = cpmgen_systems(checkpoint), {}
     work = Path(tempfile.mkdtemp(prefix="cpmgen-peers-"))
-    makers = {"transformers": lambda: hf_systems(plain),
-              "ctranslate2": lambda: ctranslate2_systems(plain, work),
-              "llama.cpp": lambda: llama_cpp_systems(plain, work)}
-    for engine in args.engines:
-        try:
-            systems += makers[engine]()
-        except Exception as e:  # a missing package or a converter that fails: report, go on
-            skipped[engine] = f"{type(e).__name__}: {e}"
-            print(f"skipping {engine}: {skipped[engine]}", file=sys.stderr)
+    systems, skipped, processes = start_workers(["cpmgen", *args.engines], checkpoint, work)
+    vocab_size = PRESETS[PRESET].vocab_size
 
-    ids = random_ids(AGREE_TOKENS, plain.args.vocab_size, 7)
+    ids = random_ids(AGREE_TOKENS, vocab_size, 7)
     reference_logits = systems[0].logits(ids)
     reference = reference_logits.argmax(-1)
-    prompts = {"short": random_ids(SHORT, plain.args.vocab_size, 1), "long": random_ids(LONG, plain.args.vocab_size, 2)}
+    prompts = {"short": random_ids(SHORT, vocab_size, 1), "long": random_ids(LONG, vocab_size, 2)}
     rates = {(s.name, c): [] for s in systems for c in prompts}
     read_rounds = []
+    torch.set_num_threads(2)  # the bandwidth measurement's threads, in this process
     for s in systems:
         s.decode(prompts["short"], 4)  # one-time costs out of the way
     for _ in range(args.rounds):
@@ -319,6 +372,9 @@ def main(argv=None) -> int:
     result = {"preset": PRESET, "threads": 2, "quick": args.quick, "rounds": args.rounds, "decode_tokens": args.tokens,
               "prompt_tokens": {"short": SHORT, "long": LONG}, "read_gbs_rounds": read_rounds, "read_gbs": read,
               "systems": rows, "skipped": skipped}
+    for process, conn in processes:
+        conn.send(None)
+        process.join()
     print_table(result)
     text = json.dumps(result, indent=1) + "\n"
     if args.output:
