@@ -420,9 +420,11 @@ void epilogue(const int32_t* acc, int rows, const float* sx, const float* sw, co
   }
 }
 
-at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& gparams, const at::Tensor& scale,
+// x [..., in_features] -> y [..., out_features], in x's dtype.
+at::Tensor qlinear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& gparams, const at::Tensor& scale,
                    const c10::optional<at::Tensor>& bias, int64_t n, int64_t bits, int64_t group) {
-  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "qlinear: x must be a contiguous [rows, in_features] tensor");
+  TORCH_CHECK(input.dim() >= 1, "qlinear: x must be [..., in_features]");
+  const at::Tensor x = input.reshape({-1, input.size(-1)}).contiguous();
   TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "qlinear: x must be fp32 or bf16");
   TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 4 && packed.is_contiguous(), "qlinear: bad packed weight");
   TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() >= n, "qlinear: scale must be fp32 [out_features]");
@@ -448,7 +450,7 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, const at::Tens
   const uint8_t* w = packed.data_ptr<uint8_t>();
   const uint8_t* gs = bits == 4 ? gparams.data_ptr<uint8_t>() : nullptr;
   const float* sw = scale.data_ptr<float>();
-  const int64_t block_bytes = packed[0].numel();
+  const int64_t block_bytes = packed.size(1) * packed.size(2) * packed.size(3);
   at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
     int32_t acc[kRows * kLanes];
     for (int64_t blk = begin; blk < end; ++blk) {
@@ -468,7 +470,9 @@ at::Tensor qlinear(const at::Tensor& x, const at::Tensor& packed, const at::Tens
       }
     }
   });
-  return y;
+  std::vector<int64_t> shape = input.sizes().vec();
+  shape.back() = n;
+  return y.view(shape);
 }
 
 }  // namespace
