@@ -13,7 +13,8 @@ as CTranslate2's int8 compute type does), and sum the integer products exactly i
 epilogue y = acc * (sx * scale) + bias is floating point (fp32). So every output element is
 computed the same way whatever the number of rows (a decode step, a window's prefill, the slow
 recompute): fast and slow generation see bitwise the same logits, and the C++ kernel
-(cpmgen/kernels/qlinear.cpp, AVX-512 VNNI) and the torch reference here agree bitwise.
+(cpmgen/kernels/qlinear.cpp: AVX-512 VNNI, AVX2 or plain C++ loops, whichever the CPU runs) and
+the torch reference here agree bitwise.
 
 Weights are stored in the kernel's blocked layout (see qlinear.cpp): 16 output rows interleaved
 4 inputs at a time, offset to unsigned; `QuantizedLinear.int_weight()` unpacks them. The
