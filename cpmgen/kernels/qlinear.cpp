@@ -104,6 +104,27 @@ inline __attribute__((always_inline)) void by_rows(int rows, Args... args) {
   }
 }
 
+// One version's entry points: its inner loops by row count and the input quantization,
+// compiled for TARGET (empty: the baseline of the build).
+#define CPMGEN_KERNELS(VAR, NAME, TARGET, INT8, INT4)                                                         \
+  TARGET void VAR##_int8(const uint8_t* w, const int8_t* xq, const int32_t* sums, int64_t k, int64_t m0,       \
+                         int rows, int32_t* acc) {                                                             \
+    by_rows<INT8>(rows, w, xq, sums, k, m0, acc);                                                              \
+  }                                                                                                            \
+  TARGET void VAR##_int4(const uint8_t* w, const uint8_t* gparams, const int8_t* xq, const int32_t* sums,      \
+                         int64_t k, int64_t group, int64_t m0, int rows, int32_t* acc) {                       \
+    by_rows<INT4>(rows, w, gparams, xq, sums, k, group, m0, acc);                                              \
+  }                                                                                                            \
+  TARGET void VAR##_quantize_f32(const float* x, int64_t k_in, int64_t k, int64_t group, int8_t* q,            \
+                                 float* scale, int32_t* sums) {                                                \
+    quantize_row(x, k_in, k, group, q, scale, sums);                                                           \
+  }                                                                                                            \
+  TARGET void VAR##_quantize_bf16(const at::BFloat16* x, int64_t k_in, int64_t k, int64_t group, int8_t* q,    \
+                                  float* scale, int32_t* sums) {                                               \
+    quantize_row(x, k_in, k, group, q, scale, sums);                                                           \
+  }                                                                                                            \
+  constexpr Kernels VAR{NAME, VAR##_int8, VAR##_int4, VAR##_quantize_f32, VAR##_quantize_bf16};
+
 // ---- generic ----
 
 template <int R>
@@ -146,24 +167,7 @@ struct Int4Generic {
   }
 };
 
-void int8_generic(const uint8_t* w, const int8_t* xq, const int32_t* sums, int64_t k, int64_t m0, int rows,
-                  int32_t* acc) {
-  by_rows<Int8Generic>(rows, w, xq, sums, k, m0, acc);
-}
-void int4_generic(const uint8_t* w, const uint8_t* gparams, const int8_t* xq, const int32_t* sums, int64_t k,
-                  int64_t group, int64_t m0, int rows, int32_t* acc) {
-  by_rows<Int4Generic>(rows, w, gparams, xq, sums, k, group, m0, acc);
-}
-void quantize_f32_generic(const float* x, int64_t k_in, int64_t k, int64_t group, int8_t* q, float* scale,
-                          int32_t* sums) {
-  quantize_row(x, k_in, k, group, q, scale, sums);
-}
-void quantize_bf16_generic(const at::BFloat16* x, int64_t k_in, int64_t k, int64_t group, int8_t* q, float* scale,
-                           int32_t* sums) {
-  quantize_row(x, k_in, k, group, q, scale, sums);
-}
-
-constexpr Kernels kGeneric{"generic", int8_generic, int4_generic, quantize_f32_generic, quantize_bf16_generic};
+CPMGEN_KERNELS(kGeneric, "generic", , Int8Generic, Int4Generic)
 
 #if CPMGEN_X86
 
@@ -246,24 +250,7 @@ struct Int4Avx2 {
   }
 };
 
-CPMGEN_AVX2 void int8_avx2(const uint8_t* w, const int8_t* xq, const int32_t* sums, int64_t k, int64_t m0, int rows,
-                           int32_t* acc) {
-  by_rows<Int8Avx2>(rows, w, xq, sums, k, m0, acc);
-}
-CPMGEN_AVX2 void int4_avx2(const uint8_t* w, const uint8_t* gparams, const int8_t* xq, const int32_t* sums, int64_t k,
-                           int64_t group, int64_t m0, int rows, int32_t* acc) {
-  by_rows<Int4Avx2>(rows, w, gparams, xq, sums, k, group, m0, acc);
-}
-CPMGEN_AVX2 void quantize_f32_avx2(const float* x, int64_t k_in, int64_t k, int64_t group, int8_t* q, float* scale,
-                                   int32_t* sums) {
-  quantize_row(x, k_in, k, group, q, scale, sums);
-}
-CPMGEN_AVX2 void quantize_bf16_avx2(const at::BFloat16* x, int64_t k_in, int64_t k, int64_t group, int8_t* q,
-                                    float* scale, int32_t* sums) {
-  quantize_row(x, k_in, k, group, q, scale, sums);
-}
-
-constexpr Kernels kAvx2{"avx2", int8_avx2, int4_avx2, quantize_f32_avx2, quantize_bf16_avx2};
+CPMGEN_KERNELS(kAvx2, "avx2", CPMGEN_AVX2, Int8Avx2, Int4Avx2)
 
 // ---- avx512vnni ----
 
@@ -332,24 +319,7 @@ struct Int4Vnni {
   }
 };
 
-CPMGEN_VNNI void int8_vnni(const uint8_t* w, const int8_t* xq, const int32_t* sums, int64_t k, int64_t m0, int rows,
-                           int32_t* acc) {
-  by_rows<Int8Vnni>(rows, w, xq, sums, k, m0, acc);
-}
-CPMGEN_VNNI void int4_vnni(const uint8_t* w, const uint8_t* gparams, const int8_t* xq, const int32_t* sums, int64_t k,
-                           int64_t group, int64_t m0, int rows, int32_t* acc) {
-  by_rows<Int4Vnni>(rows, w, gparams, xq, sums, k, group, m0, acc);
-}
-CPMGEN_VNNI void quantize_f32_vnni(const float* x, int64_t k_in, int64_t k, int64_t group, int8_t* q, float* scale,
-                                   int32_t* sums) {
-  quantize_row(x, k_in, k, group, q, scale, sums);
-}
-CPMGEN_VNNI void quantize_bf16_vnni(const at::BFloat16* x, int64_t k_in, int64_t k, int64_t group, int8_t* q,
-                                    float* scale, int32_t* sums) {
-  quantize_row(x, k_in, k, group, q, scale, sums);
-}
-
-constexpr Kernels kVnni{"avx512vnni", int8_vnni, int4_vnni, quantize_f32_vnni, quantize_bf16_vnni};
+CPMGEN_KERNELS(kVnni, "avx512vnni", CPMGEN_VNNI, Int8Vnni, Int4Vnni)
 
 #endif  // CPMGEN_X86
 
