@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import shutil
 import socket
 import subprocess
@@ -372,6 +373,9 @@ def _on_a_terminal(argv: list[str], cwd, keys: list[bytes], timeout: float = 180
     pid, fd = pty.fork()
     if pid == 0:
         os.chdir(cwd)
+        # A shell starts commands with Ctrl-C at its default; a forked copy of this test process
+        # would inherit whatever an earlier test left (an ignored SIGINT survives exec).
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
         os.execv(sys.executable, [sys.executable, *argv])
     output, deadline = b"", time.monotonic() + timeout
 
