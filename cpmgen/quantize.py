@@ -203,13 +203,11 @@ class QuantizedLinear(nn.Module):
             return kernel(x, self.packed, self.gparams, self.scale, bias, self.out_features, self.bits, self.group)
         if not x.is_cpu:
             return F.linear(x, self.dequantized(x.dtype), None if bias is None else bias.to(x.dtype))
+        if x.dtype not in KERNEL_DTYPES:
+            return self._linear(x.float(), bias).to(x.dtype)
         rows = x.reshape(-1, self.in_features)
-        rows = rows if rows.dtype in KERNEL_DTYPES else rows.float()
-        if kernel is not None:
-            out = kernel(rows, self.packed, self.gparams, self.scale, bias, self.out_features, self.bits, self.group)
-        else:
-            out = reference_linear(rows, self.int_weight(), self.scale, bias)
-        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        out = reference_linear(rows, self.int_weight(), self.scale, bias)
+        return out.view(*x.shape[:-1], self.out_features)
 
 
 class QuantizedRowParallelLinear(QuantizedLinear):

@@ -2,7 +2,8 @@
 
 `build()` compiles qlinear.cpp with the system C++ compiler against the installed torch. The
 library holds AVX-512 VNNI, AVX2 and plain C++ versions of its loops and picks the best one the
-CPU runs when it loads, so one built on one machine runs on another. `qlinear()` is the op, or None where the library was not built or does not load;
+CPU runs when it loads, so one built on one machine runs on another. `qlinear()` is the op,
+or None where the library was not built or does not load;
 cpmgen/quantize.py then computes the same values with torch operations, more slowly.
 """
 
