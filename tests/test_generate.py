@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import pytest
 import torch
 
+from cpmgen.decode_attention import fuse_decode_attention
 from cpmgen.generate import Stats, generate, recompute
 from cpmgen import prepack
 from cpmgen.model import CPMModel, decode_step
@@ -26,15 +28,17 @@ def make_model(vocab_size: int = TINY.vocab_size, seed: int = 0, kernels: str = 
     model = CPMModel(args)
     model.load_state_dict(random_state_dict(args, seed))
     model.eval().requires_grad_(False)
-    if kernels == "prepacked":
+    if kernels == "cpu":
         if not prepack.supported(torch.device("cpu"), torch.float32):
             pytest.skip("oneDNN is not available in this torch build")
         assert prepack_linears(model) == 4 * args.num_layers + 1
+        assert fuse_decode_attention(model) == args.num_layers
     return model
 
 
-# Every generation test runs on plain linears and on the oneDNN-prepacked ones the CLI uses on CPU.
-KERNELS = ["plain", "prepacked"]
+# Every generation test runs on the plain PyTorch model and on what the CLI runs on a CPU:
+# oneDNN-prepacked linears and the decode step's attention in one op.
+KERNELS = ["plain", "cpu"]
 
 
 @pytest.fixture(scope="module", params=KERNELS)
@@ -207,7 +211,7 @@ def test_the_thread_count_changes_no_value():
     before = torch.get_num_threads()
     ids = torch.randint(0, args.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     try:
-        for kernels in ("plain", "prepacked", "int8", "int4"):
+        for kernels, fused in itertools.product(("plain", "prepacked", "int8", "int4"), (False, True)):
             model = CPMModel(args)
             model.load_state_dict(random_state_dict(args, 0))
             model.eval().requires_grad_(False)
@@ -215,6 +219,8 @@ def test_the_thread_count_changes_no_value():
                 prepack_linears(model)
             elif kernels != "plain":
                 quantize_model(model, kernels)
+            if fused:
+                assert fuse_decode_attention(model) == args.num_layers
             outputs = []
             for threads in (1, 2):
                 torch.set_num_threads(threads)
@@ -223,6 +229,6 @@ def test_the_thread_count_changes_no_value():
                     logits = [model(ids[:, :16], torch.arange(16), cache)[0]]
                     logits += [decode_step(model, ids[:, i], torch.tensor([i]), cache) for i in range(16, 24)]
                 outputs.append(torch.cat(logits))
-            assert torch.equal(outputs[0], outputs[1]), kernels
+            assert torch.equal(outputs[0], outputs[1]), (kernels, fused)
     finally:
         torch.set_num_threads(before)

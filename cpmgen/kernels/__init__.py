@@ -1,10 +1,13 @@
-"""The C++ int8/int4 linear kernels (qlinear.cpp): built by `make install`, loaded on demand.
+"""The C++ CPU kernels, built by `make install` into one library and loaded on demand:
 
-`build()` compiles qlinear.cpp with the system C++ compiler against the installed torch. The
-library holds AVX-512 VNNI, AVX2 and plain C++ versions of its loops and picks the best one the
-CPU runs when it loads, so one built on one machine runs on another. `qlinear()` is the op,
-or None where the library was not built or does not load;
-cpmgen/quantize.py then computes the same values with torch operations, more slowly.
+- qlinear.cpp: the int8/int4 linears (`qlinear()`); where the library is missing,
+  cpmgen/quantize.py computes the same values with torch operations, more slowly.
+- attention.cpp: a decode step's attention in one op (`decode_attention()`); where it is
+  missing, cpmgen/decode_attention.py leaves the model's plain PyTorch attention in place.
+
+`build()` compiles them with the system C++ compiler against the installed torch. The library
+holds AVX-512 VNNI, AVX2 and plain C++ versions of its loops and picks the best one the CPU runs
+when it loads, so one built on one machine runs on another.
 """
 
 from __future__ import annotations
@@ -20,8 +23,8 @@ from typing import Optional
 
 import torch
 
-SOURCE = Path(__file__).with_name("qlinear.cpp")
-LIBRARY = Path(__file__).with_name("_qlinear.so")
+SOURCES = [Path(__file__).with_name(name) for name in ("qlinear.cpp", "attention.cpp")]
+LIBRARY = Path(__file__).with_name("_kernels.so")
 
 
 def compile_command(output: Path = LIBRARY) -> list[str]:
@@ -29,11 +32,13 @@ def compile_command(output: Path = LIBRARY) -> list[str]:
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
     # -ffp-contract=off: the epilogue must round as the torch reference does (no fused multiply-add).
-    flags = ["-O3", "-ffp-contract=off", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
+    # -fno-trapping-math: no floating point traps, so loops with a select (attention's exp) vectorize;
+    # it changes no value (no reassociation, no contraction).
+    flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
              f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w"]
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     libs = [f"-L{p}" for p in library_paths()] + [f"-Wl,-rpath,{p}" for p in library_paths()]
-    return ["c++", *flags, *includes, str(SOURCE), "-o", str(output), *libs, "-lc10", "-ltorch_cpu"]
+    return ["c++", *flags, *includes, *map(str, SOURCES), "-o", str(output), *libs, "-lc10", "-ltorch_cpu"]
 
 
 def build() -> int:
@@ -44,27 +49,39 @@ def build() -> int:
     except (OSError, subprocess.CalledProcessError) as e:
         tmp.unlink(missing_ok=True)
         LIBRARY.unlink(missing_ok=True)
-        print(f"cpmgen: the int8/int4 CPU kernels did not build ({e}); --quantize will run on slower "
-              "torch operations", file=sys.stderr)
+        print(f"cpmgen: the CPU kernels did not build ({e}); --quantize and the decode step's attention will "
+              "run on slower torch operations", file=sys.stderr)
         return 0  # an optional speed-up: the install goes on
     tmp.replace(LIBRARY)
     return 0
 
 
 @functools.cache
-def qlinear():
-    """torch.ops.cpmgen.qlinear, or None (with a warning once) where it is not available."""
+def loaded() -> bool:
+    """Whether the library is loaded (warning once where it is not built or does not load)."""
     if not LIBRARY.is_file():
-        warnings.warn(f"{LIBRARY} is not built (run `make install`): int8/int4 linears run on slower torch "
-                      "operations", stacklevel=2)
-        return None
+        warnings.warn(f"{LIBRARY} is not built (run `make install`): int8/int4 linears and the decode step's "
+                      "attention run on slower torch operations", stacklevel=3)
+        return False
     try:
         torch.ops.load_library(str(LIBRARY))
     except OSError as e:
-        warnings.warn(f"{LIBRARY} does not load ({e}); rebuild it with `make install`: int8/int4 linears run "
-                      "on slower torch operations", stacklevel=2)
-        return None
-    return torch.ops.cpmgen.qlinear
+        warnings.warn(f"{LIBRARY} does not load ({e}); rebuild it with `make install`: int8/int4 linears and the "
+                      "decode step's attention run on slower torch operations", stacklevel=3)
+        return False
+    return True
+
+
+@functools.cache
+def qlinear():
+    """torch.ops.cpmgen.qlinear, or None where the library is not available."""
+    return torch.ops.cpmgen.qlinear if loaded() else None
+
+
+@functools.cache
+def decode_attention():
+    """torch.ops.cpmgen.decode_attention, or None where the library is not available."""
+    return torch.ops.cpmgen.decode_attention if loaded() else None
 
 
 def isas() -> list[str]:

@@ -1,0 +1,151 @@
+// The attention of a decode step in one op: one new token per sequence writes its key and value
+// into the KV cache at its position, then attends to cache slots 0..position.
+//
+//   qkv     [B, 1, 3 * H * D] (or [B, 3 * H * D]), fp32 or bf16: the fused projection, [q; k; v]
+//   k_cache [B, H, S, D] fp32, v_cache the same (written in place at slot pos[b])
+//   pos     [B] int64: each sequence's position (its new token's slot)
+//   -> out  [B, 1, H * D] in qkv's dtype: softmax(q k^T / sqrt(D)) v per head, heads side by side
+//
+// The plain PyTorch form (model.Attention) runs some twenty small operations a layer for this;
+// on a CPU each costs more than its arithmetic at one token. Work is split by (sequence, head) and
+// each value is computed by one thread in a fixed order, so the result does not depend on the
+// number of threads. The loops are plain C++ whose floating point operations are separate
+// multiplies and adds in a fixed order (no contraction: -ffp-contract=off; sums kept in
+// kWidth interleaved partial sums), so the AVX2 and baseline versions the compiler makes of them
+// give the same bits.
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CPMGEN_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CPMGEN_CLONES
+#endif
+
+namespace {
+
+constexpr int kWidth = 8;  // interleaved partial sums: one AVX2 register of floats
+
+inline __attribute__((always_inline)) float lanes_sum(float* part) {
+  for (int w = kWidth / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) part[l] = part[l] + part[l + w];
+  return part[0];
+}
+
+inline __attribute__((always_inline)) float dot(const float* a, const float* b, int64_t n) {
+  float part[kWidth] = {};
+  int64_t i = 0;
+  for (; i + kWidth <= n; i += kWidth)
+    for (int l = 0; l < kWidth; ++l) part[l] = part[l] + a[i + l] * b[i + l];
+  for (int l = 0; i < n; ++i, ++l) part[l] = part[l] + a[i] * b[i];
+  return lanes_sum(part);
+}
+
+// e^x for x <= 0 (a score minus the row's maximum): Cephes' single-precision exp (range reduction
+// by ln 2, a degree-6 polynomial; within 2 ulp of the exact value), in arithmetic the compiler
+// vectorizes. Below -87 the result would not be a normal float: 0, as the weight it stands for is.
+inline __attribute__((always_inline)) float exp_nonpositive(float x_in) {
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding and taking it away rounds to an integer
+  const float x = x_in < -87.f ? -87.f : x_in;
+  const float n = (x * 1.44269504088896341f + kRound) - kRound;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = (p * r * r + r) + 1.f;
+  const float two_n = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+  return x_in < -87.f ? 0.f : p * two_n;
+}
+
+// One head of one sequence: q [D]; keys/values [slots, D], slot `pos` already written.
+CPMGEN_CLONES void attend(const float* q, const float* keys, const float* values, int64_t pos, int64_t d,
+                          float scale, float* weights, float* out) {
+  const int64_t n = pos + 1;
+  for (int64_t s = 0; s < n; ++s) weights[s] = dot(q, keys + s * d, d) * scale;
+  float top = weights[0];
+  for (int64_t s = 1; s < n; ++s) top = weights[s] > top ? weights[s] : top;
+#pragma omp simd
+  for (int64_t s = 0; s < n; ++s) weights[s] = exp_nonpositive(weights[s] - top);
+  float part[kWidth] = {};
+  int64_t s = 0;
+  for (; s + kWidth <= n; s += kWidth)
+    for (int l = 0; l < kWidth; ++l) part[l] = part[l] + weights[s + l];
+  for (int l = 0; s < n; ++s, ++l) part[l] = part[l] + weights[s];
+  const float total = lanes_sum(part);
+  for (int64_t i = 0; i < d; ++i) out[i] = 0.f;
+  for (int64_t t = 0; t < n; ++t) {
+    const float w = weights[t] / total;
+    const float* v = values + t * d;
+    for (int64_t i = 0; i < d; ++i) out[i] = out[i] + w * v[i];
+  }
+}
+
+template <typename T>
+void store(const float* x, T* y, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>(x[i]);
+}
+
+at::Tensor decode_attention(const at::Tensor& qkv_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& pos_in, int64_t heads) {
+  TORCH_CHECK(qkv_in.scalar_type() == at::kFloat || qkv_in.scalar_type() == at::kBFloat16,
+              "decode_attention: qkv must be fp32 or bf16");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == at::kFloat &&
+                  v_cache.scalar_type() == at::kFloat,
+              "decode_attention: the caches must be fp32 [batch, heads, slots, head_dim] of one shape");
+  const int64_t batch = k_cache.size(0), slots = k_cache.size(2), d = k_cache.size(3);
+  TORCH_CHECK(heads == k_cache.size(1) && qkv_in.size(-1) == 3 * heads * d && qkv_in.numel() == batch * 3 * heads * d,
+              "decode_attention: qkv must be [batch, 1, 3 * heads * head_dim] for the cache's shape");
+  for (const at::Tensor* c : {&k_cache, &v_cache})
+    TORCH_CHECK(c->stride(3) == 1 && c->stride(2) == d && c->stride(1) == slots * d,
+                "decode_attention: each cache row must be contiguous");
+  const at::Tensor qkv = qkv_in.reshape({batch, 3 * heads * d}).to(at::kFloat).contiguous();
+  const at::Tensor pos = pos_in.to(at::kLong).contiguous();
+  TORCH_CHECK(pos.numel() == batch, "decode_attention: one position per sequence");
+  const int64_t* p = pos.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(p[b] >= 0 && p[b] < slots, "decode_attention: position ", p[b], " outside the cache's ", slots, " slots");
+
+  at::Tensor out = at::empty({batch, 1, heads * d}, qkv_in.options());
+  const float* x = qkv.data_ptr<float>();
+  float* kc = k_cache.data_ptr<float>();
+  float* vc = v_cache.data_ptr<float>();
+  const int64_t k_row = k_cache.stride(0), v_row = v_cache.stride(0), width = heads * d;
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(slots), head_out(d);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t b = task / heads, h = task % heads;
+      const float* row = x + b * 3 * width;
+      float* keys = kc + b * k_row + h * slots * d;
+      float* values = vc + b * v_row + h * slots * d;
+      std::memcpy(keys + p[b] * d, row + width + h * d, d * sizeof(float));
+      std::memcpy(values + p[b] * d, row + 2 * width + h * d, d * sizeof(float));
+      attend(row + h * d, keys, values, p[b], d, scale, weights.data(), head_out.data());
+      if (out.scalar_type() == at::kFloat) {
+        store(head_out.data(), out.data_ptr<float>() + b * width + h * d, d);
+      } else {
+        store(head_out.data(), out.data_ptr<at::BFloat16>() + b * width + h * d, d);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cpmgen, m) {
+  m.def("decode_attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos, int heads) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(cpmgen, CPU, m) { m.impl("decode_attention", decode_attention); }

@@ -1,0 +1,116 @@
+"""The decode step's attention in one C++ op (cpmgen/decode_attention.py, kernels/attention.cpp):
+the same values as the model's plain PyTorch attention, the same cache contents, only where it runs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from cpmgen import kernels
+from cpmgen.config import Settings
+from cpmgen.decode_attention import DecodeAttention, fuse_decode_attention
+from cpmgen.loading import load_model
+from cpmgen.model import Attention, CPMModel, KVCache, decode_step
+from cpmgen.synthetic import random_state_dict
+
+from helpers import TINY
+
+pytestmark = pytest.mark.skipif(kernels.decode_attention() is None, reason="the kernel library is not built")
+
+
+def attentions(args, seed: int = 0) -> tuple[Attention, DecodeAttention]:
+    torch.manual_seed(seed)
+    plain = Attention(args).requires_grad_(False)
+    return plain, DecodeAttention(plain)
+
+
+def filled_caches(args, batch: int, slots: int) -> tuple[KVCache, KVCache]:
+    """Two identical caches of random keys and values (stale entries past each row's position too)."""
+    g = torch.Generator().manual_seed(1)
+    shape = (batch, args.num_heads, slots, args.head_dim)
+    k = [torch.randn(shape, generator=g) for _ in range(args.num_layers)]
+    v = [torch.randn(shape, generator=g) for _ in range(args.num_layers)]
+    return KVCache([t.clone() for t in k], [t.clone() for t in v]), KVCache(k, v)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [16, 20])  # a multiple of the kernel's 8 lanes and one that is not
+def test_one_token_steps_match_the_plain_attention(dtype, head_dim):
+    """Rows at different positions (the model masks each to its own slots 0..position): the same
+    outputs within rounding, and bitwise the same keys and values written at the same slots."""
+    args = dataclasses.replace(TINY, hidden_size=4 * head_dim)
+    plain, fused = attentions(args)
+    plain, fused = plain.to(dtype), fused.to(dtype)
+    batch, slots = 3, 40
+    positions = torch.tensor([0, 17, 39])
+    x = torch.randn(batch, 1, args.hidden_size, generator=torch.Generator().manual_seed(2)).to(dtype)
+    plain_cache, fused_cache = filled_caches(args, batch, slots)
+    keys = torch.arange(slots)
+    mask = (keys[None, :] <= positions[:, None])[:, None, None, :]
+    with torch.inference_mode():
+        expected = plain(x, positions[:, None], mask, plain_cache, 1, slots)
+        out = fused(x, positions[:, None], mask, fused_cache, 1, slots)
+    assert out.dtype == dtype and out.shape == expected.shape
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out.float(), expected.float(), rtol=tolerance, atol=tolerance)
+    assert torch.equal(fused_cache.k[1], plain_cache.k[1]) and torch.equal(fused_cache.v[1], plain_cache.v[1])
+    assert torch.equal(fused_cache.k[0], plain_cache.k[0])  # other layers untouched
+
+
+def test_scores_far_below_the_maximum_get_weight_zero():
+    """A key whose score is far below the best one's gets weight 0 (e^-1000 underflows), as in torch."""
+    args = dataclasses.replace(TINY, num_heads=1, hidden_size=16)
+    plain, fused = attentions(args)
+    q = torch.zeros(16)
+    q[0] = 100.0
+    k = torch.zeros(16)
+    v = torch.arange(16.0)
+    with torch.no_grad():
+        plain.query_key_value.weight.zero_()
+        plain.query_key_value.bias.copy_(torch.cat([q, k, v]))
+    plain_cache, fused_cache = filled_caches(args, 1, 8)
+    for cache in (plain_cache, fused_cache):
+        cache.k[0][0, 0, :, 0] = torch.tensor([-50.0, 50.0, 0, 0, 0, 0, 0, 0])  # scores -1250, +1250
+    x = torch.zeros(1, 1, 16)
+    with torch.inference_mode():
+        expected = plain(x, torch.tensor([2]), None, plain_cache, 0, 3)
+        out = fused(x, torch.tensor([2]), None, fused_cache, 0, 3)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_position_outside_the_cache_is_refused():
+    args = dataclasses.replace(TINY, num_layers=1)
+    _, fused = attentions(args)
+    cache, _ = filled_caches(args, 1, 8)
+    with pytest.raises(RuntimeError, match="position 8 outside the cache's 8 slots"):
+        with torch.inference_mode():
+            fused(torch.zeros(1, 1, args.hidden_size), torch.tensor([8]), None, cache, 0, 9)
+
+
+def test_prefill_and_the_recompute_keep_the_plain_attention():
+    """Only one-token steps with a cache run fused: a window's prefill and the slow recompute
+    (no cache) give bitwise what the plain model gives."""
+    model = CPMModel(TINY)
+    model.load_state_dict(random_state_dict(TINY, 0))
+    model.eval().requires_grad_(False)
+    ids = torch.randint(0, TINY.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.inference_mode():
+        plain_cache = model.new_kv_cache(2, 16)
+        plain = [model(ids, torch.arange(12), plain_cache), model(ids, torch.arange(12))]
+        assert fuse_decode_attention(model) == TINY.num_layers
+        fused_cache = model.new_kv_cache(2, 16)
+        fused = [model(ids, torch.arange(12), fused_cache), model(ids, torch.arange(12))]
+        assert all(torch.equal(a, b) for a, b in zip(plain, fused))
+        step = decode_step(model, ids[:, 0], torch.tensor([12, 12]), fused_cache)
+        assert step.shape == (2, TINY.vocab_size)
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8"])
+def test_a_loaded_cpu_model_runs_its_decode_attention_fused(write_ckpt, quantize):
+    settings = Settings()
+    settings.model.path = str(write_ckpt())
+    settings.runtime.quantize = quantize
+    model = load_model(settings).model
+    assert all(type(block.attention) is DecodeAttention for block in model.transformer.layers)
