@@ -10,7 +10,7 @@ import torch
 
 from cpmgen.checkpoint.reader import Checkpoint, open_checkpoint, resolve_args
 from cpmgen.config import DTYPE_ALIASES, ModelArgs, RuntimeSection, Settings
-from cpmgen.decode_attention import fuse_decode_attention
+from cpmgen.fused_decode import fuse_decode
 from cpmgen.errors import UserError
 from cpmgen.memory import trim_heap
 from cpmgen.model import CPMModel, decode_step
@@ -119,7 +119,7 @@ def _load_quantized(settings: Settings, ckpt: Checkpoint, args: ModelArgs, devic
 
 
 def _loaded(model: CPMModel, args: ModelArgs, device: torch.device, dtype: torch.dtype, settings: Settings) -> Loaded:
-    fuse_decode_attention(model)  # CPU: each layer's one-token attention as one op
+    fuse_decode(model)  # CPU: a one-token step in fewer, larger ops
     return Loaded(model.eval(), args, device, dtype, compile_decode(model) if settings.runtime.compile else decode_step)
 
 

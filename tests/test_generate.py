@@ -8,7 +8,7 @@ import itertools
 import pytest
 import torch
 
-from cpmgen.decode_attention import fuse_decode_attention
+from cpmgen.fused_decode import fuse_decode
 from cpmgen.generate import Stats, generate, recompute
 from cpmgen import prepack
 from cpmgen.model import CPMModel, decode_step
@@ -32,7 +32,7 @@ def make_model(vocab_size: int = TINY.vocab_size, seed: int = 0, kernels: str = 
         if not prepack.supported(torch.device("cpu"), torch.float32):
             pytest.skip("oneDNN is not available in this torch build")
         assert prepack_linears(model) == 4 * args.num_layers + 1
-        assert fuse_decode_attention(model) == args.num_layers
+        assert fuse_decode(model) == args.num_layers
     return model
 
 
@@ -220,7 +220,7 @@ def test_the_thread_count_changes_no_value():
             elif kernels != "plain":
                 quantize_model(model, kernels)
             if fused:
-                assert fuse_decode_attention(model) == args.num_layers
+                assert fuse_decode(model) == args.num_layers
             outputs = []
             for threads in (1, 2):
                 torch.set_num_threads(threads)

@@ -2,8 +2,9 @@
 
 - qlinear.cpp: the int8/int4 linears (`qlinear()`); where the library is missing,
   cpmgen/quantize.py computes the same values with torch operations, more slowly.
-- attention.cpp: a decode step's attention in one op (`decode_attention()`); where it is
-  missing, cpmgen/decode_attention.py leaves the model's plain PyTorch attention in place.
+- attention.cpp, block.cpp: a decode step's attention, and a whole block with int8/int4 linears,
+  each in one op (`decode_attention()`, `decode_block()`); where they are missing,
+  cpmgen/fused_decode.py leaves the model's plain PyTorch modules in place.
 
 `build()` compiles them with the system C++ compiler against the installed torch. The library
 holds AVX-512 VNNI, AVX2 and plain C++ versions of its loops and picks the best one the CPU runs
@@ -23,7 +24,7 @@ from typing import Optional
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("qlinear.cpp", "attention.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("qlinear.cpp", "attention.cpp", "block.cpp")]
 LIBRARY = Path(__file__).with_name("_kernels.so")
 
 
@@ -82,6 +83,12 @@ def qlinear():
 def decode_attention():
     """torch.ops.cpmgen.decode_attention, or None where the library is not available."""
     return torch.ops.cpmgen.decode_attention if loaded() else None
+
+
+@functools.cache
+def decode_block():
+    """torch.ops.cpmgen.decode_block, or None where the library is not available."""
+    return torch.ops.cpmgen.decode_block if loaded() else None
 
 
 def isas() -> list[str]:

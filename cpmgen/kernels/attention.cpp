@@ -18,6 +18,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -96,6 +98,10 @@ void store(const float* x, T* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>(x[i]);
 }
 
+}  // namespace
+
+namespace cpmgen {
+
 at::Tensor decode_attention(const at::Tensor& qkv_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& pos_in, int64_t heads) {
   TORCH_CHECK(qkv_in.scalar_type() == at::kFloat || qkv_in.scalar_type() == at::kBFloat16,
@@ -142,10 +148,10 @@ at::Tensor decode_attention(const at::Tensor& qkv_in, const at::Tensor& k_cache,
   return out;
 }
 
-}  // namespace
+}  // namespace cpmgen
 
 TORCH_LIBRARY_FRAGMENT(cpmgen, m) {
   m.def("decode_attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos, int heads) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(cpmgen, CPU, m) { m.impl("decode_attention", decode_attention); }
+TORCH_LIBRARY_IMPL(cpmgen, CPU, m) { m.impl("decode_attention", cpmgen::decode_attention); }

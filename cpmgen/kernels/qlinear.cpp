@@ -33,6 +33,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -390,6 +392,10 @@ void epilogue(const int32_t* acc, int rows, const float* sx, const float* sw, co
   }
 }
 
+}  // namespace
+
+namespace cpmgen {
+
 // x [..., in_features] -> y [..., out_features], in x's dtype.
 at::Tensor qlinear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& gparams, const at::Tensor& scale,
                    const c10::optional<at::Tensor>& bias, int64_t n, int64_t bits, int64_t group) {
@@ -445,7 +451,7 @@ at::Tensor qlinear(const at::Tensor& input, const at::Tensor& packed, const at::
   return y.view(shape);
 }
 
-}  // namespace
+}  // namespace cpmgen
 
 TORCH_LIBRARY(cpmgen, m) {
   m.def("qlinear(Tensor x, Tensor packed, Tensor gparams, Tensor scale, Tensor? bias, int n, int bits, int group) -> Tensor");
@@ -458,4 +464,4 @@ TORCH_LIBRARY(cpmgen, m) {
   });
 }
 
-TORCH_LIBRARY_IMPL(cpmgen, CPU, m) { m.impl("qlinear", qlinear); }
+TORCH_LIBRARY_IMPL(cpmgen, CPU, m) { m.impl("qlinear", cpmgen::qlinear); }

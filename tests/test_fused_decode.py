@@ -1,5 +1,6 @@
-"""The decode step's attention in one C++ op (cpmgen/decode_attention.py, kernels/attention.cpp):
-the same values as the model's plain PyTorch attention, the same cache contents, only where it runs."""
+"""The decode step in fewer ops (cpmgen/fused_decode.py, kernels/attention.cpp and block.cpp): the
+fused attention gives the plain attention's values within rounding and the same cache contents;
+the fused int8/int4 block gives bitwise the values of its modules; both run only where they should."""
 
 from __future__ import annotations
 
@@ -10,9 +11,9 @@ import torch
 
 from cpmgen import kernels
 from cpmgen.config import Settings
-from cpmgen.decode_attention import DecodeAttention, fuse_decode_attention
+from cpmgen.fused_decode import DecodeAttention, QuantizedDecodeBlock, fuse_decode
 from cpmgen.loading import load_model
-from cpmgen.model import Attention, CPMModel, KVCache, decode_step
+from cpmgen.model import Attention, Block, CPMModel, KVCache, decode_step
 from cpmgen.synthetic import random_state_dict
 
 from helpers import TINY
@@ -99,7 +100,7 @@ def test_prefill_and_the_recompute_keep_the_plain_attention():
     with torch.inference_mode():
         plain_cache = model.new_kv_cache(2, 16)
         plain = [model(ids, torch.arange(12), plain_cache), model(ids, torch.arange(12))]
-        assert fuse_decode_attention(model) == TINY.num_layers
+        assert fuse_decode(model) == TINY.num_layers
         fused_cache = model.new_kv_cache(2, 16)
         fused = [model(ids, torch.arange(12), fused_cache), model(ids, torch.arange(12))]
         assert all(torch.equal(a, b) for a, b in zip(plain, fused))
@@ -107,10 +108,41 @@ def test_prefill_and_the_recompute_keep_the_plain_attention():
         assert step.shape == (2, TINY.vocab_size)
 
 
-@pytest.mark.parametrize("quantize", ["none", "int8"])
-def test_a_loaded_cpu_model_runs_its_decode_attention_fused(write_ckpt, quantize):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+def test_the_fused_quantized_block_gives_the_bits_of_its_modules(kind, dtype):
+    """Prefill, then one-token steps with the rows at different positions: the logits of the model
+    with QuantizedDecodeBlock equal bitwise those of the same model running its blocks' modules."""
+    from cpmgen.quantize import quantize_model
+
+    args = dataclasses.replace(TINY, hidden_size=128, num_heads=4)
+    model = CPMModel(args)
+    model.load_state_dict(random_state_dict(args, 0))
+    model.eval().requires_grad_(False)
+    quantize_model(model.to(dtype), kind)
+    assert fuse_decode(model) == args.num_layers
+    fused = list(model.transformer.layers)
+    assert all(type(block) is QuantizedDecodeBlock for block in fused)
+    modules = [Block.__new__(Block) for _ in fused]  # the same modules, run one by one
+    for plain, block in zip(modules, fused):
+        plain.__dict__.update(block.__dict__)
+    ids = torch.randint(0, args.vocab_size, (2, 20), generator=torch.Generator().manual_seed(4))
+    outputs = []
+    for blocks in (modules, fused):
+        for i, block in enumerate(blocks):
+            model.transformer.layers[i] = block
+        with torch.inference_mode():
+            cache = model.new_kv_cache(2, 32)
+            logits = [model(ids[:, :12], torch.arange(12), cache)[:, -1]]
+            logits += [decode_step(model, ids[:, i], torch.tensor([i, i + 4]), cache) for i in range(12, 20)]
+        outputs.append(torch.stack(logits))
+    assert outputs[0].dtype == dtype and torch.equal(outputs[0], outputs[1])
+
+
+@pytest.mark.parametrize("quantize, block", [("none", Block), ("int8", QuantizedDecodeBlock), ("int4", QuantizedDecodeBlock)])
+def test_a_loaded_cpu_model_runs_its_decode_step_fused(write_ckpt, quantize, block):
     settings = Settings()
     settings.model.path = str(write_ckpt())
     settings.runtime.quantize = quantize
     model = load_model(settings).model
-    assert all(type(block.attention) is DecodeAttention for block in model.transformer.layers)
+    assert all(type(layer) is block and type(layer.attention) is DecodeAttention for layer in model.transformer.layers)
