@@ -8,10 +8,10 @@ swaps modules after loading, as prepack.py and quantize.py do:
   matmuls, scaling, softmax) as one op that writes the token's key and value into cache slot
   `position` and attends to slots 0..position (what the model's mask lets a one-token step see).
   Its values differ from the plain form's by rounding only.
-- Block -> QuantizedDecodeBlock, where the block's four linears hold int8/int4 weights: the whole
-  one-token step of the block as one op running the same operations as its modules in the same
-  order (layer norms, quantized linears, the fused attention, GELU, residual adds): bitwise the
-  same values, one Python call instead of some twenty.
+- Block -> DecodeBlock: the whole one-token step of a block as one op that runs the same
+  operations as its modules in the same order (layer norms, the linears: plain, oneDNN-prepacked,
+  cpmgen's GEMV or int8/int4, the fused attention, GELU, residual adds): bitwise the same
+  values, one Python call instead of some twenty.
 
 Every other call (a window's prefill, the slow recompute without a cache, a compiled step) runs
 the modules' own code. The ops split their work by sequence and head or by output rows, so their
@@ -23,9 +23,12 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from cpmgen.kernels import decode_attention, decode_block
-from cpmgen.model import Attention, Block, CPMModel, attention_dtype
-from cpmgen.quantize import KERNEL_DTYPES, QuantizedLinear
+from cpmgen import kernels
+from cpmgen.model import Attention, Block, CPMModel
+from cpmgen.prepack import GemvLinear, PackedLinear
+from cpmgen.quantize import QuantizedLinear
+
+OP_DTYPES = (torch.float32, torch.bfloat16)  # the activations the ops take (the cache is fp32 on the CPU)
 
 
 def one_token_step(x: torch.Tensor, kv_cache) -> bool:
@@ -48,59 +51,67 @@ class DecodeAttention(Attention):
     def forward(self, x, input_pos, mask, kv_cache, layer, kv_len):
         if not one_token_step(x, kv_cache):
             return super().forward(x, input_pos, mask, kv_cache, layer, kv_len)
-        out = decode_attention()(self.query_key_value(x), kv_cache.k[layer], kv_cache.v[layer],
-                                 step_positions(input_pos, x.shape[0]), self.num_heads)
+        attend = kernels.op("decode_attention")
+        out = attend(self.query_key_value(x), kv_cache.k[layer], kv_cache.v[layer],
+                     step_positions(input_pos, x.shape[0]), self.num_heads)
         return self.dense(out)
 
 
-class QuantizedDecodeBlock(Block):
-    """A Block (the same modules) whose one-token steps with a cache run as one op."""
+class DecodeBlock(Block):
+    """A Block (the same modules) whose one-token steps with a cache run as one op. Made after
+    loading: the op's tensor lists share the modules' tensors as they are then."""
 
     LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
+    KINDS = {nn.Linear: 0, PackedLinear: 1, QuantizedLinear: 2, GemvLinear: 3}  # kernels/block.cpp's Kind
 
     def __init__(self, block: Block):
         nn.Module.__init__(self)
         self.input_layernorm, self.attention = block.input_layernorm, block.attention
         self.post_attention_layernorm, self.mlp = block.post_attention_layernorm, block.mlp
         linears = [self.get_submodule(name) for name in self.LINEARS]
-        self.bits, self.group, self.eps = linears[0].bits, linears[0].group, self.input_layernorm.eps
-        # The op's tensor lists, built once: they share the modules' tensors.
+        self.kind = self.KINDS[type(linears[0])]
         self.norms = [self.input_layernorm.weight, self.input_layernorm.bias,
                       self.post_attention_layernorm.weight, self.post_attention_layernorm.bias]
-        self.packed = [linear.packed for linear in linears]
-        self.gparams = [linear.gparams for linear in linears]
-        self.scales = [linear.scale for linear in linears]
+        self.weights = [getattr(linear, ("weight", "packed_weight", "packed", "weight")[self.kind]) for linear in linears]
+        quantized = self.kind == self.KINDS[QuantizedLinear]
+        self.gparams = [linear.gparams for linear in linears] if quantized else []
+        self.scales = [linear.scale for linear in linears] if quantized else []
+        self.bits, self.group = (linears[0].bits, linears[0].group) if quantized else (0, 0)
         self.biases = [linear.bias for linear in linears]
         self.out_features = [linear.out_features for linear in linears]
+        self.eps = self.input_layernorm.eps
 
     @classmethod
     def fits(cls, block: Block) -> bool:
+        """The block's linears are all of one kind the op runs (and, quantized, of one bits and
+        group), its norms plain LayerNorms of one eps."""
         linears = [block.get_submodule(name) for name in cls.LINEARS]
+        kinds = {(type(linear), getattr(linear, "bits", 0), getattr(linear, "group", 0)) for linear in linears}
         norms = (block.input_layernorm, block.post_attention_layernorm)
-        return (all(type(linear) is QuantizedLinear and (linear.bits, linear.group) == (linears[0].bits, linears[0].group)
-                    for linear in linears)
-                and all(type(norm) is nn.LayerNorm and norm.eps == norms[0].eps and norm.bias is not None
+        return (len(kinds) == 1 and type(linears[0]) in cls.KINDS
+                and all(type(norm) is nn.LayerNorm and norm.bias is not None and norm.eps == norms[0].eps
                         for norm in norms))
 
     def forward(self, x, input_pos, mask, kv_cache, layer, kv_len):
         if not one_token_step(x, kv_cache):
             return super().forward(x, input_pos, mask, kv_cache, layer, kv_len)
-        return decode_block()(x, self.norms, self.packed, self.gparams, self.scales, self.biases, self.out_features,
-                              self.bits, self.group, self.eps, kv_cache.k[layer], kv_cache.v[layer],
-                              step_positions(input_pos, x.shape[0]), self.attention.num_heads)
+        block = kernels.op("decode_block")
+        return block(x, self.norms, self.kind, self.weights, self.gparams, self.scales, self.biases, self.out_features,
+                     self.bits, self.group, self.eps, kv_cache.k[layer], kv_cache.v[layer],
+                     step_positions(input_pos, x.shape[0]), self.attention.num_heads)
 
 
 def fuse_decode(model: CPMModel) -> int:
-    """Swap in DecodeAttention for every layer, and QuantizedDecodeBlock for every block whose
-    linears are int8/int4, where the ops run (a CPU model with an fp32 cache, the kernel library
-    built); returns the number of layers changed."""
+    """Swap in DecodeAttention for every layer, and DecodeBlock for every block whose linears the
+    op runs (not tensor-parallel ones, which all-reduce), where the ops run: a CPU model in fp32 or
+    bf16 with the kernel library built. Returns the number of layers changed."""
     weight = model.word_embeddings.weight
-    if weight.device.type != "cpu" or attention_dtype(weight) != torch.float32 or decode_attention() is None:
+    if weight.device.type != "cpu" or weight.dtype not in OP_DTYPES or not kernels.loaded():
         return 0
     layers = model.transformer.layers
     for i, block in enumerate(layers):
         if type(block.attention) is Attention:
             block.attention = DecodeAttention(block.attention)
-        if type(block) is Block and weight.dtype in KERNEL_DTYPES and QuantizedDecodeBlock.fits(block):
-            layers[i] = QuantizedDecodeBlock(block)
+        if type(block) is Block and DecodeBlock.fits(block):
+            layers[i] = DecodeBlock(block)
     return len(layers)

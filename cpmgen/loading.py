@@ -10,8 +10,8 @@ import torch
 
 from cpmgen.checkpoint.reader import Checkpoint, open_checkpoint, resolve_args
 from cpmgen.config import DTYPE_ALIASES, ModelArgs, RuntimeSection, Settings
-from cpmgen.fused_decode import fuse_decode
 from cpmgen.errors import UserError
+from cpmgen.fused_decode import fuse_decode
 from cpmgen.memory import trim_heap
 from cpmgen.model import CPMModel, decode_step
 

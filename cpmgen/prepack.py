@@ -1,15 +1,20 @@
-"""CPU linears on oneDNN prepacked weights: batch-1 decode at memory bandwidth.
+"""Faster CPU linears for batch-1 decode, which runs at the speed the weights are read.
 
 Decoding one token is a matrix-vector product per linear layer, and time goes into reading
-the weights. For that shape, `F.linear` calls MKL's GEMV, which runs on one core; oneDNN's
-linear on a weight reordered once into its blocked layout splits the rows over all cores, so
-it reads the weights faster. The same packed weights also speed up the prefill of a window,
-so the re-encode after a window slide gets cheaper too (README, Performance).
+the weights. For that shape, `F.linear` calls MKL's GEMV, which runs on one core. Two forms
+split the rows over all cores instead (README, Performance, has the measurements):
+
+- "onednn": oneDNN's linear on a weight reordered once into its blocked layout. The same packed
+  weights also speed up a window's prefill, and every path (decode, prefill, the slow
+  recompute) goes through the same packed layers. The output layer needs a packed copy of the
+  word embedding (the input lookup still reads it plain). Used where the CPU has AVX-512.
+- "gemv": cpmgen's fp32 GEMV (kernels/gemv.cpp) on the weights as they are, for calls of a few
+  rows; a window's prefill goes to `F.linear`. No copy of anything. Used for fp32 on other CPUs
+  (AVX2), where it reads the weights faster than oneDNN's packed GEMV.
 
 The model code is untouched: `prepack_linears(model)` swaps modules after loading, as
 parallel.py does for tensor parallelism. Results differ from `F.linear` by rounding only
-(summation order); every path (decode, prefill, the slow recompute) goes through the same
-packed layers, so fast and slow generation still see the same computation.
+(summation order).
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
+from cpmgen import kernels
 from cpmgen.model import CPMModel, TiedOutput
+
+FORMS = ("auto", "onednn", "gemv")
 
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
@@ -29,6 +37,17 @@ def supported(device: torch.device, dtype: torch.dtype) -> bool:
     if dtype == torch.float32:
         return True
     return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
+def chosen_form(device: torch.device, dtype: torch.dtype, form: str = "auto") -> str | None:
+    """The form `prepack_linears` uses ("onednn" or "gemv"), or None where neither runs."""
+    onednn = supported(device, dtype)
+    gemv = device.type == "cpu" and dtype == torch.float32 and kernels.loaded()
+    if form == "auto":
+        form = "onednn" if onednn and (torch.backends.cpu.get_cpu_capability() == "AVX512" or not gemv) else "gemv"
+    if form == "gemv":
+        return "gemv" if gemv else None
+    return "onednn" if onednn else None
 
 
 def pack_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -66,31 +85,55 @@ class PackedOutput(nn.Module):
         return packed_linear(x, self.packed_weight, None)
 
 
-def prepack_linears(model: CPMModel, replaced: Callable[[torch.Tensor], None] = lambda weight: None) -> int:
-    """Replace every plain nn.Linear of the blocks, and the output layer, by packed ones.
+class GemvLinear(nn.Linear):
+    """An nn.Linear (the same weight and bias) whose calls go to cpmgen's GEMV (kernels/gemv.cpp),
+    which hands calls of many rows on to F.linear."""
 
-    The output layer is tied to the word embedding, which the input lookup still needs in
-    its plain layout, so it costs a packed copy of that matrix (vocab x hidden); it is the
-    largest single weight, read on every step, so the copy pays for itself in speed.
-    `replaced(weight)` is called with each plain weight once its packed copy exists (the word
-    embedding too, which is only looked up from then on), so a loader can let the weight's
-    mapped pages go before the next one is packed: peak memory stays at the model's size,
-    not twice it. Returns the number of layers packed (0 where oneDNN
-    cannot run this model)."""
+    def __init__(self, linear: nn.Linear):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.op("gemv_linear")(x, self.weight, self.bias)
+
+
+class GemvOutput(nn.Module):
+    """The tied output layer through cpmgen's GEMV, on the word-embedding table itself."""
+
+    def forward(self, x: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        return kernels.op("gemv_linear")(x, table, None)
+
+
+def prepack_linears(model: CPMModel, replaced: Callable[[torch.Tensor], None] = lambda weight: None,
+                    form: str = "auto") -> int:
+    """Replace every plain nn.Linear of the blocks, and the output layer, by faster ones: `form`
+    "onednn", "gemv", or "auto" (the one for this CPU, see the module docstring).
+
+    With "onednn" the output layer, tied to the word embedding that the input lookup still needs
+    in its plain layout, costs a packed copy of that matrix (vocab x hidden); it is the largest
+    single weight, read on every step, so the copy pays for itself in speed. `replaced(weight)`
+    is called with each plain weight once its packed copy exists (the word embedding too, which
+    is only looked up from then on), so a loader can let the weight's mapped pages go before the
+    next one is packed: peak memory stays at the model's size, not twice it. "gemv" keeps the
+    weights as they are and calls `replaced` for none. Returns the number of layers replaced
+    (0 where neither form runs this model)."""
     weight = model.word_embeddings.weight
-    if not supported(weight.device, weight.dtype) or weight.requires_grad:
+    form = chosen_form(weight.device, weight.dtype, form)
+    if form is None or weight.requires_grad:
         return 0
     count = 0
     for block in model.transformer.layers:
         for parent in (block.attention, block.mlp):
             for name, child in list(parent.named_children()):
                 if type(child) is nn.Linear:  # tensor-parallel row layers keep their own forward
-                    setattr(parent, name, PackedLinear(child))
-                    replaced(child.weight)
+                    setattr(parent, name, PackedLinear(child) if form == "onednn" else GemvLinear(child))
+                    if form == "onednn":
+                        replaced(child.weight)
                     count += 1
     if type(model.lm_head) is TiedOutput:  # not quantized, not gathered over ranks
-        model.lm_head = PackedOutput(weight)
-        replaced(weight)  # from now on only looked up: a few rows a step
+        model.lm_head = PackedOutput(weight) if form == "onednn" else GemvOutput()
+        if form == "onednn":
+            replaced(weight)  # from now on only looked up: a few rows a step
         count += 1
     return count
-

@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cpmgen.kernels import qlinear
+from cpmgen import kernels
 from cpmgen.model import CPMModel, TiedOutput
 from cpmgen.parallel import GatheredOutput, RowParallelLinear
 
@@ -198,7 +198,7 @@ class QuantizedLinear(nn.Module):
 
     def _linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         # The decode step calls this ~50 times per token: the common case goes straight to the kernel.
-        kernel = qlinear()
+        kernel = kernels.op("qlinear")
         if kernel is not None and x.is_cpu and x.dtype in KERNEL_DTYPES:
             return kernel(x, self.packed, self.gparams, self.scale, bias, self.out_features, self.bits, self.group)
         if not x.is_cpu:

@@ -11,14 +11,14 @@ import torch
 
 from cpmgen import kernels
 from cpmgen.config import Settings
-from cpmgen.fused_decode import DecodeAttention, QuantizedDecodeBlock, fuse_decode
+from cpmgen.fused_decode import DecodeAttention, DecodeBlock, fuse_decode
 from cpmgen.loading import load_model
 from cpmgen.model import Attention, Block, CPMModel, KVCache, decode_step
 from cpmgen.synthetic import random_state_dict
 
 from helpers import TINY
 
-pytestmark = pytest.mark.skipif(kernels.decode_attention() is None, reason="the kernel library is not built")
+pytestmark = pytest.mark.skipif(not kernels.loaded(), reason="the kernel library is not built")
 
 
 def attentions(args, seed: int = 0) -> tuple[Attention, DecodeAttention]:
@@ -109,20 +109,27 @@ def test_prefill_and_the_recompute_keep_the_plain_attention():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["int8", "int4"])
-def test_the_fused_quantized_block_gives_the_bits_of_its_modules(kind, dtype):
+@pytest.mark.parametrize("kind", ["plain", "onednn", "gemv", "int8", "int4"])
+def test_the_fused_block_gives_the_bits_of_its_modules(kind, dtype):
     """Prefill, then one-token steps with the rows at different positions: the logits of the model
-    with QuantizedDecodeBlock equal bitwise those of the same model running its blocks' modules."""
+    with DecodeBlock equal bitwise those of the same model running its blocks' modules, for every
+    kind of linear the op runs."""
+    from cpmgen.prepack import chosen_form, prepack_linears
     from cpmgen.quantize import quantize_model
 
     args = dataclasses.replace(TINY, hidden_size=128, num_heads=4)
     model = CPMModel(args)
     model.load_state_dict(random_state_dict(args, 0))
-    model.eval().requires_grad_(False)
-    quantize_model(model.to(dtype), kind)
+    model.eval().requires_grad_(False).to(dtype)
+    if kind in ("onednn", "gemv"):
+        if chosen_form(torch.device("cpu"), dtype, kind) is None:
+            pytest.skip(f"no {kind} {dtype} linear on this CPU")
+        prepack_linears(model, form=kind)
+    elif kind != "plain":
+        quantize_model(model, kind)
     assert fuse_decode(model) == args.num_layers
     fused = list(model.transformer.layers)
-    assert all(type(block) is QuantizedDecodeBlock for block in fused)
+    assert all(type(block) is DecodeBlock for block in fused)
     modules = [Block.__new__(Block) for _ in fused]  # the same modules, run one by one
     for plain, block in zip(modules, fused):
         plain.__dict__.update(block.__dict__)
@@ -139,10 +146,27 @@ def test_the_fused_quantized_block_gives_the_bits_of_its_modules(kind, dtype):
     assert outputs[0].dtype == dtype and torch.equal(outputs[0], outputs[1])
 
 
-@pytest.mark.parametrize("quantize, block", [("none", Block), ("int8", QuantizedDecodeBlock), ("int4", QuantizedDecodeBlock)])
-def test_a_loaded_cpu_model_runs_its_decode_step_fused(write_ckpt, quantize, block):
+def test_tensor_parallel_blocks_and_fp16_keep_their_modules():
+    """Row-parallel linears all-reduce, which the op does not: such blocks keep their own forward
+    (the attention is still fused). fp16, which the ops do not take, keeps the plain model."""
+    from cpmgen.parallel import RowParallelLinear
+
+    model = CPMModel(TINY)
+    model.load_state_dict(random_state_dict(TINY, 0))
+    block = model.transformer.layers[0]
+    block.attention.dense = RowParallelLinear(TINY.hidden_size, TINY.hidden_size)
+    assert not DecodeBlock.fits(block) and DecodeBlock.fits(model.transformer.layers[1])
+    assert fuse_decode(model) == TINY.num_layers
+    assert type(model.transformer.layers[0]) is Block and type(model.transformer.layers[0].attention) is DecodeAttention
+    assert type(model.transformer.layers[1]) is DecodeBlock
+    half = CPMModel(TINY).to(torch.float16)
+    assert fuse_decode(half) == 0 and type(half.transformer.layers[0]) is Block
+
+
+@pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
+def test_a_loaded_cpu_model_runs_its_decode_step_fused(write_ckpt, quantize):
     settings = Settings()
     settings.model.path = str(write_ckpt())
     settings.runtime.quantize = quantize
     model = load_model(settings).model
-    assert all(type(layer) is block and type(layer.attention) is DecodeAttention for layer in model.transformer.layers)
+    assert all(type(layer) is DecodeBlock and type(layer.attention) is DecodeAttention for layer in model.transformer.layers)

@@ -29,15 +29,15 @@ def make_model(vocab_size: int = TINY.vocab_size, seed: int = 0, kernels: str = 
     model.load_state_dict(random_state_dict(args, seed))
     model.eval().requires_grad_(False)
     if kernels == "cpu":
-        if not prepack.supported(torch.device("cpu"), torch.float32):
-            pytest.skip("oneDNN is not available in this torch build")
+        if prepack.chosen_form(torch.device("cpu"), torch.float32) is None:
+            pytest.skip("neither oneDNN nor cpmgen's kernels are available here")
         assert prepack_linears(model) == 4 * args.num_layers + 1
         assert fuse_decode(model) == args.num_layers
     return model
 
 
 # Every generation test runs on the plain PyTorch model and on what the CLI runs on a CPU:
-# oneDNN-prepacked linears and the decode step's attention in one op.
+# the CPU's faster linears (prepack.py) and the decode step in one op a layer (fused_decode.py).
 KERNELS = ["plain", "cpu"]
 
 
@@ -211,12 +211,12 @@ def test_the_thread_count_changes_no_value():
     before = torch.get_num_threads()
     ids = torch.randint(0, args.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     try:
-        for kernels, fused in itertools.product(("plain", "prepacked", "int8", "int4"), (False, True)):
+        for kernels, fused in itertools.product(("plain", "onednn", "gemv", "int8", "int4"), (False, True)):
             model = CPMModel(args)
             model.load_state_dict(random_state_dict(args, 0))
             model.eval().requires_grad_(False)
-            if kernels == "prepacked":
-                prepack_linears(model)
+            if kernels in ("onednn", "gemv"):
+                prepack_linears(model, form=kernels)
             elif kernels != "plain":
                 quantize_model(model, kernels)
             if fused:

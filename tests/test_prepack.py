@@ -1,4 +1,5 @@
-"""oneDNN-prepacked linears (the CPU default): the same model up to rounding, with no plain linear left."""
+"""The CPU's faster linears (the default): oneDNN-prepacked or cpmgen's GEMV, the same model up to
+rounding, with no plain linear left."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 import torch.nn as nn
 
 from cpmgen.model import CPMModel
-from cpmgen.prepack import PackedLinear, prepack_linears, supported
+from cpmgen import kernels
+from cpmgen.prepack import GemvLinear, GemvOutput, PackedLinear, chosen_form, prepack_linears
 from cpmgen.synthetic import random_state_dict
 
 from helpers import TINY
@@ -19,24 +21,75 @@ def model_in(dtype: torch.dtype) -> CPMModel:
     return model.to(dtype).eval().requires_grad_(False)
 
 
+@pytest.mark.parametrize("form", ["onednn", "gemv"])
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-4), (torch.bfloat16, 5e-2)], ids=["fp32", "bf16"])
-def test_prepacked_model_matches_plain(dtype, tolerance):
-    if not supported(torch.device("cpu"), dtype):
-        pytest.skip(f"no oneDNN {dtype} linear on this CPU")
+@pytest.mark.parametrize("rows", [1, 2, 40])  # decode steps (one or a few rows read the weights once) and a prefill
+def test_prepacked_model_matches_plain(form, dtype, tolerance, rows):
+    if chosen_form(torch.device("cpu"), dtype, form) is None:
+        pytest.skip(f"no {form} {dtype} linear on this CPU")
     plain, packed = model_in(dtype), model_in(dtype)
-    assert prepack_linears(packed) == 4 * TINY.num_layers + 1
+    assert prepack_linears(packed, form=form) == 4 * TINY.num_layers + 1
     assert not any(type(m) is nn.Linear for m in packed.modules())
-    assert sum(isinstance(m, PackedLinear) for m in packed.modules()) == 4 * TINY.num_layers
-    ids = torch.randint(0, TINY.vocab_size, (2, 40), generator=torch.Generator().manual_seed(0))
+    kind = PackedLinear if form == "onednn" else GemvLinear
+    assert sum(type(m) is kind for m in packed.modules()) == 4 * TINY.num_layers
+    ids = torch.randint(0, TINY.vocab_size, (rows, 40), generator=torch.Generator().manual_seed(0))
     positions = torch.arange(40)
     with torch.inference_mode():
         want, got = plain(ids, positions).float(), packed(ids, positions).float()
+        # one token per row against a cache: every linear sees `rows` rows
+        caches = plain.new_kv_cache(rows, 41), packed.new_kv_cache(rows, 41)
+        plain(ids, positions, caches[0]), packed(ids, positions, caches[1])
+        step = torch.tensor([40])
+        want_step, got_step = plain(ids[:, :1], step, caches[0]), packed(ids[:, :1], step, caches[1])
     assert (got - want).abs().max() <= tolerance * want.abs().max()
+    assert (got_step - want_step).abs().max() <= tolerance * want_step.abs().max()
     # the state dict is still the checkpoint's names minus the packed weights (nothing opaque in it)
     assert not any(t.is_mkldnn for t in packed.state_dict().values())
+
+
+def test_the_gemv_form_keeps_the_weights_as_they_are():
+    """No copy of a weight (the output layer reads the word-embedding table itself), and the
+    state dict is the plain model's."""
+    if chosen_form(torch.device("cpu"), torch.float32, "gemv") is None:
+        pytest.skip("the kernel library is not built")
+    model = model_in(torch.float32)
+    before = {name: t.data_ptr() for name, t in model.state_dict().items()}
+    released = []
+    assert prepack_linears(model, released.append, form="gemv") == 4 * TINY.num_layers + 1
+    assert type(model.lm_head) is GemvOutput and released == []
+    assert {name: t.data_ptr() for name, t in model.state_dict().items()} == before
+
+
+def test_auto_picks_onednn_with_avx512_and_the_gemv_elsewhere():
+    cpu = torch.device("cpu")
+    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert chosen_form(cpu, torch.float32) == ("onednn" if avx512 or not kernels.loaded() else "gemv")
+    assert chosen_form(torch.device("meta"), torch.float32) is None
 
 
 def test_fp16_and_training_weights_stay_plain():
     assert prepack_linears(model_in(torch.float16)) == 0
     trainable = CPMModel(TINY)
     assert prepack_linears(trainable) == 0
+
+
+@pytest.mark.parametrize("rows", [1, 3, 4, 5])  # 5: past the GEMV's rows, F.linear's matrix product
+def test_the_gemv_takes_any_shape_and_any_thread_count(rows):
+    """Sizes off its 4-row groups and 8-wide loads; up to 4 rows, the same bits at 1 and 2 threads
+    (more rows go to F.linear, whose matrix product may split its sums by thread)."""
+    if not kernels.loaded():
+        pytest.skip("the kernel library is not built")
+    g = torch.Generator().manual_seed(5)
+    weight, bias, x = torch.randn(13, 37, generator=g), torch.randn(13, generator=g), torch.randn(rows, 1, 37, generator=g)
+    gemv = kernels.op("gemv_linear")
+    before = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outputs.append(gemv(x, weight, bias))
+    finally:
+        torch.set_num_threads(before)
+    assert outputs[0].shape == (rows, 1, 13) and (rows > 4 or torch.equal(outputs[0], outputs[1]))
+    torch.testing.assert_close(outputs[0], torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gemv(x, weight, None), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)

@@ -1,9 +1,9 @@
 """The C++ CPU kernels, built by `make install` into one library and loaded on demand:
 
-- qlinear.cpp: the int8/int4 linears (`qlinear()`); where the library is missing,
+- qlinear.cpp: the int8/int4 linears (`op("qlinear")`); where the library is missing,
   cpmgen/quantize.py computes the same values with torch operations, more slowly.
 - attention.cpp, block.cpp: a decode step's attention, and a whole block with int8/int4 linears,
-  each in one op (`decode_attention()`, `decode_block()`); where they are missing,
+  each in one op (`op("decode_attention")`, `op("decode_block")`); where they are missing,
   cpmgen/fused_decode.py leaves the model's plain PyTorch modules in place.
 
 `build()` compiles them with the system C++ compiler against the installed torch. The library
@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("qlinear.cpp", "attention.cpp", "block.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in ("qlinear.cpp", "gemv.cpp", "attention.cpp", "block.cpp")]
 LIBRARY = Path(__file__).with_name("_kernels.so")
 
 
@@ -74,32 +74,21 @@ def loaded() -> bool:
 
 
 @functools.cache
-def qlinear():
-    """torch.ops.cpmgen.qlinear, or None where the library is not available."""
-    return torch.ops.cpmgen.qlinear if loaded() else None
-
-
-@functools.cache
-def decode_attention():
-    """torch.ops.cpmgen.decode_attention, or None where the library is not available."""
-    return torch.ops.cpmgen.decode_attention if loaded() else None
-
-
-@functools.cache
-def decode_block():
-    """torch.ops.cpmgen.decode_block, or None where the library is not available."""
-    return torch.ops.cpmgen.decode_block if loaded() else None
+def op(name: str):
+    """torch.ops.cpmgen.<name> ("qlinear", "decode_attention", "decode_block"), or None where the
+    library is not available."""
+    return getattr(torch.ops.cpmgen, name) if loaded() else None
 
 
 def isas() -> list[str]:
     """The versions of the loops this CPU runs, best first ("avx512vnni", "avx2", "generic"); the
     first one is used unless `use_isa` picks another."""
-    return list(torch.ops.cpmgen.qlinear_isas()) if qlinear() is not None else []
+    return list(torch.ops.cpmgen.qlinear_isas()) if loaded() else []
 
 
 def isa() -> Optional[str]:
     """The version of the loops in use, or None without the library."""
-    return str(torch.ops.cpmgen.qlinear_isa()) if qlinear() is not None else None
+    return str(torch.ops.cpmgen.qlinear_isa()) if loaded() else None
 
 
 @contextlib.contextmanager

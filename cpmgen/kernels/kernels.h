@@ -13,4 +13,7 @@ at::Tensor qlinear(const at::Tensor& input, const at::Tensor& packed, const at::
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& pos, int64_t heads);
 
+// gemv.cpp: fp32 x @ W^T + b, W as nn.Linear holds it; a few rows read W once at memory speed.
+at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
 }  // namespace cpmgen
