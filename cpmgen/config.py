@@ -118,7 +118,8 @@ class RuntimeSection:
     """none, int8 or int4: int8 (per-row scales) or 4-bit (per-group scales) linear weights, for
     memory-bound decode; their inputs are quantized to int8 per row on the fly (cpmgen/quantize.py)."""
     prepack: bool = True
-    """CPU: run linears on oneDNN-prepacked weights (faster decode and prefill than plain F.linear)."""
+    """CPU: run linears in a faster form than plain F.linear (cpmgen/prepack.py): oneDNN-prepacked
+    weights where the CPU has AVX-512, cpmgen's fp32 GEMV for decode elsewhere."""
     threads: int = 0
     """CPU threads per process; 0: automatic (cpmgen/threads.py)."""
     compile: bool = False
