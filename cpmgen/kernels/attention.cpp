@@ -18,12 +18,12 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include "kernels.h"
-
 #include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <vector>
+
+#include "kernels.h"
 
 #if defined(__x86_64__) && defined(__GNUC__)
 #define CPMGEN_CLONES __attribute__((target_clones("avx2", "default")))
