@@ -20,11 +20,16 @@ def main() -> None:
         from cpmgen.threads import configure_wait_policy
 
         configure_wait_policy()
-        if console.stderr.is_terminal and len(sys.argv) > 1 and not QUIET & set(sys.argv[1:]):
+        command = len(sys.argv) > 1 and not QUIET & set(sys.argv[1:])
+        if console.stderr.is_terminal and command:
             status = console.stderr.status("starting cpmgen", spinner="dots")
             status.start()
-        with held():  # cli imports torch: an interrupt inside that import would leave NumPy broken
+        # An interrupt inside torch's import (NumPy's, within it) would leave NumPy half-initialised
+        # and fail the next import; the CLI imports torch lazily, so a command imports it here.
+        with held():
             from cpmgen import cli
+            if command:
+                import torch  # noqa: F401
     except KeyboardInterrupt:  # also while rich and the small modules above import
         sys.exit(130)
     finally:

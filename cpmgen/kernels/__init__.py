@@ -2,13 +2,15 @@
 
 - qlinear.cpp: the int8/int4 linears (`op("qlinear")`); where the library is missing,
   cpmgen/quantize.py computes the same values with torch operations, more slowly.
-- attention.cpp, block.cpp: a decode step's attention, and a whole block with int8/int4 linears,
-  each in one op (`op("decode_attention")`, `op("decode_block")`); where they are missing,
-  cpmgen/fused_decode.py leaves the model's plain PyTorch modules in place.
+- gemv.cpp: the fp32 GEMV of decode steps (`op("gemv_linear")`, cpmgen/prepack.py's "gemv"
+  form); where the library is missing, prepack uses oneDNN's packed weights.
+- attention.cpp, block.cpp: a decode step's attention, and a whole block with any of those
+  linears, each in one op (`op("decode_attention")`, `op("decode_block")`); where they are
+  missing, cpmgen/fused_decode.py leaves the model's plain PyTorch modules in place.
 
-`build()` compiles them with the system C++ compiler against the installed torch. The library
-holds AVX-512 VNNI, AVX2 and plain C++ versions of its loops and picks the best one the CPU runs
-when it loads, so one built on one machine runs on another.
+`build()` compiles them with the system C++ compiler against the installed torch, with no
+-march: the library holds versions of its loops for AVX-512 VNNI, AVX2 and plain C++ and picks
+the best one the CPU runs when it loads, so one built on one machine runs on another.
 """
 
 from __future__ import annotations
@@ -50,8 +52,8 @@ def build() -> int:
     except (OSError, subprocess.CalledProcessError) as e:
         tmp.unlink(missing_ok=True)
         LIBRARY.unlink(missing_ok=True)
-        print(f"cpmgen: the CPU kernels did not build ({e}); --quantize and the decode step's attention will "
-              "run on slower torch operations", file=sys.stderr)
+        print(f"cpmgen: the CPU kernels did not build ({e}); --quantize and CPU decode steps will run on "
+              "slower torch operations", file=sys.stderr)
         return 0  # an optional speed-up: the install goes on
     tmp.replace(LIBRARY)
     return 0
@@ -61,14 +63,14 @@ def build() -> int:
 def loaded() -> bool:
     """Whether the library is loaded (warning once where it is not built or does not load)."""
     if not LIBRARY.is_file():
-        warnings.warn(f"{LIBRARY} is not built (run `make install`): int8/int4 linears and the decode step's "
-                      "attention run on slower torch operations", stacklevel=3)
+        warnings.warn(f"{LIBRARY} is not built (run `make install`): int8/int4 linears and CPU decode steps "
+                      "run on slower torch operations", stacklevel=3)
         return False
     try:
         torch.ops.load_library(str(LIBRARY))
     except OSError as e:
-        warnings.warn(f"{LIBRARY} does not load ({e}); rebuild it with `make install`: int8/int4 linears and the "
-                      "decode step's attention run on slower torch operations", stacklevel=3)
+        warnings.warn(f"{LIBRARY} does not load ({e}); rebuild it with `make install`: int8/int4 linears and "
+                      "CPU decode steps run on slower torch operations", stacklevel=3)
         return False
     return True
 
