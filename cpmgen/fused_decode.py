@@ -28,8 +28,6 @@ from cpmgen.model import Attention, Block, CPMModel
 from cpmgen.prepack import GemvLinear, PackedLinear
 from cpmgen.quantize import QuantizedLinear
 
-OP_DTYPES = (torch.float32, torch.bfloat16)  # the activations the ops take (the cache is fp32 on the CPU)
-
 
 def one_token_step(x: torch.Tensor, kv_cache) -> bool:
     return x.shape[1] == 1 and kv_cache is not None and not torch.compiler.is_compiling()
@@ -62,18 +60,20 @@ class DecodeBlock(Block):
     loading: the op's tensor lists share the modules' tensors as they are then."""
 
     LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-    KINDS = {nn.Linear: 0, PackedLinear: 1, QuantizedLinear: 2, GemvLinear: 3}  # kernels/block.cpp's Kind
+    # each linear type: its number in kernels/block.cpp's Kind, and the attribute holding its weight
+    KINDS = {nn.Linear: (0, "weight"), PackedLinear: (1, "packed_weight"), QuantizedLinear: (2, "packed"),
+             GemvLinear: (3, "weight")}
 
     def __init__(self, block: Block):
         nn.Module.__init__(self)
         self.input_layernorm, self.attention = block.input_layernorm, block.attention
         self.post_attention_layernorm, self.mlp = block.post_attention_layernorm, block.mlp
         linears = [self.get_submodule(name) for name in self.LINEARS]
-        self.kind = self.KINDS[type(linears[0])]
+        self.kind, weight = self.KINDS[type(linears[0])]
         self.norms = [self.input_layernorm.weight, self.input_layernorm.bias,
                       self.post_attention_layernorm.weight, self.post_attention_layernorm.bias]
-        self.weights = [getattr(linear, ("weight", "packed_weight", "packed", "weight")[self.kind]) for linear in linears]
-        quantized = self.kind == self.KINDS[QuantizedLinear]
+        self.weights = [getattr(linear, weight) for linear in linears]
+        quantized = type(linears[0]) is QuantizedLinear
         self.gparams = [linear.gparams for linear in linears] if quantized else []
         self.scales = [linear.scale for linear in linears] if quantized else []
         self.bits, self.group = (linears[0].bits, linears[0].group) if quantized else (0, 0)
@@ -106,7 +106,7 @@ def fuse_decode(model: CPMModel) -> int:
     op runs (not tensor-parallel ones, which all-reduce), where the ops run: a CPU model in fp32 or
     bf16 with the kernel library built. Returns the number of layers changed."""
     weight = model.word_embeddings.weight
-    if weight.device.type != "cpu" or weight.dtype not in OP_DTYPES or not kernels.loaded():
+    if weight.device.type != "cpu" or weight.dtype not in kernels.INPUT_DTYPES or not kernels.loaded():
         return 0
     layers = model.transformer.layers
     for i, block in enumerate(layers):

@@ -27,8 +27,6 @@ import torch.nn as nn
 from cpmgen import kernels
 from cpmgen.model import CPMModel, TiedOutput
 
-FORMS = ("auto", "onednn", "gemv")
-
 
 def supported(device: torch.device, dtype: torch.dtype) -> bool:
     """oneDNN linear kernels exist for this device and dtype (CPU fp32 always; bf16 needs AVX-512)."""

@@ -52,7 +52,6 @@ MAX_INT4_INPUTS = 17_000
 # least squared error is kept (a slightly smaller step often fits a group better).
 SCALE_SEARCH = (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1)
 QUANTIZE_ROWS = 1024  # weight rows quantized at a time: bounds the float temporaries
-KERNEL_DTYPES = (torch.float32, torch.bfloat16)  # the input dtypes of the C++ kernel (others go through fp32)
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -199,11 +198,11 @@ class QuantizedLinear(nn.Module):
     def _linear(self, x: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
         # The decode step calls this ~50 times per token: the common case goes straight to the kernel.
         kernel = kernels.op("qlinear")
-        if kernel is not None and x.is_cpu and x.dtype in KERNEL_DTYPES:
+        if kernel is not None and x.is_cpu and x.dtype in kernels.INPUT_DTYPES:
             return kernel(x, self.packed, self.gparams, self.scale, bias, self.out_features, self.bits, self.group)
         if not x.is_cpu:
             return F.linear(x, self.dequantized(x.dtype), None if bias is None else bias.to(x.dtype))
-        if x.dtype not in KERNEL_DTYPES:
+        if x.dtype not in kernels.INPUT_DTYPES:  # fp16: through fp32
             return self._linear(x.float(), bias).to(x.dtype)
         rows = x.reshape(-1, self.in_features)
         out = reference_linear(rows, self.int_weight(), self.scale, bias)

@@ -28,6 +28,7 @@ import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("qlinear.cpp", "gemv.cpp", "attention.cpp", "block.cpp")]
 LIBRARY = Path(__file__).with_name("_kernels.so")
+INPUT_DTYPES = (torch.float32, torch.bfloat16)  # the activations qlinear, decode_attention and decode_block take
 
 
 def compile_command(output: Path = LIBRARY) -> list[str]:
