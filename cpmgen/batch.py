@@ -26,6 +26,7 @@ from typing import Callable, Optional
 
 import torch
 
+from cpmgen import hugepages
 from cpmgen.errors import UserError
 from cpmgen.generate import Stats, fit_prompt, prefill
 from cpmgen.model import KVCache, decode_step
@@ -150,7 +151,7 @@ class Scheduler:
             self._account(request, "cancel")
             return
         if self.cache is None:
-            self.cache = self.model.new_kv_cache(self.max_batch, self.slots)
+            self.cache = self.model.new_kv_cache(self.max_batch, self.slots, hugepages.zeros)
         row = Row(request, self.tokenizer, self.device)
         row.logits = prefill(self.model, row.window_ids, self.cache, len(self.rows))
         self.rows.append(row)

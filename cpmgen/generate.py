@@ -16,6 +16,7 @@ from typing import Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
+from cpmgen import hugepages
 from cpmgen.model import CPMModel, KVCache, decode_step
 from cpmgen.sampling import SamplingParams, sample
 from cpmgen.window import Window
@@ -109,7 +110,7 @@ def generate(model: CPMModel, prompt: list[int], window: Window, params: Samplin
     start = time.perf_counter()
     kv_cache = None
     if fast:
-        kv_cache = model.new_kv_cache(num_samples, window.size)
+        kv_cache = model.new_kv_cache(num_samples, window.size, hugepages.zeros)
         first = timed_prefill(model, windows[0], kv_cache, 0, stats)  # all samples share the prompt: encode once
         kv_cache.copy_row(0)
         logits = first.expand(num_samples, -1)

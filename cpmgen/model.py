@@ -14,7 +14,7 @@ encoded with; a window slide is a re-encode of the kept tokens at new positions
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -38,9 +38,10 @@ class KVCache:
 
     @classmethod
     def allocate(cls, num_layers: int, batch_size: int, num_heads: int, slots: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device | str) -> "KVCache":
+                 dtype: torch.dtype, device: torch.device | str, zeros: Callable = torch.zeros) -> "KVCache":
+        """`zeros(shape, dtype=, device=)` makes each buffer (torch.zeros or hugepages.zeros)."""
         shape = (batch_size, num_heads, slots, head_dim)
-        return cls(*([torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)] for _ in "kv"))
+        return cls(*([zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)] for _ in "kv"))
 
     @property
     def slots(self) -> int:
@@ -167,12 +168,12 @@ class CPMModel(nn.Module):
         self.transformer = Transformer(args)
         self.lm_head = TiedOutput()
 
-    def new_kv_cache(self, batch_size: int, slots: Optional[int] = None) -> KVCache:
+    def new_kv_cache(self, batch_size: int, slots: Optional[int] = None, zeros: Callable = torch.zeros) -> KVCache:
         attention = self.transformer.layers[0].attention
         weight = self.word_embeddings.weight
         return KVCache.allocate(len(self.transformer.layers), batch_size, attention.num_heads,
                                 slots or self.args.max_positions, attention.head_dim, attention_dtype(weight),
-                                weight.device)
+                                weight.device, zeros)
 
     def forward(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_cache: Optional[KVCache] = None,
                 last_only: bool = False) -> torch.Tensor:

@@ -1,0 +1,94 @@
+"""A CPU model's weights and KV cache on 2 MB pages.
+
+A decode step streams every weight (and, at a long context, the KV cache) from memory once. On
+4 KB pages the CPU's hardware prefetchers stop at every page boundary and each 4 KB costs a TLB
+entry, so a streaming kernel reads well below the memory's rate; on 2 MB pages (transparent huge
+pages) it reads close to it. PyTorch's CPU allocator asks for huge pages only when
+THP_MEM_ALLOC_ENABLE is set before its first allocation, so cpmgen places these long-lived
+tensors itself: in private anonymous mappings (a shared one is shmem, which THP mostly leaves
+out) that start on a 2 MB boundary, with their whole 2 MB pages advised MADV_HUGEPAGE. The
+partial page at the end is not advised, so nothing is rounded up; where the kernel's THP mode is
+`never` nothing is moved.
+
+`use_huge_pages` moves a loaded model's large tensors one at a time, each old copy freed as it
+goes (the peak is the weights plus one tensor). Each tensor keeps its identity (its storage is
+swapped under it with `tensor.data = ...`), so tied weights and modules holding the same tensor
+objects see the moved ones, and the values are bitwise unchanged.
+"""
+
+from __future__ import annotations
+
+import mmap
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+HUGE_PAGE = 2 << 20
+ALIGN = 64  # each moved tensor starts on a cache line
+THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def available() -> bool:
+    """Huge pages can be advised here: Linux, with transparent huge pages not switched off."""
+    if not hasattr(mmap, "MADV_HUGEPAGE"):
+        return False
+    try:
+        return "[never]" not in THP_MODE.read_text()
+    except OSError:
+        return False
+
+
+def region(nbytes: int) -> torch.Tensor:
+    """`nbytes` zeroed bytes (uint8) on huge pages as far as whole ones go; freed with the last
+    tensor that uses them."""
+    mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping
+    start = -memory.data_ptr() % HUGE_PAGE
+    whole = nbytes // HUGE_PAGE * HUGE_PAGE
+    if whole:
+        mapping.madvise(mmap.MADV_HUGEPAGE, start, whole)
+    return memory[start:start + nbytes]
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:
+    """torch.zeros, on huge pages for a CPU tensor where they are available."""
+    if torch.device(device).type != "cpu" or not available():
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return region(torch.Size(shape).numel() * dtype.itemsize).view(dtype).view(shape)
+
+
+def movable(tensor: torch.Tensor, min_bytes: int) -> bool:
+    """A plain CPU tensor of at least `min_bytes` that owns its whole storage (a view into a
+    larger storage stays where it is: moving it would copy the bytes it shares)."""
+    nbytes = tensor.numel() * tensor.element_size()
+    return (tensor.device.type == "cpu" and tensor.layout == torch.strided and not tensor.is_mkldnn
+            and tensor.is_contiguous() and tensor.storage_offset() == 0
+            and tensor.untyped_storage().nbytes() == nbytes and nbytes >= min_bytes)
+
+
+def use_huge_pages(model: nn.Module, replaced: Callable[[torch.Tensor], None] = lambda tensor: None,
+                   min_bytes: int = 256 << 10) -> int:
+    """Move the model's CPU parameters and buffers of at least `min_bytes` into one mapping on huge
+    pages, calling `replaced(tensor)` with each before its storage is swapped (the loader lets go
+    of mapped checkpoint pages there). Returns the bytes moved (0 where huge pages are not available)."""
+    if not available():
+        return 0
+    tensors, seen = [], set()
+    for tensor in (*model.parameters(), *model.buffers()):
+        if movable(tensor, min_bytes) and tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            tensors.append(tensor)
+    sizes = [-(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN for tensor in tensors]
+    if not tensors:
+        return 0
+    memory, offset = region(sum(sizes)), 0
+    with torch.no_grad():
+        for tensor, size in zip(tensors, sizes):
+            moved = memory[offset:offset + tensor.numel() * tensor.element_size()]
+            moved = moved.view(tensor.dtype).view(tensor.shape).copy_(tensor)
+            offset += size
+            replaced(tensor)
+            tensor.data = moved  # the old storage is freed here unless something else holds it
+    return sum(sizes)

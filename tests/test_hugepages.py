@@ -1,0 +1,147 @@
+"""Weights and KV caches on 2 MB pages (cpmgen/hugepages.py): placed on a huge-page boundary with
+their whole 2 MB pages advised MADV_HUGEPAGE, values bitwise unchanged, tensors keep their
+identity (tied weights stay tied), memory goes back when the tensors go."""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+
+import pytest
+import torch
+import torch.nn as nn
+
+from cpmgen import hugepages
+from cpmgen.config import Settings
+from cpmgen.generate import generate
+from cpmgen.loading import load_model
+from cpmgen.model import CPMModel, decode_step
+from cpmgen.sampling import SamplingParams
+from cpmgen.synthetic import random_state_dict
+from cpmgen.window import Window
+
+from helpers import TINY
+
+needs_thp = pytest.mark.skipif(not hugepages.available(), reason="transparent huge pages are off or not Linux")
+
+
+def advised(tensor: torch.Tensor) -> bool:
+    """The mapping holding `tensor` is advised MADV_HUGEPAGE ("hg" among its VmFlags)."""
+    address, start, end = tensor.data_ptr(), None, None
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and len(fields) >= 5 and all(c in "0123456789abcdef-" for c in fields[0]):
+                start, end = (int(part, 16) for part in fields[0].split("-"))
+            elif fields[0] == "VmFlags:" and start is not None and start <= address < end:
+                return "hg" in fields[1:]
+    return False
+
+
+@needs_thp
+def test_zeros_are_zeros_on_a_huge_page_boundary():
+    tensor = hugepages.zeros((3, 5, 70_000), torch.float32, "cpu")
+    assert tensor.shape == (3, 5, 70_000) and tensor.dtype == torch.float32 and tensor.is_contiguous()
+    assert torch.count_nonzero(tensor) == 0
+    assert tensor.data_ptr() % hugepages.HUGE_PAGE == 0 and advised(tensor)
+    tensor.fill_(2.5)
+    assert tensor.sum().item() == 2.5 * tensor.numel()
+
+
+def test_zeros_less_than_a_huge_page_or_off_the_cpu_are_plain(monkeypatch):
+    small = hugepages.zeros((10,), torch.bfloat16, "cpu")
+    assert small.dtype == torch.bfloat16 and torch.count_nonzero(small) == 0
+    assert not advised(small)  # no whole 2 MB page to advise: nothing rounded up
+    monkeypatch.setattr(hugepages, "available", lambda: False)
+    plain = hugepages.zeros((4, 4), torch.float32, "cpu")
+    assert torch.equal(plain, torch.zeros(4, 4)) and not advised(plain)
+
+
+def test_the_memory_goes_back_with_the_last_tensor():
+    def resident_kb() -> int:
+        with open("/proc/self/status") as status:
+            return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+    before = resident_kb()
+    tensor = hugepages.zeros((64 << 20,), torch.uint8, "cpu")
+    tensor.fill_(1)
+    assert resident_kb() - before >= 60 << 10
+    view = tensor[1:]
+    del tensor
+    gc.collect()
+    assert resident_kb() - before >= 60 << 10  # a view keeps the mapping
+    del view
+    gc.collect()
+    assert resident_kb() - before < 16 << 10
+
+
+def tiny_model(seed: int = 0) -> CPMModel:
+    args = dataclasses.replace(TINY, hidden_size=256, vocab_size=3000)  # linears of 256 KB and more
+    model = CPMModel(args)
+    model.load_state_dict(random_state_dict(args, seed=seed))
+    return model.requires_grad_(False)
+
+
+@needs_thp
+def test_a_model_moves_bitwise_keeping_its_tensors_and_their_ties():
+    model = tiny_model()
+    before = {name: t.clone() for name, t in model.state_dict().items()}
+    parameters = dict(model.named_parameters())
+    big = [name for name, t in parameters.items() if t.numel() * t.element_size() >= 256 << 10]
+    assert "word_embeddings.weight" in big and "transformer.layers.0.mlp.dense_h_to_4h.weight" in big
+    released = []
+    moved = hugepages.use_huge_pages(model, released.append)
+    assert moved >= sum(parameters[name].numel() * 4 for name in big)
+    assert len(released) == len(big)
+    assert dict(model.named_parameters()) == parameters  # the same Parameter objects
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+        assert advised(tensor) == (name in big), name
+    assert model.word_embeddings.weight.data_ptr() % hugepages.HUGE_PAGE == 0
+
+
+@needs_thp
+def test_a_view_is_left_where_it_is():
+    holder = nn.Module()
+    base = torch.arange(200_000, dtype=torch.float32)
+    holder.register_buffer("view", base[100:])
+    assert hugepages.use_huge_pages(holder) == 0
+    assert holder.view.data_ptr() == base.data_ptr() + 400
+
+
+def test_nothing_moves_where_huge_pages_are_off(monkeypatch):
+    monkeypatch.setattr(hugepages, "available", lambda: False)
+    model = tiny_model()
+    pointers = [t.data_ptr() for t in model.parameters()]
+    assert hugepages.use_huge_pages(model) == 0
+    assert [t.data_ptr() for t in model.parameters()] == pointers
+
+
+@needs_thp
+def test_a_loaded_cpu_model_and_its_cache_are_on_huge_pages(write_ckpt):
+    args = dataclasses.replace(TINY, hidden_size=256, vocab_size=3000)
+    settings = Settings()
+    settings.model.path = str(write_ckpt(args=args))
+    loaded = load_model(settings).model
+    assert advised(loaded.word_embeddings.weight)
+    assert advised(loaded.transformer.layers[0].mlp.dense_h_to_4h.weight)
+    cache = loaded.new_kv_cache(2, 64, hugepages.zeros)
+    assert cache.k[0].shape == (2, TINY.num_heads, 64, 256 // TINY.num_heads)
+    assert all(torch.count_nonzero(t) == 0 for t in cache.k + cache.v)
+
+
+def test_fast_and_slow_give_the_same_tokens_with_a_moved_model():
+    model = tiny_model(seed=3)
+    hugepages.use_huge_pages(model)
+    window, params = Window(size=32, stride=8), SamplingParams(greedy=True)
+    prompt = list(range(1, 21))
+    fast = [t for step in generate(model, prompt, window, params, max_new_tokens=40) for t in step]
+    slow = [t for step in generate(model, prompt, window, params, max_new_tokens=40, fast=False) for t in step]
+    assert fast == slow
+    steps = []
+    with torch.inference_mode():
+        for zeros in (torch.zeros, hugepages.zeros):
+            cache = model.new_kv_cache(1, 32, zeros)
+            model(torch.tensor([prompt[:5]]), torch.arange(5), cache)
+            steps.append(decode_step(model, torch.tensor([7]), torch.tensor([5]), cache))
+    assert torch.equal(steps[0], steps[1])
