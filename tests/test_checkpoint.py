@@ -236,3 +236,32 @@ def test_reshard_keeps_megatron_args_for_the_head_count(write_ckpt, tmp_path, as
     kept = kept if as_dict else vars(kept)
     assert kept == {**stored, "model_parallel_size": 4}
     assert resharded.extra[0]["optimizer"] is None
+
+
+@pytest.mark.parametrize("raised", [ImportError("cannot load module more than once per process"), MemoryError()])
+def test_a_failure_of_this_python_is_not_called_a_damaged_rank_file(write_ckpt, monkeypatch, raised):
+    """An import or memory failure inside torch.load comes through as itself: telling the user to
+    re-copy a good file would send them the wrong way."""
+    rank_file = next(write_ckpt("env").rglob("mp_rank_00_model_states.pt"))
+
+    def load(*args, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(megatron.torch, "load", load)
+    with pytest.raises(type(raised)):
+        megatron.load_rank_file(rank_file)
+
+
+def test_a_damaged_rank_file_error_keeps_what_torch_raised(write_ckpt, monkeypatch):
+    rank_file = next(write_ckpt("damaged").rglob("mp_rank_00_model_states.pt"))
+    cause = RuntimeError("PytorchStreamReader failed reading zip archive: failed finding central directory")
+
+    def load(*args, **kwargs):
+        raise cause
+
+    monkeypatch.setattr(megatron.torch, "load", load)
+    with pytest.raises(UserError) as error:
+        megatron.load_rank_file(rank_file)
+    assert str(error.value) == (f"{rank_file}: cannot read as a PyTorch checkpoint (truncated or not a .pt file: "
+                                f"{cause}); re-copy this rank file")
+    assert error.value.__cause__ is cause  # shown under --debug

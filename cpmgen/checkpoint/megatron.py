@@ -120,9 +120,12 @@ def load_rank_file(path: Path, trust: bool = False) -> dict:
         what = f"the Python object {found.group(1)}" if found else "Python objects"
         raise UserError(f"{path}: holds {what}, which a checkpoint does not need and which could run code; "
                         "not loaded (pass --trust-checkpoint only if you wrote this file yourself)") from None
+    except (ImportError, MemoryError):
+        raise  # this Python or this machine, not the file: calling the file damaged would mislead
     except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        # chained, so that --debug shows what torch raised
         raise UserError(f"{path}: cannot read as a PyTorch checkpoint (truncated or not a .pt file: "
-                        f"{_first_line(e)}); re-copy this rank file") from None
+                        f"{_first_line(e)}); re-copy this rank file") from e
     if not isinstance(state, dict) or not isinstance(state.get("module"), dict):
         keys = ", ".join(map(str, list(state)[:6])) if isinstance(state, dict) else type(state).__name__
         raise UserError(f"{path}: not a Megatron model checkpoint (no 'module' state dict; found {keys})")
