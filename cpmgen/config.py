@@ -119,7 +119,7 @@ class RuntimeSection:
     memory-bound decode; their inputs are quantized to int8 per row on the fly (cpmgen/quantize.py)."""
     prepack: bool = True
     """CPU: run linears in a faster form than plain F.linear (cpmgen/prepack.py): oneDNN-prepacked
-    weights where the CPU has AVX-512, cpmgen's fp32 GEMV for decode elsewhere."""
+    weights where the CPU has AVX-512, cpmgen's fp32/bf16 GEMV for decode elsewhere."""
     threads: int = 0
     """CPU threads per process; 0: automatic (cpmgen/threads.py)."""
     compile: bool = False

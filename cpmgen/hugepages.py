@@ -10,20 +10,22 @@ out) that start on a 2 MB boundary, with their whole 2 MB pages advised MADV_HUG
 partial page at the end is not advised, so nothing is rounded up; where the kernel's THP mode is
 `never` nothing is moved.
 
-`use_huge_pages` moves a loaded model's large tensors one at a time, each old copy freed as it
-goes (the peak is the weights plus one tensor). Each tensor keeps its identity (its storage is
+`use_huge_pages` moves a loaded model's large tensors (`streamed_tensors`: those a step reads
+whole) one at a time, each old copy freed as it goes (the peak is the weights plus one tensor). Each tensor keeps its identity (its storage is
 swapped under it with `tensor.data = ...`), so tied weights and modules holding the same tensor
 objects see the moved ones, and the values are bitwise unchanged.
 """
 
 from __future__ import annotations
 
+import itertools
 import mmap
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
-import torch.nn as nn
+
+from cpmgen.model import CPMModel
 
 HUGE_PAGE = 2 << 20
 ALIGN = 64  # each moved tensor starts on a cache line
@@ -68,27 +70,38 @@ def movable(tensor: torch.Tensor, min_bytes: int) -> bool:
             and tensor.untyped_storage().nbytes() == nbytes and nbytes >= min_bytes)
 
 
-def use_huge_pages(model: nn.Module, replaced: Callable[[torch.Tensor], None] = lambda tensor: None,
+def use_huge_pages(tensors: Iterable[torch.Tensor], replaced: Callable[[torch.Tensor], None] = lambda tensor: None,
                    min_bytes: int = 256 << 10) -> int:
-    """Move the model's CPU parameters and buffers of at least `min_bytes` into one mapping on huge
-    pages, calling `replaced(tensor)` with each before its storage is swapped (the loader lets go
-    of mapped checkpoint pages there). Returns the bytes moved (0 where huge pages are not available)."""
+    """Move the CPU tensors of at least `min_bytes` among `tensors` into one mapping on huge pages,
+    calling `replaced(tensor)` with each before its storage is swapped (the loader lets go of
+    mapped checkpoint pages there). Returns the bytes moved (0 where huge pages are not available)."""
     if not available():
         return 0
-    tensors, seen = [], set()
-    for tensor in (*model.parameters(), *model.buffers()):
+    moving, seen = [], set()
+    for tensor in tensors:
         if movable(tensor, min_bytes) and tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
-            tensors.append(tensor)
-    sizes = [-(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN for tensor in tensors]
-    if not tensors:
+            moving.append(tensor)
+    sizes = [-(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN for tensor in moving]
+    if not moving:
         return 0
     memory, offset = region(sum(sizes)), 0
     with torch.no_grad():
-        for tensor, size in zip(tensors, sizes):
+        for tensor, size in zip(moving, sizes):
             moved = memory[offset:offset + tensor.numel() * tensor.element_size()]
             moved = moved.view(tensor.dtype).view(tensor.shape).copy_(tensor)
             offset += size
             replaced(tensor)
             tensor.data = moved  # the old storage is freed here unless something else holds it
     return sum(sizes)
+
+
+def streamed_tensors(model: CPMModel) -> list[torch.Tensor]:
+    """The tensors a decode step reads whole: all of the model's parameters and buffers except the
+    embedding tables (a step looks up one row of each), unless the output layer multiplies by the
+    word-embedding table itself (it holds no tensor of its own: the tied output layer and cpmgen's
+    GEMV; a quantized or oneDNN-packed output layer has its own copy)."""
+    tables = {id(model.word_embeddings.weight), id(model.position_embeddings.weight)}
+    if not any(True for _ in itertools.chain(model.lm_head.parameters(), model.lm_head.buffers())):
+        tables.discard(id(model.word_embeddings.weight))
+    return [t for t in itertools.chain(model.parameters(), model.buffers()) if id(t) not in tables]

@@ -12,7 +12,7 @@ from cpmgen.checkpoint.reader import Checkpoint, open_checkpoint, resolve_args
 from cpmgen.config import DTYPE_ALIASES, ModelArgs, RuntimeSection, Settings
 from cpmgen.errors import UserError
 from cpmgen.fused_decode import fuse_decode
-from cpmgen.hugepages import use_huge_pages
+from cpmgen.hugepages import streamed_tensors, use_huge_pages
 from cpmgen.memory import trim_heap
 from cpmgen.model import CPMModel, decode_step
 
@@ -121,7 +121,7 @@ def _load_quantized(settings: Settings, ckpt: Checkpoint, args: ModelArgs, devic
 def _loaded(model: CPMModel, args: ModelArgs, device: torch.device, dtype: torch.dtype, settings: Settings,
             ckpt: Checkpoint) -> Loaded:
     if device.type == "cpu":
-        use_huge_pages(model, released(model, ckpt))  # a step streams the weights: faster from 2 MB pages
+        use_huge_pages(streamed_tensors(model), released(model, ckpt))  # a step streams the weights: faster from 2 MB pages
     trim_heap()  # converted and replaced copies were freed one by one; hand their memory back
     fuse_decode(model)  # CPU: a one-token step in fewer, larger ops
     return Loaded(model.eval(), args, device, dtype, compile_decode(model) if settings.runtime.compile else decode_step)

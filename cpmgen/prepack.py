@@ -8,9 +8,10 @@ split the rows over all cores instead (README, Performance, has the measurements
   weights also speed up a window's prefill, and every path (decode, prefill, the slow
   recompute) goes through the same packed layers. The output layer needs a packed copy of the
   word embedding (the input lookup still reads it plain). Used where the CPU has AVX-512.
-- "gemv": cpmgen's fp32 GEMV (kernels/gemv.cpp) on the weights as they are, for calls of a few
-  rows; a window's prefill goes to `F.linear`. No copy of anything. Used for fp32 on other CPUs
-  (AVX2), where it reads the weights faster than oneDNN's packed GEMV.
+- "gemv": cpmgen's fp32/bf16 GEMV (kernels/gemv.cpp) on the weights as they are, for calls of a
+  few rows; a window's prefill goes to `F.linear`. No copy of anything. Used on other CPUs (AVX2)
+  and for bf16 where oneDNN has no bf16 linear: there it reads the weights faster than oneDNN's
+  packed fp32 GEMV and MKL's bf16 one.
 
 The model code is untouched: `prepack_linears(model)` swaps modules after loading, as
 parallel.py does for tensor parallelism. Results differ from `F.linear` by rounding only
@@ -40,7 +41,7 @@ def supported(device: torch.device, dtype: torch.dtype) -> bool:
 def chosen_form(device: torch.device, dtype: torch.dtype, form: str = "auto") -> str | None:
     """The form `prepack_linears` uses ("onednn" or "gemv"), or None where neither runs."""
     onednn = supported(device, dtype)
-    gemv = device.type == "cpu" and dtype == torch.float32 and kernels.loaded()
+    gemv = device.type == "cpu" and dtype in kernels.INPUT_DTYPES and kernels.loaded()
     if form == "auto":
         form = "onednn" if onednn and (torch.backends.cpu.get_cpu_capability() == "AVX512" or not gemv) else "gemv"
     if form == "gemv":

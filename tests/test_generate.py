@@ -211,11 +211,13 @@ def test_the_thread_count_changes_no_value():
     before = torch.get_num_threads()
     ids = torch.randint(0, args.vocab_size, (1, 24), generator=torch.Generator().manual_seed(0))
     try:
-        for kernels, fused in itertools.product(("plain", "onednn", "gemv", "int8", "int4"), (False, True)):
+        for kernels, fused in itertools.product(("plain", "onednn", "gemv", "gemv-bf16", "int8", "int4"), (False, True)):
             model = CPMModel(args)
             model.load_state_dict(random_state_dict(args, 0))
             model.eval().requires_grad_(False)
-            if kernels in ("onednn", "gemv"):
+            if kernels == "gemv-bf16":
+                prepack_linears(model.to(torch.bfloat16), form="gemv")
+            elif kernels in ("onednn", "gemv"):
                 prepack_linears(model, form=kernels)
             elif kernels != "plain":
                 quantize_model(model, kernels)

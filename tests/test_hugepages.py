@@ -9,13 +9,13 @@ import gc
 
 import pytest
 import torch
-import torch.nn as nn
 
 from cpmgen import hugepages
 from cpmgen.config import Settings
 from cpmgen.generate import generate
 from cpmgen.loading import load_model
 from cpmgen.model import CPMModel, decode_step
+from cpmgen.quantize import quantize_model
 from cpmgen.sampling import SamplingParams
 from cpmgen.synthetic import random_state_dict
 from cpmgen.window import Window
@@ -90,7 +90,7 @@ def test_a_model_moves_bitwise_keeping_its_tensors_and_their_ties():
     big = [name for name, t in parameters.items() if t.numel() * t.element_size() >= 256 << 10]
     assert "word_embeddings.weight" in big and "transformer.layers.0.mlp.dense_h_to_4h.weight" in big
     released = []
-    moved = hugepages.use_huge_pages(model, released.append)
+    moved = hugepages.use_huge_pages(hugepages.streamed_tensors(model), released.append)
     assert moved >= sum(parameters[name].numel() * 4 for name in big)
     assert len(released) == len(big)
     assert dict(model.named_parameters()) == parameters  # the same Parameter objects
@@ -102,18 +102,17 @@ def test_a_model_moves_bitwise_keeping_its_tensors_and_their_ties():
 
 @needs_thp
 def test_a_view_is_left_where_it_is():
-    holder = nn.Module()
     base = torch.arange(200_000, dtype=torch.float32)
-    holder.register_buffer("view", base[100:])
-    assert hugepages.use_huge_pages(holder) == 0
-    assert holder.view.data_ptr() == base.data_ptr() + 400
+    view = base[100:]
+    assert hugepages.use_huge_pages([view]) == 0
+    assert view.data_ptr() == base.data_ptr() + 400
 
 
 def test_nothing_moves_where_huge_pages_are_off(monkeypatch):
     monkeypatch.setattr(hugepages, "available", lambda: False)
     model = tiny_model()
     pointers = [t.data_ptr() for t in model.parameters()]
-    assert hugepages.use_huge_pages(model) == 0
+    assert hugepages.use_huge_pages(model.parameters()) == 0
     assert [t.data_ptr() for t in model.parameters()] == pointers
 
 
@@ -132,7 +131,7 @@ def test_a_loaded_cpu_model_and_its_cache_are_on_huge_pages(write_ckpt):
 
 def test_fast_and_slow_give_the_same_tokens_with_a_moved_model():
     model = tiny_model(seed=3)
-    hugepages.use_huge_pages(model)
+    assert hugepages.use_huge_pages(hugepages.streamed_tensors(model)) > 0 or not hugepages.available()
     window, params = Window(size=32, stride=8), SamplingParams(greedy=True)
     prompt = list(range(1, 21))
     fast = [t for step in generate(model, prompt, window, params, max_new_tokens=40) for t in step]
@@ -145,3 +144,15 @@ def test_fast_and_slow_give_the_same_tokens_with_a_moved_model():
             model(torch.tensor([prompt[:5]]), torch.arange(5), cache)
             steps.append(decode_step(model, torch.tensor([7]), torch.tensor([5]), cache))
     assert torch.equal(steps[0], steps[1])
+
+
+def test_the_embedding_tables_are_left_unless_the_output_layer_reads_one():
+    """A step looks up one row of each table: moving them would only add to the peak. The tied
+    output layer multiplies by the whole word-embedding table; a quantized one has its own copy."""
+    model = tiny_model()
+    streamed = {id(t) for t in hugepages.streamed_tensors(model)}
+    assert id(model.word_embeddings.weight) in streamed and id(model.position_embeddings.weight) not in streamed
+    quantize_model(model, "int8")
+    streamed = {id(t) for t in hugepages.streamed_tensors(model)}
+    assert id(model.word_embeddings.weight) not in streamed
+    assert id(model.lm_head.linear.packed) in streamed

@@ -21,9 +21,10 @@ def model_in(dtype: torch.dtype) -> CPMModel:
     return model.to(dtype).eval().requires_grad_(False)
 
 
-# the GEMV is fp32 only; oneDNN's bf16 linear needs AVX-512 (skipped without it)
+# oneDNN's bf16 linear needs AVX-512 (skipped without it)
 @pytest.mark.parametrize("form,dtype,tolerance", [("onednn", torch.float32, 1e-4), ("onednn", torch.bfloat16, 5e-2),
-                                                  ("gemv", torch.float32, 1e-4)], ids=["onednn-fp32", "onednn-bf16", "gemv"])
+                                                  ("gemv", torch.float32, 1e-4), ("gemv", torch.bfloat16, 5e-2)],
+                         ids=["onednn-fp32", "onednn-bf16", "gemv-fp32", "gemv-bf16"])
 @pytest.mark.parametrize("rows", [1, 2, 40])  # decode steps (one or a few rows read the weights once) and a prefill
 def test_prepacked_model_matches_plain(form, dtype, tolerance, rows):
     if chosen_form(torch.device("cpu"), dtype, form) is None:
@@ -65,6 +66,8 @@ def test_auto_picks_onednn_with_avx512_and_the_gemv_elsewhere():
     cpu = torch.device("cpu")
     avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
     assert chosen_form(cpu, torch.float32) == ("onednn" if avx512 or not kernels.loaded() else "gemv")
+    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():  # no oneDNN bf16 linear: the GEMV, where it is built
+        assert chosen_form(cpu, torch.bfloat16) == ("gemv" if kernels.loaded() else None)
     assert chosen_form(torch.device("meta"), torch.float32) is None
 
 
@@ -74,14 +77,16 @@ def test_fp16_and_training_weights_stay_plain():
     assert prepack_linears(trainable) == 0
 
 
+@pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5])  # 5: past the GEMV's rows, F.linear's matrix product
-def test_the_gemv_takes_any_shape_and_any_thread_count(rows):
+def test_the_gemv_takes_any_shape_and_any_thread_count(rows, dtype, tolerance):
     """Sizes off its 4-row groups and 8-wide loads; up to 4 rows, the same bits at 1 and 2 threads
     (more rows go to F.linear, whose matrix product may split its sums by thread)."""
     if not kernels.loaded():
         pytest.skip("the kernel library is not built")
     g = torch.Generator().manual_seed(5)
     weight, bias, x = torch.randn(13, 37, generator=g), torch.randn(13, generator=g), torch.randn(rows, 1, 37, generator=g)
+    weight, bias, x = weight.to(dtype), bias.to(dtype), x.to(dtype)
     gemv = kernels.op("gemv_linear")
     before = torch.get_num_threads()
     try:
@@ -91,6 +96,7 @@ def test_the_gemv_takes_any_shape_and_any_thread_count(rows):
             outputs.append(gemv(x, weight, bias))
     finally:
         torch.set_num_threads(before)
-    assert outputs[0].shape == (rows, 1, 13) and (rows > 4 or torch.equal(outputs[0], outputs[1]))
-    torch.testing.assert_close(outputs[0], torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(gemv(x, weight, None), torch.nn.functional.linear(x, weight), rtol=1e-5, atol=1e-5)
+    assert outputs[0].shape == (rows, 1, 13) and outputs[0].dtype == dtype
+    assert rows > 4 or torch.equal(outputs[0], outputs[1])
+    torch.testing.assert_close(outputs[0], torch.nn.functional.linear(x, weight, bias), rtol=tolerance, atol=tolerance)
+    torch.testing.assert_close(gemv(x, weight, None), torch.nn.functional.linear(x, weight), rtol=tolerance, atol=tolerance)

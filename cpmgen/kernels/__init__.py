@@ -2,7 +2,7 @@
 
 - qlinear.cpp: the int8/int4 linears (`op("qlinear")`); where the library is missing,
   cpmgen/quantize.py computes the same values with torch operations, more slowly.
-- gemv.cpp: the fp32 GEMV of decode steps (`op("gemv_linear")`, cpmgen/prepack.py's "gemv"
+- gemv.cpp: the fp32 and bf16 GEMV of decode steps (`op("gemv_linear")`, cpmgen/prepack.py's "gemv"
   form); where the library is missing, prepack uses oneDNN's packed weights.
 - attention.cpp, block.cpp: a decode step's attention, and a whole block with any of those
   linears, each in one op (`op("decode_attention")`, `op("decode_block")`); where they are

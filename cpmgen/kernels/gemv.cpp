@@ -1,12 +1,13 @@
-// y = x @ W^T + b for fp32 weights as nn.Linear holds them ([N, K], row-major). Up to kMaxRows
-// input rows (a decode step) run here, reading W once per call; more (a window's prefill) go to
-// at::linear, a matrix product that reuses each weight across the rows.
+// y = x @ W^T + b for fp32 or bf16 weights as nn.Linear holds them ([N, K], row-major). Up to
+// kMaxRows input rows (a decode step) run here, reading W once per call; more (a window's
+// prefill) go to at::linear, a matrix product that reuses each weight across the rows.
 //
 // Each thread takes whole groups of kGroup output rows and each output is one thread's
-// fixed-order sum (8 lanes, added pairwise at the end), so the values do not depend on the thread
-// count. AVX2 with FMA where the CPU has it, plain C++ elsewhere (the two round differently; a
-// machine always runs the same one). A bf16 version (weights widened as read) measured no faster
-// than torch's bf16 linear on an AVX2 CPU, so bf16 is not taken here.
+// fixed-order sum in fp32 (8 lanes, added pairwise at the end), so the values do not depend on
+// the thread count. bf16 weights are widened to fp32 as they are read (a bf16 value is the top
+// half of an fp32 one), the input row once per call, and each output is rounded to bf16 once,
+// after the bias. AVX2 with FMA where the CPU has it, plain C++ elsewhere (the two round
+// differently; a machine always runs the same one).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -30,72 +31,68 @@ constexpr int64_t kMaxRows = 4;  // input rows read here at most (beyond, at::li
 
 inline float pairwise(const float* t) { return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7])); }
 
-// y[0..rows) for `rows` (1..kGroup) weight rows of length k from w and one input row x.
-void rows_generic(const float* w, const float* x, int64_t k, int rows, float* y) {
+// y[0..rows) for `rows` (1..kGroup) weight rows of length k from w and one fp32 input row x.
+template <typename W>
+void rows_generic(const W* w, const float* x, int64_t k, int rows, float* y) {
   for (int r = 0; r < rows; ++r) {
     float part[8] = {};
     int64_t i = 0;
     for (; i + 8 <= k; i += 8)
-      for (int l = 0; l < 8; ++l) part[l] = part[l] + w[r * k + i + l] * x[i + l];
+      for (int l = 0; l < 8; ++l) part[l] = part[l] + static_cast<float>(w[r * k + i + l]) * x[i + l];
     float s = pairwise(part);
-    for (; i < k; ++i) s = s + w[r * k + i] * x[i];
+    for (; i < k; ++i) s = s + static_cast<float>(w[r * k + i]) * x[i];
     y[r] = s;
   }
 }
 
 #if CPMGEN_X86
-__attribute__((target("avx2,fma"))) void rows_avx2(const float* w, const float* x, int64_t k, int rows, float* y) {
+__attribute__((target("avx2,fma"))) inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
+
+// A bf16 value is the top half of an fp32 one: widened to 32 bits and shifted up.
+__attribute__((target("avx2,fma"))) inline __m256 load8(const at::BFloat16* p) {
+  const __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+}
+
+template <typename W>
+__attribute__((target("avx2,fma"))) void rows_avx2(const W* w, const float* x, int64_t k, int rows, float* y) {
   __m256 acc[kGroup];
   for (int r = 0; r < kGroup; ++r) acc[r] = _mm256_setzero_ps();
   int64_t i = 0;
   for (; i + 8 <= k; i += 8) {
     const __m256 xv = _mm256_loadu_ps(x + i);
-    for (int r = 0; r < rows; ++r) acc[r] = _mm256_fmadd_ps(_mm256_loadu_ps(w + r * k + i), xv, acc[r]);
+    for (int r = 0; r < rows; ++r) acc[r] = _mm256_fmadd_ps(load8(w + r * k + i), xv, acc[r]);
   }
   for (int r = 0; r < rows; ++r) {
     alignas(32) float t[8];
     _mm256_store_ps(t, acc[r]);
     float s = pairwise(t);
-    for (int64_t j = i; j < k; ++j) s = s + w[r * k + j] * x[j];
+    for (int64_t j = i; j < k; ++j) s = s + static_cast<float>(w[r * k + j]) * x[j];
     y[r] = s;
   }
 }
 #endif
 
-using Rows = void (*)(const float*, const float*, int64_t, int, float*);
+template <typename W>
+using Rows = void (*)(const W*, const float*, int64_t, int, float*);
 
-Rows best_rows() {
+template <typename W>
+Rows<W> best_rows() {
 #if CPMGEN_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return rows_avx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return rows_avx2<W>;
 #endif
-  return rows_generic;
+  return rows_generic<W>;
 }
 
-}  // namespace
-
-namespace cpmgen {
-
-at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK(input.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat && weight.dim() == 2 &&
-                  weight.is_contiguous(),
-              "gemv_linear: fp32 input and a contiguous fp32 [out_features, in_features] weight");
-  const int64_t n = weight.size(0), k = weight.size(1);
-  TORCH_CHECK(input.size(-1) == k, "gemv_linear: input has ", input.size(-1), " features, the weight ", k);
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n && bias->is_contiguous(),
-                "gemv_linear: bias must be fp32 [out_features]");
-    b = bias->data_ptr<float>();
-  }
-  if (input.numel() > kMaxRows * k) return at::linear(input, weight, bias);
-  static const Rows rows_of = best_rows();
-  const at::Tensor x = input.reshape({-1, k}).contiguous();
-  const int64_t m = x.size(0);
-  at::Tensor y = at::empty({m, n}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const float* wp = weight.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
+template <typename T>
+void gemv(const at::Tensor& x, const at::Tensor& weight, const T* b, at::Tensor& y) {
+  static const Rows<T> rows_of = best_rows<T>();
+  const int64_t m = x.size(0), n = weight.size(0), k = weight.size(1);
+  const at::Tensor xf = x.to(at::kFloat);  // x itself when fp32
+  const float* xp = xf.data_ptr<float>();
+  const T* wp = weight.data_ptr<T>();
+  T* yp = y.data_ptr<T>();
   at::parallel_for(0, (n + kGroup - 1) / kGroup, 16, [&](int64_t begin, int64_t end) {
     float out[kGroup];
     for (int64_t g = begin; g < end; ++g) {
@@ -103,10 +100,35 @@ at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const 
       const int rows = static_cast<int>(std::min(kGroup, n - n0));
       for (int64_t row = 0; row < m; ++row) {
         rows_of(wp + n0 * k, xp + row * k, k, rows, out);
-        for (int r = 0; r < rows; ++r) yp[row * n + n0 + r] = b ? out[r] + b[n0 + r] : out[r];
+        for (int r = 0; r < rows; ++r)
+          yp[row * n + n0 + r] = static_cast<T>(b ? out[r] + static_cast<float>(b[n0 + r]) : out[r]);
       }
     }
   });
+}
+
+}  // namespace
+
+namespace cpmgen {
+
+at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const at::ScalarType dtype = weight.scalar_type();
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && input.scalar_type() == dtype && weight.dim() == 2 &&
+                  weight.is_contiguous(),
+              "gemv_linear: a contiguous fp32 or bf16 [out_features, in_features] weight and an input of its dtype");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  TORCH_CHECK(input.size(-1) == k, "gemv_linear: input has ", input.size(-1), " features, the weight ", k);
+  const bool has_bias = bias.has_value() && bias->defined();
+  TORCH_CHECK(!has_bias || (bias->scalar_type() == dtype && bias->numel() == n && bias->is_contiguous()),
+              "gemv_linear: bias must be [out_features] in the weight's dtype");
+  if (input.numel() > kMaxRows * k) return at::linear(input, weight, bias);
+  const at::Tensor x = input.reshape({-1, k}).contiguous();
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  if (dtype == at::kFloat) {
+    gemv<float>(x, weight, has_bias ? bias->data_ptr<float>() : nullptr, y);
+  } else {
+    gemv<at::BFloat16>(x, weight, has_bias ? bias->data_ptr<at::BFloat16>() : nullptr, y);
+  }
   std::vector<int64_t> shape = input.sizes().vec();
   shape.back() = n;
   return y.view(shape);
