@@ -46,12 +46,12 @@ def region(nbytes: int) -> torch.Tensor:
     """`nbytes` zeroed bytes (uint8) on huge pages as far as whole ones go; freed with the last
     tensor that uses them."""
     mapping = mmap.mmap(-1, nbytes + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    memory = torch.frombuffer(mapping, dtype=torch.uint8)  # holds the mapping
-    start = -memory.data_ptr() % HUGE_PAGE
+    start = -torch.frombuffer(mapping, dtype=torch.uint8, count=1).data_ptr() % HUGE_PAGE
     whole = nbytes // HUGE_PAGE * HUGE_PAGE
     if whole:
         mapping.madvise(mmap.MADV_HUGEPAGE, start, whole)
-    return memory[start:start + nbytes]
+    # a storage of its own that starts at the boundary, and holds the mapping
+    return torch.frombuffer(mapping, dtype=torch.uint8, count=nbytes, offset=start)
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str) -> torch.Tensor:

@@ -43,7 +43,7 @@ def test_zeros_are_zeros_on_a_huge_page_boundary():
     tensor = hugepages.zeros((3, 5, 70_000), torch.float32, "cpu")
     assert tensor.shape == (3, 5, 70_000) and tensor.dtype == torch.float32 and tensor.is_contiguous()
     assert torch.count_nonzero(tensor) == 0
-    assert tensor.data_ptr() % hugepages.HUGE_PAGE == 0 and advised(tensor)
+    assert tensor.data_ptr() % hugepages.HUGE_PAGE == 0 and tensor.storage_offset() == 0 and advised(tensor)
     tensor.fill_(2.5)
     assert tensor.sum().item() == 2.5 * tensor.numel()
 
