@@ -82,9 +82,9 @@ def use_huge_pages(tensors: Iterable[torch.Tensor], replaced: Callable[[torch.Te
         if movable(tensor, min_bytes) and tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             moving.append(tensor)
-    sizes = [-(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN for tensor in moving]
     if not moving:
         return 0
+    sizes = [-(-tensor.numel() * tensor.element_size() // ALIGN) * ALIGN for tensor in moving]
     memory, offset = region(sum(sizes)), 0
     with torch.no_grad():
         for tensor, size in zip(moving, sizes):
@@ -102,6 +102,7 @@ def streamed_tensors(model: CPMModel) -> list[torch.Tensor]:
     word-embedding table itself (it holds no tensor of its own: the tied output layer and cpmgen's
     GEMV; a quantized or oneDNN-packed output layer has its own copy)."""
     tables = {id(model.word_embeddings.weight), id(model.position_embeddings.weight)}
-    if not any(True for _ in itertools.chain(model.lm_head.parameters(), model.lm_head.buffers())):
+    own = next(itertools.chain(model.lm_head.parameters(), model.lm_head.buffers()), None)
+    if own is None:
         tables.discard(id(model.word_embeddings.weight))
     return [t for t in itertools.chain(model.parameters(), model.buffers()) if id(t) not in tables]
