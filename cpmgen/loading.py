@@ -120,8 +120,11 @@ def _load_quantized(settings: Settings, ckpt: Checkpoint, args: ModelArgs, devic
 
 def _loaded(model: CPMModel, args: ModelArgs, device: torch.device, dtype: torch.dtype, settings: Settings,
             ckpt: Checkpoint) -> Loaded:
-    if device.type == "cpu":
-        use_huge_pages(streamed_tensors(model), released(model, ckpt))  # a step streams the weights: faster from 2 MB pages
+    # A step streams the weights: faster from 2 MB pages. Megatron rank files only: their mapped
+    # pages are let go as each weight is copied (released); a safetensors file's mapping would
+    # stay resident beside the copy, doubling the memory of a quantized or HF folder.
+    if device.type == "cpu" and ckpt.format == "megatron":
+        use_huge_pages(streamed_tensors(model), released(model, ckpt))
     trim_heap()  # converted and replaced copies were freed one by one; hand their memory back
     fuse_decode(model)  # CPU: a one-token step in fewer, larger ops
     return Loaded(model.eval(), args, device, dtype, compile_decode(model) if settings.runtime.compile else decode_step)

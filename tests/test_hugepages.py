@@ -156,3 +156,20 @@ def test_the_embedding_tables_are_left_unless_the_output_layer_reads_one():
     streamed = {id(t) for t in hugepages.streamed_tensors(model)}
     assert id(model.word_embeddings.weight) not in streamed
     assert id(model.lm_head.linear.packed) in streamed
+
+
+@needs_thp
+def test_a_quantized_folder_stays_where_safetensors_put_it(write_ckpt, tmp_path):
+    """Its weights are mapped from the file, which nothing could let go of: a moved copy would
+    double the memory. (Megatron rank files let go of each weight's pages as it is copied.)"""
+    from cpmgen.checkpoint.reader import open_checkpoint, resolve_args
+    from cpmgen.quantized_checkpoint import write_quantized
+
+    args = dataclasses.replace(TINY, hidden_size=256, vocab_size=3000)
+    settings = Settings()
+    source = open_checkpoint(write_ckpt(args=args))
+    (tmp_path / "q").mkdir()
+    write_quantized(tmp_path / "q", source, resolve_args(source, settings.model), "int8")
+    settings.model.path = str(tmp_path / "q")
+    loaded = load_model(settings).model
+    assert not advised(loaded.transformer.layers[0].mlp.dense_h_to_4h.packed)
