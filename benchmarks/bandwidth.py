@@ -48,13 +48,13 @@ def memory_bandwidth(threads: int | None = None, nbytes: int = 1 << 30, reps: in
     - triad: c = a + 3 b, counting 3 x nbytes;
     - linear_batch1: one row times an `nbytes` weight [n, 4096] in fp32 and bf16, counting the
       weight bytes, through F.linear (MKL's GEMV), through oneDNN on a weight prepacked for
-      batch 1 and through cpmgen's fp32 GEMV (the two forms of cpmgen.prepack): the operation
+      batch 1 and through cpmgen's GEMV (the two forms of cpmgen.prepack): the operation
       batch-1 decode is made of.
 
     `bound_gbs`, the figure for decode_bound: batch-1 decode reads every weight once per token
     and writes almost nothing, so its limit is the read bandwidth at the thread count it runs
-    with, the better of the two page sizes. The linears are reported beside it, not folded in: the bound must not depend on the
-    kernels it judges."""
+    with, the better of the two page sizes. The linears are reported beside it, not folded in:
+    the bound must not depend on the kernels it judges."""
     previous = torch.get_num_threads()
     if threads:
         torch.set_num_threads(threads)
@@ -76,8 +76,9 @@ def memory_bandwidth(threads: int | None = None, nbytes: int = 1 << 30, reps: in
             x = torch.full((1, cols), 0.5, dtype=dtype)
             size = weight.numel() * dtype.itemsize
             linear[f"{name}_mkl"] = _gbs(size, _best_seconds(reps, F.linear, x, weight))
-            if dtype == torch.float32 and kernels.loaded():
-                linear[f"{name}_cpmgen_gemv"] = _gbs(size, _best_seconds(reps, kernels.op("gemv_linear"), x, weight, None))
+            if kernels.loaded():
+                gemv = kernels.op("gemv_linear")
+                linear[f"{name}_cpmgen_gemv"] = _gbs(size, _best_seconds(reps, gemv, x, weight, None))
             if dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported():
                 packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
                 del weight

@@ -11,9 +11,10 @@ partial page at the end is not advised, so nothing is rounded up; where the kern
 `never` nothing is moved.
 
 `use_huge_pages` moves a loaded model's large tensors (`streamed_tensors`: those a step reads
-whole) one at a time, each old copy freed as it goes (the peak is the weights plus one tensor). Each tensor keeps its identity (its storage is
-swapped under it with `tensor.data = ...`), so tied weights and modules holding the same tensor
-objects see the moved ones, and the values are bitwise unchanged.
+whole) one at a time, each old copy freed as it goes (the peak is the weights plus one tensor).
+Each tensor keeps its identity (its storage is swapped under it with `tensor.data = ...`), so
+tied weights and modules holding the same tensor objects see the moved ones, and the values are
+bitwise unchanged.
 """
 
 from __future__ import annotations
