@@ -281,7 +281,9 @@ def test_api_key_required_when_set(locked):
 
 def test_past_the_queue_limit_429_and_the_queued_request_runs_later(locked):
     client = locked.client("s3cret")
-    running = client.completions.create(model="m", prompt="今天天气很好", max_tokens=0, stream=True)
+    # no end of text: a sampled <eod> would end it early and free the row before the third request
+    running = client.completions.create(model="m", prompt="今天天气很好", max_tokens=0, seed=4, stream=True,
+                                        extra_body={"ignore_eos": True})
     next(iter(running))  # holds the only row
     queued_chunks = []
     queued = threading.Thread(target=lambda: queued_chunks.extend(
