@@ -8,10 +8,11 @@ swaps modules after loading, as prepack.py and quantize.py do:
   matmuls, scaling, softmax) as one op that writes the token's key and value into cache slot
   `position` and attends to slots 0..position (what the model's mask lets a one-token step see).
   Its values differ from the plain form's by rounding only.
-- Block -> DecodeBlock: the whole one-token step of a block as one op that runs the same
-  operations as its modules in the same order (layer norms, the linears: plain, oneDNN-prepacked,
-  cpmgen's GEMV or int8/int4, the fused attention, GELU, residual adds): bitwise the same
-  values, one Python call instead of some twenty.
+- Block -> DecodeBlock: the whole one-token step of a block as one call (kernels/block.cpp's
+  BlockStep, which holds the block's tensors) that runs the same operations as its modules in
+  the same order (layer norms, the linears: plain, oneDNN-prepacked, cpmgen's GEMV or int8/int4,
+  the fused attention, GELU, residual adds): bitwise the same values, one Python call instead of
+  some twenty, and with cpmgen's own linears one parallel region instead of one per operation.
 
 Every other call (a window's prefill, the slow recompute without a cache, a compiled step) runs
 the modules' own code. The ops split their work by sequence and head or by output rows, so their
@@ -33,11 +34,6 @@ def one_token_step(x: torch.Tensor, kv_cache) -> bool:
     return x.shape[1] == 1 and kv_cache is not None and not torch.compiler.is_compiling()
 
 
-def step_positions(input_pos: torch.Tensor, batch: int) -> torch.Tensor:
-    """Each sequence's position [batch] from a one-token step's input_pos ([1] or [batch, 1])."""
-    return input_pos.expand(batch) if input_pos.dim() == 1 else input_pos[:, 0]
-
-
 class DecodeAttention(Attention):
     """An Attention (the same projections) whose one-token steps with a cache run as one op."""
 
@@ -50,36 +46,40 @@ class DecodeAttention(Attention):
         if not one_token_step(x, kv_cache):
             return super().forward(x, input_pos, mask, kv_cache, layer, kv_len)
         attend = kernels.op("decode_attention")
-        out = attend(self.query_key_value(x), kv_cache.k[layer], kv_cache.v[layer],
-                     step_positions(input_pos, x.shape[0]), self.num_heads)
+        # input_pos of a one-token step: [1] (one position for all rows) or [batch, 1], as the op takes it
+        out = attend(self.query_key_value(x), kv_cache.k[layer], kv_cache.v[layer], input_pos, self.num_heads)
         return self.dense(out)
 
 
 class DecodeBlock(Block):
-    """A Block (the same modules) whose one-token steps with a cache run as one op. Made after
-    loading: the op's tensor lists share the modules' tensors as they are then."""
+    """A Block (the same modules) whose one-token steps with a cache run as one call. Made after
+    loading: its BlockStep holds the modules' tensors as they are then (the same tensor objects,
+    so a later change of their storage, as hugepages makes, is seen)."""
 
     LINEARS = ("attention.query_key_value", "attention.dense", "mlp.dense_h_to_4h", "mlp.dense_4h_to_h")
-    # each linear type: its number in kernels/block.cpp's Kind, and the attribute holding its weight
-    KINDS = {nn.Linear: (0, "weight"), PackedLinear: (1, "packed_weight"), QuantizedLinear: (2, "packed"),
-             GemvLinear: (3, "weight")}
+    # each linear type: its kind in kernels/block.cpp, and the attribute holding its weight
+    KINDS = {nn.Linear: ("plain", "weight"), PackedLinear: ("packed", "packed_weight"),
+             QuantizedLinear: ("quantized", "packed"), GemvLinear: ("gemv", "weight")}
 
     def __init__(self, block: Block):
         nn.Module.__init__(self)
         self.input_layernorm, self.attention = block.input_layernorm, block.attention
         self.post_attention_layernorm, self.mlp = block.post_attention_layernorm, block.mlp
         linears = [self.get_submodule(name) for name in self.LINEARS]
-        self.kind, weight = self.KINDS[type(linears[0])]
-        self.norms = [self.input_layernorm.weight, self.input_layernorm.bias,
-                      self.post_attention_layernorm.weight, self.post_attention_layernorm.bias]
-        self.weights = [getattr(linear, weight) for linear in linears]
+        kind, weight = self.KINDS[type(linears[0])]
         quantized = type(linears[0]) is QuantizedLinear
-        self.gparams = [linear.gparams for linear in linears] if quantized else []
-        self.scales = [linear.scale for linear in linears] if quantized else []
-        self.bits, self.group = (linears[0].bits, linears[0].group) if quantized else (0, 0)
-        self.biases = [linear.bias for linear in linears]
-        self.out_features = [linear.out_features for linear in linears]
-        self.eps = self.input_layernorm.eps
+        self.step = kernels.block_step(
+            kind,
+            norms=[self.input_layernorm.weight, self.input_layernorm.bias,
+                   self.post_attention_layernorm.weight, self.post_attention_layernorm.bias],
+            weights=[getattr(linear, weight) for linear in linears],
+            gparams=[linear.gparams for linear in linears] if quantized else [],
+            scales=[linear.scale for linear in linears] if quantized else [],
+            biases=[linear.bias for linear in linears],
+            out_features=[linear.out_features for linear in linears],
+            bits=linears[0].bits if quantized else 0, group=linears[0].group if quantized else 0,
+            eps=self.input_layernorm.eps, heads=self.attention.num_heads)
+        self.step_forward = self.step.forward  # looked up once: each lookup makes a new method object
 
     @classmethod
     def fits(cls, block: Block) -> bool:
@@ -95,10 +95,7 @@ class DecodeBlock(Block):
     def forward(self, x, input_pos, mask, kv_cache, layer, kv_len):
         if not one_token_step(x, kv_cache):
             return super().forward(x, input_pos, mask, kv_cache, layer, kv_len)
-        block = kernels.op("decode_block")
-        return block(x, self.norms, self.kind, self.weights, self.gparams, self.scales, self.biases, self.out_features,
-                     self.bits, self.group, self.eps, kv_cache.k[layer], kv_cache.v[layer],
-                     step_positions(input_pos, x.shape[0]), self.attention.num_heads)
+        return self.step_forward(x, kv_cache.k[layer], kv_cache.v[layer], input_pos)
 
 
 def fuse_decode(model: CPMModel) -> int:

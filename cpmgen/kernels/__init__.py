@@ -4,9 +4,10 @@
   cpmgen/quantize.py computes the same values with torch operations, more slowly.
 - gemv.cpp: the fp32 and bf16 GEMV of decode steps (`op("gemv_linear")`, cpmgen/prepack.py's "gemv"
   form); where the library is missing, prepack uses oneDNN's packed weights.
-- attention.cpp, block.cpp: a decode step's attention, and a whole block with any of those
-  linears, each in one op (`op("decode_attention")`, `op("decode_block")`); where they are
-  missing, cpmgen/fused_decode.py leaves the model's plain PyTorch modules in place.
+- attention.cpp, block.cpp: a decode step's attention in one op (`op("decode_attention")`), and a
+  whole block with any of those linears in one call (`block_step(...)`, an object holding the
+  block's tensors); where they are missing, cpmgen/fused_decode.py leaves the model's plain
+  PyTorch modules in place.
 
 `build()` compiles them with the system C++ compiler against the installed torch, with no
 -march: the library holds versions of its loops for AVX-512 VNNI, AVX2 and plain C++ and picks
@@ -28,7 +29,7 @@ import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in ("qlinear.cpp", "gemv.cpp", "attention.cpp", "block.cpp")]
 LIBRARY = Path(__file__).with_name("_kernels.so")
-INPUT_DTYPES = (torch.float32, torch.bfloat16)  # the activations qlinear, decode_attention and decode_block take
+INPUT_DTYPES = (torch.float32, torch.bfloat16)  # the activations qlinear, decode_attention and BlockStep take
 
 
 def compile_command(output: Path = LIBRARY) -> list[str]:
@@ -78,9 +79,17 @@ def loaded() -> bool:
 
 @functools.cache
 def op(name: str):
-    """torch.ops.cpmgen.<name> ("qlinear", "decode_attention", "decode_block"), or None where the
+    """torch.ops.cpmgen.<name> ("qlinear", "decode_attention", "gemv_linear"), or None where the
     library is not available."""
     return getattr(torch.ops.cpmgen, name) if loaded() else None
+
+
+def block_step(kind: str, *, norms: list, weights: list, gparams: list, scales: list, biases: list,
+               out_features: list, bits: int, group: int, eps: float, heads: int):
+    """block.cpp's BlockStep for one block (see there for the arguments); its `forward(x, k_cache,
+    v_cache, pos)` runs the block's one-token step. Needs the library (`loaded()`)."""
+    return torch.classes.cpmgen.BlockStep(kind, norms, weights, gparams, scales, biases, out_features, bits, group,
+                                          eps, heads)
 
 
 def isas() -> list[str]:

@@ -3,7 +3,7 @@
 //
 //   qkv     [B, 1, 3 * H * D] (or [B, 3 * H * D]), fp32 or bf16: the fused projection, [q; k; v]
 //   k_cache [B, H, S, D] fp32, v_cache the same (written in place at slot pos[b])
-//   pos     [B] int64: each sequence's position (its new token's slot)
+//   pos     [B], [B, 1] or one for all, int64: each sequence's position (its new token's slot)
 //   -> out  [B, 1, H * D] in qkv's dtype: softmax(q k^T / sqrt(D)) v per head, heads side by side
 //
 // The plain PyTorch form (model.Attention) runs some twenty small operations a layer for this;
@@ -102,50 +102,72 @@ void store(const float* x, T* y, int64_t n) {
 
 namespace cpmgen {
 
-at::Tensor decode_attention(const at::Tensor& qkv_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                            const at::Tensor& pos_in, int64_t heads) {
-  TORCH_CHECK(qkv_in.scalar_type() == at::kFloat || qkv_in.scalar_type() == at::kBFloat16,
+AttentionStep attention_step(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& pos_in, int64_t heads) {
+  TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16,
               "decode_attention: qkv must be fp32 or bf16");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == at::kFloat &&
                   v_cache.scalar_type() == at::kFloat,
               "decode_attention: the caches must be fp32 [batch, heads, slots, head_dim] of one shape");
   const int64_t batch = k_cache.size(0), slots = k_cache.size(2), d = k_cache.size(3);
-  TORCH_CHECK(heads == k_cache.size(1) && qkv_in.size(-1) == 3 * heads * d && qkv_in.numel() == batch * 3 * heads * d,
+  TORCH_CHECK(heads == k_cache.size(1) && qkv.size(-1) == 3 * heads * d && qkv.numel() == batch * 3 * heads * d,
               "decode_attention: qkv must be [batch, 1, 3 * heads * head_dim] for the cache's shape");
   for (const at::Tensor* c : {&k_cache, &v_cache})
     TORCH_CHECK(c->stride(3) == 1 && c->stride(2) == d && c->stride(1) == slots * d,
                 "decode_attention: each cache row must be contiguous");
-  const at::Tensor qkv = qkv_in.reshape({batch, 3 * heads * d}).to(at::kFloat).contiguous();
-  const at::Tensor pos = pos_in.to(at::kLong).contiguous();
-  TORCH_CHECK(pos.numel() == batch, "decode_attention: one position per sequence");
-  const int64_t* p = pos.data_ptr<int64_t>();
+  AttentionStep step;
+  const at::Tensor pos = pos_in.to(at::kLong).reshape(-1);
+  TORCH_CHECK(pos.numel() == batch || pos.numel() == 1,
+              "decode_attention: one position per sequence, or one for all of them");
+  step.pos = pos.expand(batch).contiguous();
+  const int64_t* p = step.pos.data_ptr<int64_t>();
   for (int64_t b = 0; b < batch; ++b)
     TORCH_CHECK(p[b] >= 0 && p[b] < slots, "decode_attention: position ", p[b], " outside the cache's ", slots, " slots");
+  step.k_cache = k_cache;
+  step.v_cache = v_cache;
+  step.heads = heads;
+  step.out = at::empty({batch, 1, heads * d}, qkv.options());
+  return step;
+}
 
-  at::Tensor out = at::empty({batch, 1, heads * d}, qkv_in.options());
-  const float* x = qkv.data_ptr<float>();
-  float* kc = k_cache.data_ptr<float>();
-  float* vc = v_cache.data_ptr<float>();
-  const int64_t k_row = k_cache.stride(0), v_row = v_cache.stride(0), width = heads * d;
+void attention_input(AttentionStep& step, const at::Tensor& qkv) {
+  step.qkv = qkv.reshape({step.k_cache.size(0), -1}).to(at::kFloat).contiguous();
+}
+
+void attention_units(const AttentionStep& step, int64_t begin, int64_t end) {
+  const int64_t slots = step.k_cache.size(2), d = step.k_cache.size(3), heads = step.heads, width = heads * d;
+  const int64_t* p = step.pos.data_ptr<int64_t>();
+  const float* x = step.qkv.data_ptr<float>();
+  float* kc = step.k_cache.data_ptr<float>();
+  float* vc = step.v_cache.data_ptr<float>();
+  const int64_t k_row = step.k_cache.stride(0), v_row = step.v_cache.stride(0);
   const float scale = 1.f / std::sqrt(static_cast<float>(d));
-  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> weights(slots), head_out(d);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / heads, h = task % heads;
-      const float* row = x + b * 3 * width;
-      float* keys = kc + b * k_row + h * slots * d;
-      float* values = vc + b * v_row + h * slots * d;
-      std::memcpy(keys + p[b] * d, row + width + h * d, d * sizeof(float));
-      std::memcpy(values + p[b] * d, row + 2 * width + h * d, d * sizeof(float));
-      attend(row + h * d, keys, values, p[b], d, scale, weights.data(), head_out.data());
-      if (out.scalar_type() == at::kFloat) {
-        store(head_out.data(), out.data_ptr<float>() + b * width + h * d, d);
-      } else {
-        store(head_out.data(), out.data_ptr<at::BFloat16>() + b * width + h * d, d);
-      }
+  std::vector<float> weights(slots), head_out(d);
+  const bool fp32 = step.out.scalar_type() == at::kFloat;
+  float* out_f32 = fp32 ? step.out.data_ptr<float>() : nullptr;
+  at::BFloat16* out_bf16 = fp32 ? nullptr : step.out.data_ptr<at::BFloat16>();
+  for (int64_t task = begin; task < end; ++task) {
+    const int64_t b = task / heads, h = task % heads;
+    const float* row = x + b * 3 * width;
+    float* keys = kc + b * k_row + h * slots * d;
+    float* values = vc + b * v_row + h * slots * d;
+    std::memcpy(keys + p[b] * d, row + width + h * d, d * sizeof(float));
+    std::memcpy(values + p[b] * d, row + 2 * width + h * d, d * sizeof(float));
+    attend(row + h * d, keys, values, p[b], d, scale, weights.data(), head_out.data());
+    if (fp32) {
+      store(head_out.data(), out_f32 + b * width + h * d, d);
+    } else {
+      store(head_out.data(), out_bf16 + b * width + h * d, d);
     }
-  });
-  return out;
+  }
+}
+
+at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& pos, int64_t heads) {
+  AttentionStep step = attention_step(qkv, k_cache, v_cache, pos, heads);
+  attention_input(step, qkv);
+  at::parallel_for(0, step.units(), 1, [&](int64_t begin, int64_t end) { attention_units(step, begin, end); });
+  return step.out;
 }
 
 }  // namespace cpmgen

@@ -1,27 +1,39 @@
-// A decode step's transformer block in one op (cpmgen/fused_decode.py): the ATen and cpmgen
+// A decode step's transformer block in one call (cpmgen/fused_decode.py): the ATen and cpmgen
 // operations its modules run (model.Block over DecodeAttention and the block's linears), in the
 // same order, so bitwise the same values, without a Python call for each of them.
 //
-//   x [B, 1, hidden] fp32 or bf16
-//   norms: input_layernorm weight and bias, then post_attention_layernorm weight and bias
+// torch.classes.cpmgen.BlockStep holds a block's tensors, given once when it is made:
 //   kind: what the four linears (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) are, the
 //     same for all four:
-//     0 plain nn.Linear: weights = their weights (at::linear, as F.linear)
-//     1 prepack.PackedLinear: weights = their oneDNN packed weights (mkldnn::_linear_pointwise)
-//     2 quantize.QuantizedLinear: weights = packed int weights, with gparams, scales, bits, group
-//     3 prepack.GemvLinear: weights = their weights (gemv_linear)
-//   biases: the linears' biases; out_features: theirs (for the quantized kind)
-//   k_cache, v_cache, pos, heads: as decode_attention
+//     "plain" nn.Linear: weights = their weights (at::linear, as F.linear)
+//     "packed" prepack.PackedLinear: weights = their oneDNN packed weights (mkldnn::_linear_pointwise)
+//     "quantized" quantize.QuantizedLinear: weights = packed int weights, with gparams, scales, bits, group
+//     "gemv" prepack.GemvLinear: weights = their weights (gemv_linear)
+//   norms: input_layernorm weight and bias, then post_attention_layernorm weight and bias
+//   biases: the linears' biases; out_features: theirs; eps: the norms'; heads: the attention's
+// and `forward(x [B, 1, hidden] fp32 or bf16, k_cache, v_cache, pos)` runs the step (the caches
+// and positions as decode_attention takes them).
+//
+// With cpmgen's own linears (quantized, and the GEMV at up to its row limit) the whole block runs
+// in one parallel region: the small serial pieces (layer norms, input quantization, GELU, the
+// residual adds) on one thread between barriers, the linears and the attention split over all
+// threads. Starting a parallel region for each operation instead, with the worker threads woken
+// each time, cost more than the serial pieces themselves at one token. oneDNN and plain linears
+// parallelize inside their own calls, so those blocks run the operations one after another.
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <omp.h>
+#include <torch/custom_class.h>
 #include <torch/library.h>
+
+#include <array>
+#include <string>
 
 #include "kernels.h"
 
 namespace {
-
-enum Kind : int64_t { kPlain = 0, kPacked = 1, kQuantized = 2, kGemv = 3 };
 
 // oneDNN's linear on a prepacked weight, as prepack.packed_linear calls it from Python.
 at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -33,43 +45,152 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const c1
   return stack[0].toTensor();
 }
 
+enum class Kind { kPlain, kPacked, kQuantized, kGemv };
+
+Kind kind_named(const std::string& name) {
+  if (name == "plain") return Kind::kPlain;
+  if (name == "packed") return Kind::kPacked;
+  if (name == "quantized") return Kind::kQuantized;
+  TORCH_CHECK(name == "gemv", "BlockStep: unknown linear kind '", name, "' (plain, packed, quantized or gemv)");
+  return Kind::kGemv;
+}
+
+struct BlockStep : torch::CustomClassHolder {
+  Kind kind;
+  std::vector<at::Tensor> norms, weights, gparams, scales;
+  c10::List<c10::optional<at::Tensor>> biases;
+  std::vector<int64_t> out_features;
+  int64_t bits, group, heads;
+  double eps;
+
+  BlockStep(const std::string& kind_name, std::vector<at::Tensor> norms_, std::vector<at::Tensor> weights_,
+            std::vector<at::Tensor> gparams_, std::vector<at::Tensor> scales_,
+            c10::List<c10::optional<at::Tensor>> biases_, std::vector<int64_t> out_features_, int64_t bits_,
+            int64_t group_, double eps_, int64_t heads_)
+      : kind(kind_named(kind_name)), norms(std::move(norms_)), weights(std::move(weights_)),
+        gparams(std::move(gparams_)), scales(std::move(scales_)), biases(std::move(biases_)),
+        out_features(std::move(out_features_)), bits(bits_), group(group_), heads(heads_), eps(eps_) {
+    TORCH_CHECK(norms.size() == 4 && weights.size() == 4 && biases.size() == 4 && out_features.size() == 4,
+                "BlockStep: four norm tensors and four linears");
+    TORCH_CHECK(kind != Kind::kQuantized || (gparams.size() == 4 && scales.size() == 4),
+                "BlockStep: quantized linears need their gparams and scales");
+  }
+
+  at::Tensor forward(const at::Tensor& x, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos) {
+    const int64_t rows = x.numel() / x.size(-1);
+    if (kind == Kind::kQuantized || (kind == Kind::kGemv && rows <= cpmgen::kGemvMaxRows))
+      return in_one_region(x, k_cache, v_cache, pos);
+    return op_by_op(x, k_cache, v_cache, pos);
+  }
+
+  at::Tensor linear(const at::Tensor& in, size_t i) const {
+    switch (kind) {
+      case Kind::kPlain: return at::linear(in, weights[i], biases.get(i));
+      case Kind::kPacked: return packed_linear(in, weights[i], biases.get(i));
+      case Kind::kGemv: return cpmgen::gemv_linear(in, weights[i], biases.get(i));
+      default:
+        return cpmgen::qlinear(in, weights[i], gparams[i], scales[i], biases.get(i), out_features[i], bits, group);
+    }
+  }
+
+  at::Tensor op_by_op(const at::Tensor& x, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                      const at::Tensor& pos) const {
+    const int64_t hidden = x.size(-1);
+    const at::Tensor qkv = linear(at::layer_norm(x, {hidden}, norms[0], norms[1], eps), 0);
+    const at::Tensor h = x + linear(cpmgen::decode_attention(qkv, k_cache, v_cache, pos, heads), 1);
+    return h + linear(at::gelu(linear(at::layer_norm(h, {hidden}, norms[2], norms[3], eps), 2), "tanh"), 3);
+  }
+
+  at::Tensor in_one_region(const at::Tensor& x_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                           const at::Tensor& pos) const {
+    // Everything that checks (and so may throw) runs here, before the region.
+    const int64_t hidden = x_in.size(-1);
+    const at::Tensor x = x_in.reshape({-1, hidden}).contiguous();
+    const int64_t rows = x.size(0);
+    const bool quantized = kind == Kind::kQuantized;
+    const std::array<int64_t, 4> in_features{hidden, out_features[0] / 3, hidden, out_features[2]};
+    std::array<cpmgen::QuantizedWeight, 4> qweight;
+    // The quantized inputs' buffers, kept by each calling thread from one step to the next. Taken
+    // by reference here: inside the region the name would be each worker thread's own instance.
+    thread_local std::array<cpmgen::QuantizedInput, 4> caller_inputs;
+    std::array<cpmgen::QuantizedInput, 4>& qinput = caller_inputs;
+    std::array<int64_t, 4> units;
+    std::array<at::Tensor, 4> y, x_float;
+    for (size_t i = 0; i < 4; ++i) {
+      if (quantized) {
+        qweight[i] = cpmgen::quantized_weight(weights[i], gparams[i], scales[i], biases.get(i), out_features[i], bits,
+                                              group);
+        TORCH_CHECK(in_features[i] <= qweight[i].k, "BlockStep: linear ", i, " takes ", qweight[i].k, " features, not ",
+                    in_features[i]);
+        units[i] = qweight[i].blocks;
+      } else {
+        TORCH_CHECK(weights[i].scalar_type() == x.scalar_type(), "BlockStep: x must be in the weights' dtype");
+        units[i] = cpmgen::gemv_units(weights[i], biases.get(i), in_features[i]);
+      }
+      y[i] = at::empty({rows, out_features[i]}, x.options());
+    }
+    cpmgen::AttentionStep attention = cpmgen::attention_step(y[0], k_cache, v_cache, pos, heads);
+    TORCH_CHECK(attention.out.numel() == rows * in_features[1], "BlockStep: the attention's width is not dense's input");
+    const bool bf16 = x.scalar_type() == at::kBFloat16;
+    if (!bf16) cpmgen::attention_input(attention, y[0]);  // fp32: y[0] itself, filled in below
+    const at::Tensor attention_out = attention.out.view({rows, in_features[1]});
+    at::Tensor h, ln, gelu;
+
+#pragma omp parallel num_threads(at::get_num_threads())
+    {
+      const int64_t thread = omp_get_thread_num(), threads = omp_get_num_threads();
+      const bool first = thread == 0;
+      auto share = [&](int64_t count, auto&& run) {
+        const int64_t begin = count * thread / threads, end = count * (thread + 1) / threads;
+        if (begin < end) run(begin, end);
+      };
+      // One thread readies linear i's input, then every thread runs its share of the output.
+      auto linear_on_all = [&](size_t i, const at::Tensor& in) {
+        if (first) {
+          if (quantized) {
+            cpmgen::quantize_input(qweight[i], in, qinput[i], /*parallel=*/false);
+          } else {
+            x_float[i] = in.to(at::kFloat);
+          }
+        }
+#pragma omp barrier
+        share(units[i], [&](int64_t begin, int64_t end) {
+          if (quantized) {
+            cpmgen::qlinear_blocks(qweight[i], qinput[i], y[i], begin, end);
+          } else {
+            cpmgen::gemv_rows(x_float[i], weights[i], biases.get(i), y[i], begin, end);
+          }
+        });
+#pragma omp barrier
+      };
+
+      if (first) ln = at::layer_norm(x, {hidden}, norms[0], norms[1], eps);
+      linear_on_all(0, ln);
+      if (bf16) {
+        if (first) cpmgen::attention_input(attention, y[0]);
+#pragma omp barrier
+      }
+      share(attention.units(), [&](int64_t begin, int64_t end) { cpmgen::attention_units(attention, begin, end); });
+#pragma omp barrier
+      linear_on_all(1, attention_out);
+      if (first) {
+        h = x + y[1];
+        ln = at::layer_norm(h, {hidden}, norms[2], norms[3], eps);
+      }
+      linear_on_all(2, ln);
+      if (first) gelu = at::gelu(y[2], "tanh");
+      linear_on_all(3, gelu);
+    }
+    return (h + y[3]).view(x_in.sizes());
+  }
+};
+
 }  // namespace
 
-namespace cpmgen {
-
-at::Tensor decode_block(const at::Tensor& x, at::TensorList norms, int64_t kind, at::TensorList weights,
-                        at::TensorList gparams, at::TensorList scales,
-                        const c10::List<c10::optional<at::Tensor>>& biases, at::IntArrayRef out_features,
-                        int64_t bits, int64_t group, double eps, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                        const at::Tensor& pos, int64_t heads) {
-  TORCH_CHECK(kind >= kPlain && kind <= kGemv, "decode_block: unknown linear kind ", kind);
-  TORCH_CHECK(norms.size() == 4 && weights.size() == 4 && biases.size() == 4,
-              "decode_block: four norm tensors and four linears");
-  TORCH_CHECK(kind != kQuantized || (gparams.size() == 4 && scales.size() == 4 && out_features.size() == 4),
-              "decode_block: quantized linears need their gparams, scales and out_features");
-  const int64_t hidden = x.size(-1);
-  auto linear = [&](const at::Tensor& in, size_t i) {
-    switch (kind) {
-      case kPlain: return at::linear(in, weights[i], biases.get(i));
-      case kPacked: return packed_linear(in, weights[i], biases.get(i));
-      case kGemv: return gemv_linear(in, weights[i], biases.get(i));
-      default: return qlinear(in, weights[i], gparams[i], scales[i], biases.get(i), out_features[i], bits, group);
-    }
-  };
-  const at::Tensor qkv = linear(at::layer_norm(x, {hidden}, norms[0], norms[1], eps), 0);
-  const at::Tensor h = x + linear(decode_attention(qkv, k_cache, v_cache, pos, heads), 1);
-  return h + linear(at::gelu(linear(at::layer_norm(h, {hidden}, norms[2], norms[3], eps), 2), "tanh"), 3);
-}
-
-}  // namespace cpmgen
-
 TORCH_LIBRARY_FRAGMENT(cpmgen, m) {
-  m.def("decode_block(Tensor x, Tensor[] norms, int kind, Tensor[] weights, Tensor[] gparams, Tensor[] scales, "
-        "Tensor?[] biases, int[] out_features, int bits, int group, float eps, Tensor(a!) k_cache, "
-        "Tensor(b!) v_cache, Tensor pos, int heads) -> Tensor");
+  m.class_<BlockStep>("BlockStep")
+      .def(torch::init<std::string, std::vector<at::Tensor>, std::vector<at::Tensor>, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, c10::List<c10::optional<at::Tensor>>, std::vector<int64_t>, int64_t,
+                       int64_t, double, int64_t>())
+      .def("forward", &BlockStep::forward);
 }
-
-TORCH_LIBRARY_IMPL(cpmgen, CPU, m) { m.impl("decode_block", cpmgen::decode_block); }
-
-// oneDNN packed weights are tensors of their own dispatch key: a call with them lands here.
-TORCH_LIBRARY_IMPL(cpmgen, MkldnnCPU, m) { m.impl("decode_block", cpmgen::decode_block); }

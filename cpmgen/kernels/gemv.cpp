@@ -1,5 +1,5 @@
 // y = x @ W^T + b for fp32 or bf16 weights as nn.Linear holds them ([N, K], row-major). Up to
-// kMaxRows input rows (a decode step) run here, reading W once per call; more (a window's
+// kGemvMaxRows input rows (a decode step) run here, reading W once per call; more (a window's
 // prefill) go to at::linear, a matrix product that reuses each weight across the rows.
 //
 // Each thread takes whole groups of kGroup output rows and each output is one thread's
@@ -26,8 +26,7 @@
 
 namespace {
 
-constexpr int64_t kGroup = 4;    // output rows that share one pass over the input row
-constexpr int64_t kMaxRows = 4;  // input rows read here at most (beyond, at::linear)
+constexpr int64_t kGroup = 4;  // output rows that share one pass over the input row
 
 inline float pairwise(const float* t) { return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7])); }
 
@@ -85,50 +84,62 @@ Rows<W> best_rows() {
   return rows_generic<W>;
 }
 
+// y for the groups of output rows begin..end, each of the m input rows in turn.
 template <typename T>
-void gemv(const at::Tensor& x, const at::Tensor& weight, const T* b, at::Tensor& y) {
+void gemv_groups(const float* xp, int64_t m, const T* wp, const T* b, int64_t n, int64_t k, T* yp, int64_t begin,
+                 int64_t end) {
   static const Rows<T> rows_of = best_rows<T>();
-  const int64_t m = x.size(0), n = weight.size(0), k = weight.size(1);
-  const at::Tensor xf = x.to(at::kFloat);  // x itself when fp32
-  const float* xp = xf.data_ptr<float>();
-  const T* wp = weight.data_ptr<T>();
-  T* yp = y.data_ptr<T>();
-  at::parallel_for(0, (n + kGroup - 1) / kGroup, 16, [&](int64_t begin, int64_t end) {
-    float out[kGroup];
-    for (int64_t g = begin; g < end; ++g) {
-      const int64_t n0 = g * kGroup;
-      const int rows = static_cast<int>(std::min(kGroup, n - n0));
-      for (int64_t row = 0; row < m; ++row) {
-        rows_of(wp + n0 * k, xp + row * k, k, rows, out);
-        for (int r = 0; r < rows; ++r)
-          yp[row * n + n0 + r] = static_cast<T>(b ? out[r] + static_cast<float>(b[n0 + r]) : out[r]);
-      }
+  float out[kGroup];
+  for (int64_t g = begin; g < end; ++g) {
+    const int64_t n0 = g * kGroup;
+    const int rows = static_cast<int>(std::min(kGroup, n - n0));
+    for (int64_t row = 0; row < m; ++row) {
+      rows_of(wp + n0 * k, xp + row * k, k, rows, out);
+      for (int r = 0; r < rows; ++r)
+        yp[row * n + n0 + r] = static_cast<T>(b ? out[r] + static_cast<float>(b[n0 + r]) : out[r]);
     }
-  });
+  }
 }
 
 }  // namespace
 
 namespace cpmgen {
 
-at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+int64_t gemv_units(const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t in_features) {
   const at::ScalarType dtype = weight.scalar_type();
-  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && input.scalar_type() == dtype && weight.dim() == 2 &&
-                  weight.is_contiguous(),
-              "gemv_linear: a contiguous fp32 or bf16 [out_features, in_features] weight and an input of its dtype");
+  TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && weight.dim() == 2 && weight.is_contiguous(),
+              "gemv_linear: a contiguous fp32 or bf16 [out_features, in_features] weight");
   const int64_t n = weight.size(0), k = weight.size(1);
-  TORCH_CHECK(input.size(-1) == k, "gemv_linear: input has ", input.size(-1), " features, the weight ", k);
-  const bool has_bias = bias.has_value() && bias->defined();
-  TORCH_CHECK(!has_bias || (bias->scalar_type() == dtype && bias->numel() == n && bias->is_contiguous()),
+  TORCH_CHECK(in_features == k, "gemv_linear: input has ", in_features, " features, the weight ", k);
+  TORCH_CHECK(!(bias.has_value() && bias->defined()) ||
+                  (bias->scalar_type() == dtype && bias->numel() == n && bias->is_contiguous()),
               "gemv_linear: bias must be [out_features] in the weight's dtype");
-  if (input.numel() > kMaxRows * k) return at::linear(input, weight, bias);
-  const at::Tensor x = input.reshape({-1, k}).contiguous();
-  at::Tensor y = at::empty({x.size(0), n}, x.options());
-  if (dtype == at::kFloat) {
-    gemv<float>(x, weight, has_bias ? bias->data_ptr<float>() : nullptr, y);
+  return (n + kGroup - 1) / kGroup;
+}
+
+void gemv_rows(const at::Tensor& x_float, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+               at::Tensor& y, int64_t begin, int64_t end) {
+  const int64_t m = x_float.size(0), n = weight.size(0), k = weight.size(1);
+  const bool has_bias = bias.has_value() && bias->defined();
+  const float* xp = x_float.data_ptr<float>();
+  if (weight.scalar_type() == at::kFloat) {
+    gemv_groups(xp, m, weight.data_ptr<float>(), has_bias ? bias->data_ptr<float>() : nullptr, n, k,
+                y.data_ptr<float>(), begin, end);
   } else {
-    gemv<at::BFloat16>(x, weight, has_bias ? bias->data_ptr<at::BFloat16>() : nullptr, y);
+    gemv_groups(xp, m, weight.data_ptr<at::BFloat16>(), has_bias ? bias->data_ptr<at::BFloat16>() : nullptr, n, k,
+                y.data_ptr<at::BFloat16>(), begin, end);
   }
+}
+
+at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  const int64_t units = gemv_units(weight, bias, input.size(-1));
+  TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "gemv_linear: the input must be in the weight's dtype");
+  const int64_t n = weight.size(0), k = weight.size(1);
+  if (input.numel() > kGemvMaxRows * k) return at::linear(input, weight, bias);
+  const at::Tensor x = input.reshape({-1, k}).contiguous();
+  const at::Tensor x_float = x.to(at::kFloat);  // x itself when fp32
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  at::parallel_for(0, units, 16, [&](int64_t begin, int64_t end) { gemv_rows(x_float, weight, bias, y, begin, end); });
   std::vector<int64_t> shape = input.sizes().vec();
   shape.back() = n;
   return y.view(shape);

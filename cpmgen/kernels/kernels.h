@@ -1,7 +1,14 @@
-// The ops the kernel sources share (each is also registered as torch.ops.cpmgen.<name>).
+// The ops the kernel sources share (each is also registered as torch.ops.cpmgen.<name>), and
+// their parts for block.cpp, which runs a whole block in one parallel region: each op is split
+// into its checks and set-up (one thread) and its work over independent units (output row
+// blocks, heads) that any thread may take, a range at a time. A unit's values do not depend on
+// which thread runs it, so the op and the block give the same bits.
 #pragma once
 
 #include <ATen/ATen.h>
+
+#include <cstdint>
+#include <vector>
 
 namespace cpmgen {
 
@@ -9,11 +16,57 @@ namespace cpmgen {
 at::Tensor qlinear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& gparams, const at::Tensor& scale,
                    const c10::optional<at::Tensor>& bias, int64_t n, int64_t bits, int64_t group);
 
+// A packed weight's pointers and sizes (checked); its units are blocks of 16 output rows.
+struct QuantizedWeight {
+  const uint8_t* packed = nullptr;
+  const uint8_t* gparams = nullptr;  // int4 only
+  const float* scale = nullptr;
+  const float* bias = nullptr;
+  int64_t n = 0, k = 0, bits = 0, group = 0, blocks = 0, block_bytes = 0;
+};
+QuantizedWeight quantized_weight(const at::Tensor& packed, const at::Tensor& gparams, const at::Tensor& scale,
+                                 const c10::optional<at::Tensor>& bias, int64_t n, int64_t bits, int64_t group);
+
+// The input rows quantized to int8 (symmetric per row), with their sums per group.
+struct QuantizedInput {
+  int64_t rows = 0;
+  std::vector<int8_t> q;       // [rows][K]
+  std::vector<float> scale;    // [rows]
+  std::vector<int32_t> sums;   // [rows][K / group]
+};
+// x: contiguous [rows, in_features]; `parallel`: split the rows over threads (not inside a region).
+void quantize_input(const QuantizedWeight& w, const at::Tensor& x, QuantizedInput& a, bool parallel);
+// y [rows, n] (fp32 or bf16) for the output blocks begin..end.
+void qlinear_blocks(const QuantizedWeight& w, const QuantizedInput& a, at::Tensor& y, int64_t begin, int64_t end);
+
 // attention.cpp: a decode step's attention (the key and value written into the cache first).
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& pos, int64_t heads);
 
+// The attention of a decode step, checked and set up; its units are (sequence, head) pairs.
+struct AttentionStep {
+  at::Tensor qkv;  // [batch, 3 * heads * head_dim] fp32
+  at::Tensor pos;  // [batch] int64
+  at::Tensor k_cache, v_cache;
+  at::Tensor out;  // [batch, 1, heads * head_dim] in the input's dtype
+  int64_t heads = 0;
+  int64_t units() const { return qkv.size(0) * heads; }
+};
+// `qkv` may still be bf16 (its fp32 copy is made by `attention_input`).
+AttentionStep attention_step(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                             const at::Tensor& pos, int64_t heads);
+void attention_input(AttentionStep& step, const at::Tensor& qkv);
+void attention_units(const AttentionStep& step, int64_t begin, int64_t end);
+
 // gemv.cpp: fp32 x @ W^T + b, W as nn.Linear holds it; a few rows read W once at memory speed.
 at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
+constexpr int64_t kGemvMaxRows = 4;  // input rows gemv_linear reads itself (beyond, at::linear)
+// Checks weight and bias for an input of `rows` x `in_features` in the weight's dtype; the units
+// are groups of output rows.
+int64_t gemv_units(const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t in_features);
+// y [rows, n] in the weight's dtype for the unit range; x_float: the input rows [rows, K] in fp32.
+void gemv_rows(const at::Tensor& x_float, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+               at::Tensor& y, int64_t begin, int64_t end);
 
 }  // namespace cpmgen

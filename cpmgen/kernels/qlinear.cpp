@@ -355,29 +355,6 @@ std::string use(const std::string& name) {
   TORCH_CHECK(false, "qlinear_use: this CPU runs ", names, ", not ", name);
 }
 
-struct Activations {
-  std::vector<int8_t> q;       // [M][K]
-  std::vector<float> scale;    // [M]
-  std::vector<int32_t> sums;   // [M][K / group]: sum of q over each group
-};
-
-Activations quantize(const Kernels& kern, const at::Tensor& x, int64_t k, int64_t group) {
-  const int64_t m = x.size(0), k_in = x.size(1);
-  Activations a{std::vector<int8_t>(m * k), std::vector<float>(m), std::vector<int32_t>(m * (k / group))};
-  at::parallel_for(0, m, 16, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      if (x.scalar_type() == at::kFloat) {
-        kern.quantize_f32(x.data_ptr<float>() + r * k_in, k_in, k, group, &a.q[r * k], &a.scale[r],
-                          &a.sums[r * (k / group)]);
-      } else {
-        kern.quantize_bf16(x.data_ptr<at::BFloat16>() + r * k_in, k_in, k, group, &a.q[r * k], &a.scale[r],
-                           &a.sums[r * (k / group)]);
-      }
-    }
-  });
-  return a;
-}
-
 template <typename T>
 void epilogue(const int32_t* acc, int rows, const float* sx, const float* sw, const float* bias, int64_t n0,
               int64_t n, T* y, int64_t m0) {
@@ -396,56 +373,97 @@ void epilogue(const int32_t* acc, int rows, const float* sx, const float* sw, co
 
 namespace cpmgen {
 
+QuantizedWeight quantized_weight(const at::Tensor& packed, const at::Tensor& gparams, const at::Tensor& scale,
+                                 const c10::optional<at::Tensor>& bias, int64_t n, int64_t bits, int64_t group) {
+  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 4 && packed.is_contiguous(), "qlinear: bad packed weight");
+  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() >= n, "qlinear: scale must be fp32 [out_features]");
+  TORCH_CHECK(bits == 8 || bits == 4, "qlinear: bits must be 8 or 4");
+  QuantizedWeight q;
+  q.n = n;
+  q.bits = bits;
+  q.blocks = packed.size(0);
+  q.k = packed.size(1) * (bits == 8 ? 4 : 8);
+  q.group = bits == 8 ? q.k : group;  // int8: one activation sum per row
+  q.block_bytes = packed.size(1) * packed.size(2) * packed.size(3);
+  TORCH_CHECK(q.blocks * kLanes >= n, "qlinear: out_features do not match the packed weight");
+  if (bits == 4) {
+    TORCH_CHECK(q.group > 0 && q.group % 8 == 0 && q.k % q.group == 0,
+                "qlinear: the group size must divide in_features and be a multiple of 8");
+    TORCH_CHECK(gparams.scalar_type() == at::kByte && gparams.is_contiguous() &&
+                gparams.numel() == q.blocks * (q.k / q.group) * 2 * kLanes, "qlinear: bad group scales");
+    q.gparams = gparams.data_ptr<uint8_t>();
+  }
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n, "qlinear: bias must be fp32 [out_features]");
+    q.bias = bias->data_ptr<float>();
+  }
+  q.packed = packed.data_ptr<uint8_t>();
+  q.scale = scale.data_ptr<float>();
+  return q;
+}
+
+void quantize_input(const QuantizedWeight& w, const at::Tensor& x, QuantizedInput& a, bool parallel) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous() && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16),
+              "qlinear: x must be contiguous fp32 or bf16 [rows, in_features]");
+  TORCH_CHECK(x.size(1) <= w.k, "qlinear: x has more features than the packed weight");
+  const Kernels& kern = kernels();
+  const int64_t m = x.size(0), k_in = x.size(1), k = w.k, groups = w.k / w.group;
+  a.rows = m;
+  a.q.resize(m * k);
+  a.scale.resize(m);
+  a.sums.resize(m * groups);
+  auto rows = [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      if (x.scalar_type() == at::kFloat) {
+        kern.quantize_f32(x.data_ptr<float>() + r * k_in, k_in, k, w.group, &a.q[r * k], &a.scale[r], &a.sums[r * groups]);
+      } else {
+        kern.quantize_bf16(x.data_ptr<at::BFloat16>() + r * k_in, k_in, k, w.group, &a.q[r * k], &a.scale[r],
+                           &a.sums[r * groups]);
+      }
+    }
+  };
+  if (parallel) {
+    at::parallel_for(0, m, 16, rows);
+  } else {
+    rows(0, m);
+  }
+}
+
+void qlinear_blocks(const QuantizedWeight& w, const QuantizedInput& a, at::Tensor& y, int64_t begin, int64_t end) {
+  const Kernels& kern = kernels();
+  const int64_t m = a.rows, k = w.k, g = w.group;
+  int32_t acc[kRows * kLanes];
+  const bool fp32 = y.scalar_type() == at::kFloat;
+  float* y_f32 = fp32 ? y.data_ptr<float>() : nullptr;
+  at::BFloat16* y_bf16 = fp32 ? nullptr : y.data_ptr<at::BFloat16>();
+  for (int64_t blk = begin; blk < end; ++blk) {
+    const uint8_t* wb = w.packed + blk * w.block_bytes;
+    for (int64_t m0 = 0; m0 < m; m0 += kRows) {
+      const int rows = static_cast<int>(std::min<int64_t>(kRows, m - m0));
+      if (w.bits == 8) {
+        kern.int8(wb, a.q.data(), a.sums.data(), k, m0, rows, acc);
+      } else {
+        kern.int4(wb, w.gparams + blk * (k / g) * 2 * kLanes, a.q.data(), a.sums.data(), k, g, m0, rows, acc);
+      }
+      if (fp32) {
+        epilogue(acc, rows, a.scale.data(), w.scale, w.bias, blk * kLanes, w.n, y_f32, m0);
+      } else {
+        epilogue(acc, rows, a.scale.data(), w.scale, w.bias, blk * kLanes, w.n, y_bf16, m0);
+      }
+    }
+  }
+}
+
 // x [..., in_features] -> y [..., out_features], in x's dtype.
 at::Tensor qlinear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& gparams, const at::Tensor& scale,
                    const c10::optional<at::Tensor>& bias, int64_t n, int64_t bits, int64_t group) {
   TORCH_CHECK(input.dim() >= 1, "qlinear: x must be [..., in_features]");
+  const QuantizedWeight w = quantized_weight(packed, gparams, scale, bias, n, bits, group);
   const at::Tensor x = input.reshape({-1, input.size(-1)}).contiguous();
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "qlinear: x must be fp32 or bf16");
-  TORCH_CHECK(packed.scalar_type() == at::kByte && packed.dim() == 4 && packed.is_contiguous(), "qlinear: bad packed weight");
-  TORCH_CHECK(scale.scalar_type() == at::kFloat && scale.numel() >= n, "qlinear: scale must be fp32 [out_features]");
-  TORCH_CHECK(bits == 8 || bits == 4, "qlinear: bits must be 8 or 4");
-  const int64_t blocks = packed.size(0);
-  const int64_t k = packed.size(1) * (bits == 8 ? 4 : 8);
-  const int64_t g = bits == 8 ? k : group;  // int8: one activation sum per row
-  TORCH_CHECK(x.size(1) <= k && blocks * kLanes >= n, "qlinear: x or out_features do not match the packed weight");
-  if (bits == 4) {
-    TORCH_CHECK(g > 0 && g % 8 == 0 && k % g == 0, "qlinear: the group size must divide in_features and be a multiple of 8");
-    TORCH_CHECK(gparams.scalar_type() == at::kByte && gparams.is_contiguous() &&
-                gparams.numel() == blocks * (k / g) * 2 * kLanes, "qlinear: bad group scales");
-  }
-  const float* b = nullptr;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->numel() == n, "qlinear: bias must be fp32 [out_features]");
-    b = bias->data_ptr<float>();
-  }
-  const int64_t m = x.size(0);
-  const Kernels& kern = kernels();
-  const Activations a = quantize(kern, x, k, g);
-  at::Tensor y = at::empty({m, n}, x.options());
-  const uint8_t* w = packed.data_ptr<uint8_t>();
-  const uint8_t* gs = bits == 4 ? gparams.data_ptr<uint8_t>() : nullptr;
-  const float* sw = scale.data_ptr<float>();
-  const int64_t block_bytes = packed.size(1) * packed.size(2) * packed.size(3);
-  at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-    int32_t acc[kRows * kLanes];
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const uint8_t* wb = w + blk * block_bytes;
-      for (int64_t m0 = 0; m0 < m; m0 += kRows) {
-        const int rows = static_cast<int>(std::min<int64_t>(kRows, m - m0));
-        if (bits == 8) {
-          kern.int8(wb, a.q.data(), a.sums.data(), k, m0, rows, acc);
-        } else {
-          kern.int4(wb, gs + blk * (k / g) * 2 * kLanes, a.q.data(), a.sums.data(), k, g, m0, rows, acc);
-        }
-        if (x.scalar_type() == at::kFloat) {
-          epilogue(acc, rows, a.scale.data(), sw, b, blk * kLanes, n, y.data_ptr<float>(), m0);
-        } else {
-          epilogue(acc, rows, a.scale.data(), sw, b, blk * kLanes, n, y.data_ptr<at::BFloat16>(), m0);
-        }
-      }
-    }
-  });
+  QuantizedInput a;
+  quantize_input(w, x, a, /*parallel=*/true);
+  at::Tensor y = at::empty({x.size(0), n}, x.options());
+  at::parallel_for(0, w.blocks, 1, [&](int64_t begin, int64_t end) { qlinear_blocks(w, a, y, begin, end); });
   std::vector<int64_t> shape = input.sizes().vec();
   shape.back() = n;
   return y.view(shape);
