@@ -120,11 +120,12 @@ def _load_quantized(settings: Settings, ckpt: Checkpoint, args: ModelArgs, devic
 
 def _loaded(model: CPMModel, args: ModelArgs, device: torch.device, dtype: torch.dtype, settings: Settings,
             ckpt: Checkpoint) -> Loaded:
-    # A step streams the weights: faster from 2 MB pages. Megatron rank files only: their mapped
-    # pages are let go as each weight is copied (released); a safetensors file's mapping would
-    # stay resident beside the copy, doubling the memory of a quantized or HF folder.
-    if device.type == "cpu" and ckpt.format == "megatron":
-        use_huge_pages(streamed_tensors(model), released(model, ckpt))
+    # A step streams the weights: faster from 2 MB pages. Megatron rank files and quantized
+    # folders: their mapped pages are let go as each weight is copied (released). An HF folder's
+    # tensors are renamed and converted on the way in, so its mapping would stay resident beside
+    # the copies, doubling its memory: it stays where it is.
+    if device.type == "cpu" and ckpt.format in ("megatron", "quantized"):
+        use_huge_pages(streamed_tensors(model), released(ckpt))
     trim_heap()  # converted and replaced copies were freed one by one; hand their memory back
     fuse_decode(model)  # CPU: a one-token step in fewer, larger ops
     return Loaded(model.eval(), args, device, dtype, compile_decode(model) if settings.runtime.compile else decode_step)
@@ -142,13 +143,17 @@ def compile_decode(model: CPMModel) -> Callable:
     return torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
 
 
-def released(model: CPMModel, ckpt: Optional[Checkpoint]) -> Callable[[torch.Tensor], None]:
-    """A callback for a weight of `model` that has just been copied or converted: lets go of the
-    checkpoint's mapped pages of it and of the heap the copy left free."""
-    names = {t.data_ptr(): name for name, t in model.state_dict(keep_vars=True).items()}
+def released(ckpt: Optional[Checkpoint]) -> Callable[[torch.Tensor], None]:
+    """A callback for a weight that has just been copied or converted: lets go of the checkpoint's
+    mapped pages where the weight is a checkpoint tensor itself (found by its address, whatever
+    the model calls it: a quantized folder stores the output layer under another name), and of
+    the heap the copy left free. A weight converted while loading is a copy whose source pages
+    were let go then."""
+    names = {} if ckpt is None else {t.data_ptr(): name for shard in ckpt.shards for name, t in shard.items()
+                                     if t.numel()}
 
     def replaced(weight: torch.Tensor) -> None:
-        if ckpt is not None and names.get(weight.data_ptr()) in ckpt.shards[0]:
+        if weight.data_ptr() in names:
             ckpt.release(names[weight.data_ptr()])
         trim_heap()  # the conversion's temporaries, before the next weight makes its own
 
@@ -160,7 +165,7 @@ def optimize(model: CPMModel, runtime: RuntimeSection, ckpt: Optional[Checkpoint
     go of the mapped checkpoint pages of every weight they replaced."""
     from cpmgen.prepack import prepack_linears
 
-    replaced = released(model, ckpt)
+    replaced = released(ckpt)
     if runtime.quantize != "none":
         from cpmgen.quantize import quantize_model
 

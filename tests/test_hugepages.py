@@ -159,17 +159,43 @@ def test_the_embedding_tables_are_left_unless_the_output_layer_reads_one():
 
 
 @needs_thp
-def test_a_quantized_folder_stays_where_safetensors_put_it(write_ckpt, tmp_path):
-    """Its weights are mapped from the file, which nothing could let go of: a moved copy would
-    double the memory. (Megatron rank files let go of each weight's pages as it is copied.)"""
+def test_a_quantized_folder_moves_and_lets_the_files_pages_go(write_ckpt, tmp_path):
+    """safetensors maps the folder's file; each weight's pages of it are let go as the weight is
+    copied onto huge pages (the output layer too, stored under another name), so the folder is not
+    held twice."""
     from cpmgen.checkpoint.reader import open_checkpoint, resolve_args
-    from cpmgen.quantized_checkpoint import write_quantized
+    from cpmgen.quantized_checkpoint import read_quantized, write_quantized
 
-    args = dataclasses.replace(TINY, hidden_size=256, vocab_size=3000)
+    args = dataclasses.replace(TINY, hidden_size=512, vocab_size=3000)
     settings = Settings()
     source = open_checkpoint(write_ckpt(args=args))
     (tmp_path / "q").mkdir()
     write_quantized(tmp_path / "q", source, resolve_args(source, settings.model), "int8")
     settings.model.path = str(tmp_path / "q")
     loaded = load_model(settings).model
-    assert not advised(loaded.transformer.layers[0].mlp.dense_h_to_4h.packed)
+    file = tmp_path / "q" / "model.safetensors"
+    resident = file_mappings(file)  # before anything else reads the file
+    head, first = loaded.lm_head.linear.packed, loaded.transformer.layers[0].attention.query_key_value.packed
+    assert advised(first)  # the region's whole 2 MB pages are advised; the first weight is in them
+    assert not any(start <= t.data_ptr() < end for t in (head, first) for start, end, _ in resident)
+    # resident: at most the tensors too small to move (loading reads no embedding row)
+    small = sum(t.numel() * t.element_size() for t in loaded.state_dict().values() if t.numel() * t.element_size() < 256 << 10)
+    assert sum(rss for _, _, rss in resident) <= small + 2 * 4096 * len(loaded.state_dict())  # partial pages
+    _, _, stored = read_quantized(tmp_path / "q")
+    assert torch.equal(head, stored["lm_head_quantized.packed"])
+    assert torch.equal(first, stored["transformer.layers.0.attention.query_key_value.packed"])
+
+
+def file_mappings(path) -> list[tuple[int, int, int]]:
+    """(start, end, resident bytes) of this process's mappings of the file at `path` (/proc/self/smaps)."""
+    found, inside = [], False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            fields = line.split()
+            if "-" in fields[0] and all(c in "0123456789abcdef-" for c in fields[0]):
+                inside = len(fields) >= 6 and fields[-1] == str(path)
+                if inside:
+                    found.append([*(int(part, 16) for part in fields[0].split("-")), 0])
+            elif inside and fields[0] == "Rss:":
+                found[-1][2] = int(fields[1]) * 1024
+    return [tuple(mapping) for mapping in found]

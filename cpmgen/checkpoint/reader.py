@@ -36,7 +36,7 @@ class Checkpoint:
     problems: list[str] = field(default_factory=list)
     hf_config: Optional[dict] = None
     ranks: Optional[list[int]] = None  # the stored ranks of `shards`, when not all of them are open
-    mapped: bool = False  # the tensors are memory-mapped rank files
+    mapped: bool = False  # the tensors are memory-mapped from the files (rank files, a quantized folder)
     quantization: Optional[dict] = None  # a `cpmgen quantize` folder's quantized.json
 
     def release(self, name: str) -> None:
@@ -117,7 +117,8 @@ def open_checkpoint(path: str | Path, strict: bool = True, rank: Optional[int] =
     path = Path(path)
     if path.is_dir() and quantized_checkpoint.is_quantized_folder(path):
         config, file, tensors = quantized_checkpoint.read_quantized(path)
-        return Checkpoint("quantized", path, None, 1, [file], [tensors], [{}], quantization=config)
+        # safetensors maps the file: each tensor's pages can be let go (release) once copied
+        return Checkpoint("quantized", path, None, 1, [file], [tensors], [{}], quantization=config, mapped=True)
     if path.is_dir() and hf.is_hf_folder(path) and not (path / megatron.LATEST_FILE).exists():
         config = hf.read_hf_config(path)
         weights = hf.read_hf_state_dict(path)
