@@ -1,6 +1,7 @@
 // y = x @ W^T + b for fp32 or bf16 weights as nn.Linear holds them ([N, K], row-major). Up to
 // kGemvMaxRows input rows (a decode step) run here, reading W once per call; more (a window's
-// prefill) go to at::linear, a matrix product that reuses each weight across the rows.
+// prefill) go to at::linear, a matrix product that reuses each weight across the rows (in fp32
+// for bf16 weights: see gemv_linear).
 //
 // Each thread takes whole groups of kGroup output rows and each output is one thread's
 // fixed-order sum in fp32 (8 lanes, added pairwise at the end), so the values do not depend on
@@ -135,7 +136,15 @@ at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const 
   const int64_t units = gemv_units(weight, bias, input.size(-1));
   TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "gemv_linear: the input must be in the weight's dtype");
   const int64_t n = weight.size(0), k = weight.size(1);
-  if (input.numel() > kGemvMaxRows * k) return at::linear(input, weight, bias);
+  if (input.numel() > kGemvMaxRows * k) {
+    if (weight.scalar_type() == at::kFloat) return at::linear(input, weight, bias);
+    // bf16: this GEMV is used where the CPU has no bf16 matrix product (prepack.py), and there
+    // at::linear's bf16 product runs several times slower than fp32's: the rows go through fp32
+    // copies (of the weight too, a matrix at a time) and are rounded to bf16 once at the end.
+    const c10::optional<at::Tensor> bias_float =
+        bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt;
+    return at::linear(input.to(at::kFloat), weight.to(at::kFloat), bias_float).to(at::kBFloat16);
+  }
   const at::Tensor x = input.reshape({-1, k}).contiguous();
   const at::Tensor x_float = x.to(at::kFloat);  // x itself when fp32
   at::Tensor y = at::empty({x.size(0), n}, x.options());
