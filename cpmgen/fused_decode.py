@@ -21,6 +21,8 @@ values do not depend on the thread count.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn as nn
 
@@ -80,6 +82,16 @@ class DecodeBlock(Block):
             bits=linears[0].bits if quantized else 0, group=linears[0].group if quantized else 0,
             eps=self.input_layernorm.eps, heads=self.attention.num_heads)
         self.step_forward = self.step.forward  # looked up once: each lookup makes a new method object
+
+    def __deepcopy__(self, memo: dict) -> "DecodeBlock":
+        """A copy of the modules with a BlockStep of its own over the copied tensors (copy.deepcopy
+        cannot follow the C++ object's references)."""
+        block = Block.__new__(Block)
+        nn.Module.__init__(block)
+        for name in ("input_layernorm", "attention", "post_attention_layernorm", "mlp"):
+            setattr(block, name, copy.deepcopy(getattr(self, name), memo))
+        memo[id(self)] = copied = DecodeBlock(block)
+        return copied
 
     @classmethod
     def fits(cls, block: Block) -> bool:

@@ -4,6 +4,7 @@ the fused int8/int4 block gives bitwise the values of its modules; both run only
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -173,3 +174,30 @@ def test_a_loaded_cpu_model_runs_its_decode_step_fused(write_ckpt, quantize):
     settings.runtime.quantize = quantize
     model = load_model(settings).model
     assert all(type(layer) is DecodeBlock and type(layer.attention) is DecodeAttention for layer in model.transformer.layers)
+
+
+def test_a_fused_model_deep_copies_into_one_of_its_own():
+    """copy.deepcopy (as a converter does before changing a model) gives a model whose blocks run
+    their own copied tensors: the same logits, and changing the copy leaves the original alone."""
+    model = CPMModel(TINY)
+    model.load_state_dict(random_state_dict(TINY, 0))
+    model.eval().requires_grad_(False)
+    fuse_decode(model)
+    twin = copy.deepcopy(model)
+    assert all(type(layer) is DecodeBlock for layer in twin.transformer.layers)
+    ids = torch.randint(0, TINY.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
+    logits = []
+    for m in (model, twin):
+        with torch.inference_mode():
+            cache = m.new_kv_cache(1, 16)
+            m(ids[:, :8], torch.arange(8), cache)
+            logits.append(decode_step(m, ids[:, 8], torch.tensor([8]), cache))
+    assert torch.equal(logits[0], logits[1])
+    twin.transformer.layers[0].mlp.dense_4h_to_h.weight.zero_()
+    with torch.inference_mode():
+        cache = twin.new_kv_cache(1, 16)
+        twin(ids[:, :8], torch.arange(8), cache)
+        assert not torch.equal(decode_step(twin, ids[:, 8], torch.tensor([8]), cache), logits[0])
+        cache = model.new_kv_cache(1, 16)
+        model(ids[:, :8], torch.arange(8), cache)
+        assert torch.equal(decode_step(model, ids[:, 8], torch.tensor([8]), cache), logits[0])
