@@ -118,8 +118,9 @@ class RuntimeSection:
     """none, int8 or int4: int8 (per-row scales) or 4-bit (per-group scales) linear weights, for
     memory-bound decode; their inputs are quantized to int8 per row on the fly (cpmgen/quantize.py)."""
     prepack: bool = True
-    """CPU: run linears in a faster form than plain F.linear (cpmgen/prepack.py): oneDNN-prepacked
-    weights where the CPU has AVX-512, cpmgen's fp32/bf16 GEMV for decode elsewhere."""
+    """CPU: run linears in a faster form than plain F.linear (cpmgen/prepack.py): cpmgen's fp32/bf16
+    GEMV for decode, or oneDNN-prepacked weights where they measured faster (bf16 with AVX-512,
+    fp32 on Intel's AVX-512)."""
     threads: int = 0
     """CPU threads per process; 0: automatic (cpmgen/threads.py)."""
     compile: bool = False

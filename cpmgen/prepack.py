@@ -7,11 +7,14 @@ split the rows over all cores instead (README, Performance, has the measurements
 - "onednn": oneDNN's linear on a weight reordered once into its blocked layout. The same packed
   weights also speed up a window's prefill, and every path (decode, prefill, the slow
   recompute) goes through the same packed layers. The output layer needs a packed copy of the
-  word embedding (the input lookup still reads it plain). Used where the CPU has AVX-512.
+  word embedding (the input lookup still reads it plain). Used for bf16 where oneDNN has a
+  bf16 linear (AVX-512; it was faster than the GEMV's widening on AMD's too), and for fp32 on Intel CPUs with AVX-512, where it was
+  measured (its packed prefill was also 1.6x `F.linear`'s there).
 - "gemv": cpmgen's fp32/bf16 GEMV (kernels/gemv.cpp) on the weights as they are, for calls of a
-  few rows; a window's prefill goes to `F.linear`. No copy of anything. Used on other CPUs (AVX2)
-  and for bf16 where oneDNN has no bf16 linear: there it reads the weights faster than oneDNN's
-  packed fp32 GEMV and MKL's bf16 one.
+  few rows; a window's prefill goes to `F.linear`. No copy of anything, and a fused decode block
+  runs in one parallel region. Used for fp32 on the other CPUs (AVX2, and AMD's AVX-512, where it
+  decoded faster than oneDNN's packed fp32 GEMV) and for bf16 where oneDNN has no bf16 linear
+  (faster than MKL's bf16 GEMV there).
 
 The model code is untouched: `prepack_linears(model)` swaps modules after loading, as
 parallel.py does for tensor parallelism. Results differ from `F.linear` by rounding only
@@ -20,6 +23,7 @@ parallel.py does for tensor parallelism. Results differ from `F.linear` by round
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -38,12 +42,34 @@ def supported(device: torch.device, dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
+@functools.cache
+def cpu_vendor(cpuinfo_path: str = "/proc/cpuinfo") -> str:
+    """The CPU's vendor_id ("GenuineIntel", "AuthenticAMD"), "" where there is none (not Linux)."""
+    try:
+        with open(cpuinfo_path) as cpuinfo:
+            for line in cpuinfo:
+                key, _, value = line.partition(":")
+                if key.strip() == "vendor_id":
+                    return value.strip()
+    except OSError:
+        pass
+    return ""
+
+
+def auto_form(dtype: torch.dtype) -> str:
+    """The form "auto" means where both run (see the module docstring)."""
+    if dtype == torch.bfloat16:
+        return "onednn"  # supported() holds: oneDNN has a bf16 linear here
+    intel_avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512" and cpu_vendor() == "GenuineIntel"
+    return "onednn" if intel_avx512 else "gemv"
+
+
 def chosen_form(device: torch.device, dtype: torch.dtype, form: str = "auto") -> str | None:
     """The form `prepack_linears` uses ("onednn" or "gemv"), or None where neither runs."""
     onednn = supported(device, dtype)
     gemv = device.type == "cpu" and dtype in kernels.INPUT_DTYPES and kernels.loaded()
     if form == "auto":
-        form = "onednn" if onednn and (torch.backends.cpu.get_cpu_capability() == "AVX512" or not gemv) else "gemv"
+        form = auto_form(dtype) if onednn and gemv else "onednn" if onednn else "gemv"
     if form == "gemv":
         return "gemv" if gemv else None
     return "onednn" if onednn else None

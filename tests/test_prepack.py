@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 from cpmgen.model import CPMModel
-from cpmgen import kernels
+from cpmgen import kernels, prepack
 from cpmgen.prepack import GemvLinear, GemvOutput, PackedLinear, chosen_form, prepack_linears
 from cpmgen.synthetic import random_state_dict
 
@@ -62,13 +62,32 @@ def test_the_gemv_form_keeps_the_weights_as_they_are():
     assert {name: t.data_ptr() for name, t in model.state_dict().items()} == before
 
 
-def test_auto_picks_onednn_with_avx512_and_the_gemv_elsewhere():
+@pytest.mark.parametrize("capability,vendor,fp32,bf16", [
+    ("AVX512", "GenuineIntel", "onednn", "onednn"),
+    ("AVX512", "AuthenticAMD", "gemv", "onednn"),
+    ("AVX2", "AuthenticAMD", "gemv", "gemv"),
+    ("AVX2", "GenuineIntel", "gemv", "gemv"),
+])
+def test_auto_picks_the_form_measured_fastest_on_the_cpu(monkeypatch, capability, vendor, fp32, bf16):
+    if not kernels.loaded():
+        pytest.skip("the C++ kernels are not built")
     cpu = torch.device("cpu")
-    avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512"
-    assert chosen_form(cpu, torch.float32) == ("onednn" if avx512 or not kernels.loaded() else "gemv")
-    if not torch.ops.mkldnn._is_mkldnn_bf16_supported():  # no oneDNN bf16 linear: the GEMV, where it is built
-        assert chosen_form(cpu, torch.bfloat16) == ("gemv" if kernels.loaded() else None)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    monkeypatch.setattr(prepack, "cpu_vendor", lambda: vendor)
+    # oneDNN's bf16 linear needs AVX-512; fp32 runs everywhere
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: capability == "AVX512")
+    assert chosen_form(cpu, torch.float32) == fp32
+    assert chosen_form(cpu, torch.bfloat16) == bf16
+    assert chosen_form(cpu, torch.float32, "onednn") == "onednn" and chosen_form(cpu, torch.float32, "gemv") == "gemv"
     assert chosen_form(torch.device("meta"), torch.float32) is None
+
+
+def test_the_vendor_comes_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 25\n\n"
+                       "processor\t: 1\nvendor_id\t: AuthenticAMD\n")
+    assert prepack.cpu_vendor(str(cpuinfo)) == "AuthenticAMD"
+    assert prepack.cpu_vendor(str(tmp_path / "missing")) == ""
 
 
 def test_fp16_and_training_weights_stay_plain():
