@@ -61,12 +61,9 @@ def memory_bandwidth(threads: int | None = None, nbytes: int = 1 << 30, reps: in
     try:
         used = torch.get_num_threads()
         n = nbytes // 4
+        read, read_huge = read_gbs(nbytes, reps)
         a, b, c = torch.ones(n), torch.ones(n), torch.zeros(n)
         copy = _gbs(2 * nbytes, _best_seconds(reps, c.copy_, a))
-        read = _gbs(nbytes, _best_seconds(reps, a.sum))
-        huge = hugepages.zeros((n,), torch.float32, "cpu").fill_(1.0) if hugepages.available() else None
-        read_huge = _gbs(nbytes, _best_seconds(reps, huge.sum)) if huge is not None else None
-        del huge
         triad = _gbs(3 * nbytes, _best_seconds(reps, torch.add, a, b, alpha=3.0, out=c))
         del a, b, c
         linear = {}
@@ -93,6 +90,24 @@ def memory_bandwidth(threads: int | None = None, nbytes: int = 1 << 30, reps: in
             "read_huge_gbs": read_huge, "triad_gbs": triad, "linear_batch1_gbs": linear,
             "bound_gbs": max(read, read_huge or 0.0),
             "loadavg": [round(x, 2) for x in os.getloadavg()]}
+
+
+def read_gbs(nbytes: int = 1 << 30, reps: int = 5) -> tuple[float, float | None]:
+    """a.sum() over an fp32 array of `nbytes` in GB/s, best of `reps`, on normal pages and on 2 MB
+    pages (None where huge pages are not available), with the process's torch threads."""
+    n = nbytes // 4
+    plain = torch.ones(n)
+    read = _gbs(nbytes, _best_seconds(reps, plain.sum))
+    del plain
+    huge = hugepages.zeros((n,), torch.float32, "cpu").fill_(1.0) if hugepages.available() else None
+    read_huge = _gbs(nbytes, _best_seconds(reps, huge.sum)) if huge is not None else None
+    return read, read_huge
+
+
+def read_bound_gbs(reps: int = 3) -> float:
+    """The read bound alone (the better page size; see memory_bandwidth), quick enough to sample
+    between measurements on a machine whose bandwidth changes during a run."""
+    return max(value for value in read_gbs(reps=reps) if value is not None)
 
 
 def decode_bound(bandwidth_gbs: float, weight_bytes: int) -> float:

@@ -15,7 +15,7 @@ rounds still interleave. Each system decodes greedily after a short (16-token) a
 (~900-token) prompt with 2 threads; the decode rate is (tokens - 1) / (time of the last token - time of the first),
 timestamped per token, so the prompt's prefill is left out. Systems are interleaved round by
 round and the median of the rounds is reported, beside the read-bandwidth bound measured in
-the same run (bandwidth.memory_bandwidth) over the weight bytes each system reads per token (the
+the same run (bandwidth.read_bound_gbs) over the weight bytes each system reads per token (the
 KV cache a long context also reads is not in the bound). Each system's top-1 over 32 positions
 of a random sequence is compared with cpmgen fp32's, with the largest logit difference, so no
 one is timing a broken model: random weights give nearly tied logits, so quantized precisions
@@ -349,7 +349,7 @@ def main(argv=None) -> int:
     for s in systems:
         s.decode(prompts["short"], 4)  # one-time costs out of the way
     for _ in range(args.rounds):
-        read_rounds.append(bandwidth.memory_bandwidth(2, reps=3)["bound_gbs"])  # the better page size
+        read_rounds.append(bandwidth.read_bound_gbs())  # 2 threads (set above), the better page size
         for s in systems:
             for context, prompt in prompts.items():
                 times = s.decode(prompt, args.tokens)
