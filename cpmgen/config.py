@@ -119,8 +119,7 @@ class RuntimeSection:
     memory-bound decode; their inputs are quantized to int8 per row on the fly (cpmgen/quantize.py)."""
     prepack: bool = True
     """CPU: run linears in a faster form than plain F.linear (cpmgen/prepack.py): cpmgen's fp32/bf16
-    GEMV for decode, or oneDNN-prepacked weights where they measured faster (bf16 with AVX-512,
-    fp32 on Intel's AVX-512)."""
+    GEMV for decode, or oneDNN-prepacked weights on Intel's AVX-512, where they were measured."""
     threads: int = 0
     """CPU threads per process; 0: automatic (cpmgen/threads.py)."""
     compile: bool = False

@@ -7,14 +7,13 @@ split the rows over all cores instead (README, Performance, has the measurements
 - "onednn": oneDNN's linear on a weight reordered once into its blocked layout. The same packed
   weights also speed up a window's prefill, and every path (decode, prefill, the slow
   recompute) goes through the same packed layers. The output layer needs a packed copy of the
-  word embedding (the input lookup still reads it plain). Used for bf16 where oneDNN has a
-  bf16 linear (AVX-512; it was faster than the GEMV's widening on AMD's too), and for fp32 on Intel CPUs with AVX-512, where it was
-  measured (its packed prefill was also 1.6x `F.linear`'s there).
+  word embedding (the input lookup still reads it plain). Used on Intel CPUs with AVX-512,
+  where it was measured (its packed fp32 prefill was also 1.6x `F.linear`'s there).
 - "gemv": cpmgen's fp32/bf16 GEMV (kernels/gemv.cpp) on the weights as they are, for calls of a
-  few rows; a window's prefill goes to `F.linear`. No copy of anything, and a fused decode block
-  runs in one parallel region. Used for fp32 on the other CPUs (AVX2, and AMD's AVX-512, where it
-  decoded faster than oneDNN's packed fp32 GEMV) and for bf16 where oneDNN has no bf16 linear
-  (faster than MKL's bf16 GEMV there).
+  few rows; a window's prefill goes to `F.linear` (in fp32 for bf16 weights). No copy of
+  anything, and a fused decode block runs in one parallel region. Used on the other CPUs: on
+  AVX2 and on AMD's AVX-512 it decoded faster than oneDNN's packed linears in fp32 and bf16,
+  and than MKL's GEMV.
 
 The model code is untouched: `prepack_linears(model)` swaps modules after loading, as
 parallel.py does for tensor parallelism. Results differ from `F.linear` by rounding only
@@ -56,10 +55,8 @@ def cpu_vendor(cpuinfo_path: str = "/proc/cpuinfo") -> str:
     return ""
 
 
-def auto_form(dtype: torch.dtype) -> str:
+def auto_form() -> str:
     """The form "auto" means where both run (see the module docstring)."""
-    if dtype == torch.bfloat16:
-        return "onednn"  # supported() holds: oneDNN has a bf16 linear here
     intel_avx512 = torch.backends.cpu.get_cpu_capability() == "AVX512" and cpu_vendor() == "GenuineIntel"
     return "onednn" if intel_avx512 else "gemv"
 
@@ -69,7 +66,7 @@ def chosen_form(device: torch.device, dtype: torch.dtype, form: str = "auto") ->
     onednn = supported(device, dtype)
     gemv = device.type == "cpu" and dtype in kernels.INPUT_DTYPES and kernels.loaded()
     if form == "auto":
-        form = auto_form(dtype) if onednn and gemv else "onednn" if onednn else "gemv"
+        form = auto_form() if onednn and gemv else "onednn" if onednn else "gemv"
     if form == "gemv":
         return "gemv" if gemv else None
     return "onednn" if onednn else None

@@ -4,8 +4,8 @@
 // for bf16 weights: see gemv_linear).
 //
 // Each thread takes whole groups of kGroup output rows and each output is one thread's
-// fixed-order sum in fp32 (8 lanes, added pairwise at the end), so the values do not depend on
-// the thread count. bf16 weights are widened to fp32 as they are read (a bf16 value is the top
+// fixed-order sum in fp32 (8 lanes, two such sums with AVX2, added pairwise at the end), so the
+// values do not depend on the thread count. bf16 weights are widened to fp32 as they are read (a bf16 value is the top
 // half of an fp32 one), the input row once per call, and each output is rounded to bf16 once,
 // after the bias. AVX2 with FMA where the CPU has it, plain C++ elsewhere (the two round
 // differently; a machine always runs the same one).
@@ -27,7 +27,7 @@
 
 namespace {
 
-constexpr int64_t kGroup = 4;  // output rows that share one pass over the input row
+constexpr int64_t kGroup = 4;  // output rows a unit of work holds (threads take whole units)
 
 inline float pairwise(const float* t) { return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7])); }
 
@@ -54,20 +54,28 @@ __attribute__((target("avx2,fma"))) inline __m256 load8(const at::BFloat16* p) {
   return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
 }
 
+// One weight row after another, each read front to back: a single stream the hardware
+// prefetchers follow (four rows read side by side, sharing each load of x, are four short streams
+// at once, which read slower). Two accumulators, for the even and the odd 8 inputs of each 16,
+// keep two FMAs in flight.
 template <typename W>
 __attribute__((target("avx2,fma"))) void rows_avx2(const W* w, const float* x, int64_t k, int rows, float* y) {
-  __m256 acc[kGroup];
-  for (int r = 0; r < kGroup; ++r) acc[r] = _mm256_setzero_ps();
-  int64_t i = 0;
-  for (; i + 8 <= k; i += 8) {
-    const __m256 xv = _mm256_loadu_ps(x + i);
-    for (int r = 0; r < rows; ++r) acc[r] = _mm256_fmadd_ps(load8(w + r * k + i), xv, acc[r]);
-  }
   for (int r = 0; r < rows; ++r) {
+    const W* row = w + r * k;
+    __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
+    int64_t i = 0;
+    for (; i + 16 <= k; i += 16) {
+      even = _mm256_fmadd_ps(load8(row + i), _mm256_loadu_ps(x + i), even);
+      odd = _mm256_fmadd_ps(load8(row + i + 8), _mm256_loadu_ps(x + i + 8), odd);
+    }
+    if (i + 8 <= k) {
+      even = _mm256_fmadd_ps(load8(row + i), _mm256_loadu_ps(x + i), even);
+      i += 8;
+    }
     alignas(32) float t[8];
-    _mm256_store_ps(t, acc[r]);
+    _mm256_store_ps(t, _mm256_add_ps(even, odd));
     float s = pairwise(t);
-    for (int64_t j = i; j < k; ++j) s = s + static_cast<float>(w[r * k + j]) * x[j];
+    for (; i < k; ++i) s = s + static_cast<float>(row[i]) * x[i];
     y[r] = s;
   }
 }
