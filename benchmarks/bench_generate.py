@@ -176,7 +176,7 @@ def measure_hf(folder: Path, prompt: list[int], args) -> list[dict]:
 
 def add_bound_shares(result: dict) -> None:
     """Each variant's share of the read bound, against the median of every sample of the run (the
-    bound moves while a shared machine runs; one sample at the start can be half or twice the
+    bound moves while a shared machine runs, and one sample at the start can be far from the
     rest) and against the mean of its own two samples."""
     samples = [result["bandwidth"]["bound_gbs"]] + [g for row in result["variants"] for g in row["bound_samples_gbs"]]
     bound_gbs = round(statistics.median(samples), 2)

@@ -8,7 +8,7 @@ split the rows over all cores instead (README, Performance, has the measurements
   weights also speed up a window's prefill, and every path (decode, prefill, the slow
   recompute) goes through the same packed layers. The output layer needs a packed copy of the
   word embedding (the input lookup still reads it plain). Used on Intel CPUs with AVX-512,
-  where it was measured (its packed fp32 prefill was also 1.6x `F.linear`'s there).
+  where it was measured (its packed fp32 prefill was also faster than `F.linear`'s there).
 - "gemv": cpmgen's fp32/bf16 GEMV (kernels/gemv.cpp) on the weights as they are, for calls of a
   few rows; a window's prefill goes to `F.linear` (in fp32 for bf16 weights). No copy of
   anything, and a fused decode block runs in one parallel region. Used on the other CPUs: on
