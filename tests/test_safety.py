@@ -463,9 +463,12 @@ def test_inspect_reports_head_counts_that_cannot_be(cpmgen_cli, write_ckpt):
 
 @pytest.mark.slow
 def test_ctrl_c_while_starting_exits_130_without_a_traceback(cpmgen_env, model_dir, prompt_file):
-    """Ctrl-C at moments before generation (importing, loading): exit 130, no traceback."""
+    """Ctrl-C at moments before generation (importing, loading): exit 130, no traceback. The run
+    is long (past end of text), so that on a fast machine the last delays land in generation, not
+    in the interpreter's shutdown after a finished run."""
     for delay in (0.3, 0.8, 1.5, 2.5):
-        proc = subprocess.Popen([sys.executable, "-m", "cpmgen", "novel", str(prompt_file), "-m", str(model_dir)],
+        proc = subprocess.Popen([sys.executable, "-m", "cpmgen", "novel", str(prompt_file), "-m", str(model_dir),
+                                 "--ignore-eos", "-n", "1000000"],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         time.sleep(delay)
         proc.send_signal(signal.SIGINT)
