@@ -3,6 +3,8 @@ rounding, with no plain linear left."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn as nn
@@ -132,7 +134,7 @@ def test_a_bf16_prefill_through_the_gemv_runs_in_fp32_unless_the_cpu_multiplies_
     x = torch.randn(2, 9, 40, generator=g).bfloat16()
     gemv = kernels.op("gemv_linear")
     native = torch.ops.cpmgen.native_bf16_products()
-    assert native == ("avx512_bf16" in open("/proc/cpuinfo").read())
+    assert native == ("avx512_bf16" in Path("/proc/cpuinfo").read_text())
     for b in (bias, None):
         if native:
             expected = torch.nn.functional.linear(x, weight, b)

@@ -58,12 +58,12 @@ AttentionStep attention_step(const at::Tensor& qkv, const at::Tensor& k_cache, c
 void attention_input(AttentionStep& step, const at::Tensor& qkv);
 void attention_units(const AttentionStep& step, int64_t begin, int64_t end);
 
-// gemv.cpp: fp32 x @ W^T + b, W as nn.Linear holds it; a few rows read W once at memory speed.
+// gemv.cpp: x @ W^T + b for fp32 or bf16 W as nn.Linear holds it; a few rows read W once at memory speed.
 at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
 constexpr int64_t kGemvMaxRows = 4;  // input rows gemv_linear reads itself (beyond, at::linear)
-// Checks weight and bias for an input of `rows` x `in_features` in the weight's dtype; the units
-// are groups of output rows.
+// Checks weight and bias for inputs of `in_features` in the weight's dtype; the units are groups
+// of output rows.
 int64_t gemv_units(const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t in_features);
 // y [rows, n] in the weight's dtype for the unit range; x_float: the input rows [rows, K] in fp32.
 void gemv_rows(const at::Tensor& x_float, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
