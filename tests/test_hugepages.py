@@ -189,6 +189,55 @@ def test_a_quantized_folder_moves_and_lets_the_files_pages_go(write_ckpt, tmp_pa
     assert torch.equal(first, stored["transformer.layers.0.attention.query_key_value.packed"])
 
 
+@needs_thp
+def test_a_quantized_folder_written_by_someone_else_with_unaligned_tensors_loads_the_same(write_ckpt, tmp_path):
+    """A safetensors file from another writer may place tensors at any byte offset. Each one is
+    still mapped from the file, and letting its pages go after the copy drops only whole pages
+    of the read-only file mapping, which read back from the file: the model's values and its
+    next-token logits are those of the folder cpmgen wrote."""
+    import json
+    import shutil
+    import struct
+
+    from cpmgen.checkpoint.reader import open_checkpoint, resolve_args
+    from cpmgen.quantized_checkpoint import WEIGHTS_NAME, read_quantized, write_quantized
+
+    args = dataclasses.replace(TINY, hidden_size=512, vocab_size=3000)
+    settings = Settings()
+    source = open_checkpoint(write_ckpt(args=args))
+    written, odd = tmp_path / "q", tmp_path / "odd"
+    written.mkdir()
+    write_quantized(written, source, resolve_args(source, settings.model), "int4")
+    shutil.copytree(written, odd)
+    # the same tensors with the data starting one byte past an 8-byte boundary (the header's
+    # length), so no tensor is aligned to its element size, a page or anything else
+    _, _, stored = read_quantized(written)
+    header, blobs, offset = {}, [], 0
+    names = {torch.uint8: "U8", torch.int8: "I8", torch.float32: "F32", torch.bfloat16: "BF16", torch.int32: "I32"}
+    for name, tensor in stored.items():
+        data = tensor.contiguous().view(torch.uint8).numpy().tobytes()
+        header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    encoded = json.dumps(header).encode()
+    encoded += b" " * ((1 - len(encoded)) % 8)
+    (odd / WEIGHTS_NAME).write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"".join(blobs))
+    assert any(t.data_ptr() % 4 for t in read_quantized(odd)[2].values() if t.dtype == torch.float32)  # unaligned
+
+    models = []
+    for folder in (written, odd):
+        settings.model.path = str(folder)
+        models.append(load_model(settings).model)
+    for (name, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
+        assert torch.equal(a, b), name
+    assert advised(models[1].transformer.layers[0].attention.query_key_value.packed)
+    ids = torch.tensor([[5, 9, 2, 7]])
+    with torch.inference_mode():
+        logits = [model(ids, torch.arange(4), model.new_kv_cache(1, 8))[:, -1] for model in models]
+    assert torch.equal(logits[0], logits[1])
+
+
 def file_mappings(path) -> list[tuple[int, int, int]]:
     """(start, end, resident bytes) of this process's mappings of the file at `path` (/proc/self/smaps)."""
     found, inside = [], False
