@@ -7,6 +7,7 @@ only rich."""
 
 from __future__ import annotations
 
+import signal
 import sys
 
 QUIET = {"-h", "--help", "--version"}  # these print at once; a spinner would only flicker
@@ -35,4 +36,10 @@ def main() -> None:
     finally:
         if status is not None:
             status.stop()
-    cli.main()
+    try:
+        cli.main()
+    finally:
+        # The command's work and output are done. Python's shutdown puts back the default Ctrl-C
+        # action (death by the signal) but leaves an ignored signal ignored, so a Ctrl-C arriving
+        # now cannot turn a finished run into a killed one.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
