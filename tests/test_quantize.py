@@ -123,6 +123,21 @@ def test_kernel_equals_the_reference_bitwise(isa, kind, dtype, features, rows):
     assert torch.equal(out.reshape(-1, out_features), reference)
 
 
+@pytest.mark.parametrize("group", [8, 24, 64])
+@pytest.mark.parametrize("isa", kernels.isas())
+def test_int4_groups_of_any_multiple_of_8_inputs_give_the_reference_bits(isa, group, monkeypatch):
+    """The kernel reads a group's 64-byte vectors two at a time: groups of an odd number of them
+    (8 and 24 inputs) and of more than two (64) give the reference's bits too."""
+    monkeypatch.setattr(cpmgen.quantize, "GROUP", group)
+    generator = torch.Generator().manual_seed(group)
+    layer = QuantizedLinear.from_weight(0.02 * torch.randn(40, 3 * 64, generator=generator), None, 4)
+    assert layer.group == group and layer.gparams.numel() == 48 * (3 * 64 // group) * 2
+    x = torch.randn(5, 3 * 64, generator=generator)
+    with kernels.use_isa(isa):
+        out = layer(x)
+    assert torch.equal(out, reference_linear(x, layer.int_weight(), layer.scale, layer.bias))
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_layer_equals_its_dequantized_weight_up_to_the_input_rounding(kind):
     """|y - x @ W_q^T - b| <= sum_k |x_k - sx * xq_k| |W_q[n, k]| <= sx / 2 * sum_k |W_q[n, k]|."""

@@ -103,7 +103,7 @@ void store(const float* x, T* y, int64_t n) {
 namespace cpmgen {
 
 AttentionStep attention_step(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& pos_in, int64_t heads) {
+                             const at::Tensor& pos_in, int64_t heads, const at::Tensor& out) {
   TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16,
               "decode_attention: qkv must be fp32 or bf16");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == at::kFloat &&
@@ -126,7 +126,13 @@ AttentionStep attention_step(const at::Tensor& qkv, const at::Tensor& k_cache, c
   step.k_cache = k_cache;
   step.v_cache = v_cache;
   step.heads = heads;
-  step.out = at::empty({batch, 1, heads * d}, qkv.options());
+  if (out.defined()) {
+    TORCH_CHECK(out.is_contiguous() && out.numel() == batch * heads * d && out.scalar_type() == qkv.scalar_type(),
+                "decode_attention: out must be contiguous, batch x heads x head_dim values in qkv's dtype");
+    step.out = out;
+  } else {
+    step.out = at::empty({batch, 1, heads * d}, qkv.options());
+  }
   return step;
 }
 

@@ -28,7 +28,9 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
+#include <atomic>
 #include <string>
 
 #include "kernels.h"
@@ -46,6 +48,23 @@ at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const c1
 }
 
 enum class Kind { kPlain, kPacked, kQuantized, kGemv };
+
+constexpr double kOwnShare = 0.75;  // of a phase's units, split evenly; the rest go to whichever thread is free
+
+// A step's intermediate values (see BlockStep::in_one_region).
+struct Workspace {
+  std::array<at::Tensor, 4> y;  // the four linears' outputs
+  at::Tensor attention_out, h, gelu;
+  std::array<cpmgen::QuantizedInput, 4> inputs;  // the quantized linears' inputs
+};
+
+// `buffer` as a [rows, cols] tensor of `options`, made anew only where it is not one already.
+at::Tensor& reuse(at::Tensor& buffer, int64_t rows, int64_t cols, const at::TensorOptions& options) {
+  if (!buffer.defined() || buffer.size(0) != rows || buffer.size(1) != cols ||
+      buffer.scalar_type() != options.dtype().toScalarType())
+    buffer = at::empty({rows, cols}, options);
+  return buffer;
+}
 
 Kind kind_named(const std::string& name) {
   if (name == "plain") return Kind::kPlain;
@@ -110,12 +129,14 @@ struct BlockStep : torch::CustomClassHolder {
     const bool quantized = kind == Kind::kQuantized;
     const std::array<int64_t, 4> in_features{hidden, out_features[0] / 3, hidden, out_features[2]};
     std::array<cpmgen::QuantizedWeight, 4> qweight;
-    // The quantized inputs' buffers, kept by each calling thread from one step to the next. Taken
-    // by reference here: inside the region the name would be each worker thread's own instance.
-    thread_local std::array<cpmgen::QuantizedInput, 4> caller_inputs;
-    std::array<cpmgen::QuantizedInput, 4>& qinput = caller_inputs;
+    // The step's intermediate values go into buffers each calling thread keeps from one step to
+    // the next (new tensors for them, every block of every step, cost more than the small
+    // operations that fill them). Nothing in them outlives the call: it returns a new tensor.
+    // Taken by reference here: inside the region the name would be each worker thread's own instance.
+    thread_local Workspace caller_workspace;
+    Workspace& work = caller_workspace;
     std::array<int64_t, 4> units;
-    std::array<at::Tensor, 4> y, x_float;
+    std::array<at::Tensor, 4> x_float;
     for (size_t i = 0; i < 4; ++i) {
       if (quantized) {
         qweight[i] = cpmgen::quantized_weight(weights[i], gparams[i], scales[i], biases.get(i), out_features[i], bits,
@@ -127,38 +148,51 @@ struct BlockStep : torch::CustomClassHolder {
         TORCH_CHECK(weights[i].scalar_type() == x.scalar_type(), "BlockStep: x must be in the weights' dtype");
         units[i] = cpmgen::gemv_units(weights[i], biases.get(i), in_features[i]);
       }
-      y[i] = at::empty({rows, out_features[i]}, x.options());
+      reuse(work.y[i], rows, out_features[i], x.options());
     }
-    cpmgen::AttentionStep attention = cpmgen::attention_step(y[0], k_cache, v_cache, pos, heads);
-    TORCH_CHECK(attention.out.numel() == rows * in_features[1], "BlockStep: the attention's width is not dense's input");
+    const std::array<at::Tensor, 4>& y = work.y;
+    cpmgen::AttentionStep attention =
+        cpmgen::attention_step(y[0], k_cache, v_cache, pos, heads, reuse(work.attention_out, rows, in_features[1], x.options()));
     const bool bf16 = x.scalar_type() == at::kBFloat16;
     if (!bf16) cpmgen::attention_input(attention, y[0]);  // fp32: y[0] itself, filled in below
-    const at::Tensor attention_out = attention.out.view({rows, in_features[1]});
-    at::Tensor h, ln, gelu;
+    const at::Tensor& attention_out = work.attention_out;
+    at::Tensor& h = reuse(work.h, rows, hidden, x.options());
+    at::Tensor& gelu = reuse(work.gelu, rows, out_features[2], x.options());
+    at::Tensor ln;
+    // Each thread runs a contiguous part of a phase's units (one long read of the weights, which
+    // the hardware prefetchers follow), then takes the rest a small chunk at a time from the
+    // phase's counter: a thread that gets ahead (the other one started later or was slowed by
+    // the machine) runs more of them instead of waiting at the barrier. Which thread runs a unit
+    // does not change its values.
+    std::array<std::atomic<int64_t>, 5> next{};  // the four linears, then the attention
 
 #pragma omp parallel num_threads(at::get_num_threads())
     {
-      const int64_t thread = omp_get_thread_num(), threads = omp_get_num_threads();
+      const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
       const bool first = thread == 0;
-      auto share = [&](int64_t count, auto&& run) {
-        const int64_t begin = count * thread / threads, end = count * (thread + 1) / threads;
-        if (begin < end) run(begin, end);
+      auto share = [&](std::atomic<int64_t>& counter, int64_t count, auto&& run) {
+        const int64_t own = count * kOwnShare / threads, taken = own * threads;
+        if (own > 0) run(thread * own, (thread + 1) * own);
+        const int64_t chunk = std::max<int64_t>(1, (count - taken) / (4 * threads));
+        for (int64_t begin; (begin = taken + counter.fetch_add(chunk, std::memory_order_relaxed)) < count;)
+          run(begin, std::min(begin + chunk, count));
       };
-      // One thread readies linear i's input, then every thread runs its share of the output.
+      // One thread readies linear i's input, then every thread runs output units of it.
       auto linear_on_all = [&](size_t i, const at::Tensor& in) {
         if (first) {
           if (quantized) {
-            cpmgen::quantize_input(qweight[i], in, qinput[i], /*parallel=*/false);
+            cpmgen::quantize_input(qweight[i], in, work.inputs[i], /*parallel=*/false);
           } else {
             x_float[i] = in.to(at::kFloat);
           }
         }
 #pragma omp barrier
-        share(units[i], [&](int64_t begin, int64_t end) {
+        share(next[i], units[i], [&](int64_t begin, int64_t end) {
+          at::Tensor out = y[i];
           if (quantized) {
-            cpmgen::qlinear_blocks(qweight[i], qinput[i], y[i], begin, end);
+            cpmgen::qlinear_blocks(qweight[i], work.inputs[i], out, begin, end);
           } else {
-            cpmgen::gemv_rows(x_float[i], weights[i], biases.get(i), y[i], begin, end);
+            cpmgen::gemv_rows(x_float[i], weights[i], biases.get(i), out, begin, end);
           }
         });
 #pragma omp barrier
@@ -170,15 +204,15 @@ struct BlockStep : torch::CustomClassHolder {
         if (first) cpmgen::attention_input(attention, y[0]);
 #pragma omp barrier
       }
-      share(attention.units(), [&](int64_t begin, int64_t end) { cpmgen::attention_units(attention, begin, end); });
+      share(next[4], attention.units(), [&](int64_t begin, int64_t end) { cpmgen::attention_units(attention, begin, end); });
 #pragma omp barrier
       linear_on_all(1, attention_out);
       if (first) {
-        h = x + y[1];
+        at::add_out(h, x, y[1]);
         ln = at::layer_norm(h, {hidden}, norms[2], norms[3], eps);
       }
       linear_on_all(2, ln);
-      if (first) gelu = at::gelu(y[2], "tanh");
+      if (first) at::gelu_out(gelu, y[2], "tanh");
       linear_on_all(3, gelu);
     }
     return (h + y[3]).view(x_in.sizes());

@@ -48,13 +48,14 @@ struct AttentionStep {
   at::Tensor qkv;  // [batch, 3 * heads * head_dim] fp32
   at::Tensor pos;  // [batch] int64
   at::Tensor k_cache, v_cache;
-  at::Tensor out;  // [batch, 1, heads * head_dim] in the input's dtype
+  at::Tensor out;  // the heads' outputs side by side, batch x heads x head_dim values (contiguous), in the input's dtype
   int64_t heads = 0;
   int64_t units() const { return qkv.size(0) * heads; }
 };
-// `qkv` may still be bf16 (its fp32 copy is made by `attention_input`).
+// `qkv` may still be bf16 (its fp32 copy is made by `attention_input`); `out`, where given, is
+// where the heads' outputs go (contiguous), else a new [batch, 1, heads * head_dim] tensor.
 AttentionStep attention_step(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& pos, int64_t heads);
+                             const at::Tensor& pos, int64_t heads, const at::Tensor& out = at::Tensor());
 void attention_input(AttentionStep& step, const at::Tensor& qkv);
 void attention_units(const AttentionStep& step, int64_t begin, int64_t end);
 

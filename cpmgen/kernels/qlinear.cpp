@@ -296,16 +296,31 @@ struct Int4Vnni {
     __m512i total[R];
     for (int r = 0; r < R; ++r) total[r] = _mm512_setzero_si512();
     for (int64_t g = 0; g < groups; ++g) {
-      __m512i s[R][4];  // four independent sums: a vpdpbusd waits for the one before on its sum
+      // Four independent sums (a vpdpbusd waits for the one before on its sum), each at a fixed
+      // index, so that they stay in registers: two 64-byte vectors per pass, low and high nibbles.
+      __m512i s[R][4];
       for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = s[r][2] = s[r][3] = _mm512_setzero_si512();
-      for (int64_t j = g * steps; j < (g + 1) * steps; ++j) {
-        const int half = 2 * static_cast<int>(j & 1);
+      const int64_t end = (g + 1) * steps;
+      int64_t j = g * steps;
+      for (; j + 1 < end; j += 2) {
+        const __m512i v0 = _mm512_loadu_si512(w + j * 64), v1 = _mm512_loadu_si512(w + (j + 1) * 64);
+        const __m512i lo0 = _mm512_and_si512(v0, low), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low);
+        const __m512i lo1 = _mm512_and_si512(v1, low), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low);
+        for (int r = 0; r < R; ++r) {
+          const int32_t* x32 = reinterpret_cast<const int32_t*>(xq + (m0 + r) * k);
+          s[r][0] = _mm512_dpbusd_epi32(s[r][0], lo0, _mm512_set1_epi32(x32[2 * j]));
+          s[r][1] = _mm512_dpbusd_epi32(s[r][1], hi0, _mm512_set1_epi32(x32[2 * j + 1]));
+          s[r][2] = _mm512_dpbusd_epi32(s[r][2], lo1, _mm512_set1_epi32(x32[2 * j + 2]));
+          s[r][3] = _mm512_dpbusd_epi32(s[r][3], hi1, _mm512_set1_epi32(x32[2 * j + 3]));
+        }
+      }
+      if (j < end) {  // an odd number of vectors per group
         const __m512i v = _mm512_loadu_si512(w + j * 64);
         const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
         for (int r = 0; r < R; ++r) {
           const int32_t* x32 = reinterpret_cast<const int32_t*>(xq + (m0 + r) * k);
-          s[r][half] = _mm512_dpbusd_epi32(s[r][half], lo, _mm512_set1_epi32(x32[2 * j]));
-          s[r][half + 1] = _mm512_dpbusd_epi32(s[r][half + 1], hi, _mm512_set1_epi32(x32[2 * j + 1]));
+          s[r][0] = _mm512_dpbusd_epi32(s[r][0], lo, _mm512_set1_epi32(x32[2 * j]));
+          s[r][1] = _mm512_dpbusd_epi32(s[r][1], hi, _mm512_set1_epi32(x32[2 * j + 1]));
         }
       }
       const uint8_t* p = gparams + g * 2 * kLanes;
