@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cpmgen import hugepages, kernels
-from cpmgen.model import CPMModel
+from cpmgen.model import CPMModel, attention_dtype
 
 
 def _best_seconds(reps: int, fn: Callable, *args, **kwargs) -> float:
@@ -137,6 +137,16 @@ def _model_tensors(model: nn.Module):
 def model_bytes(model: nn.Module) -> int:
     """Bytes of every tensor the model holds, each once: what holding the model costs."""
     return sum(_tensor_bytes(tensor) for _, tensor in _model_tensors(model))
+
+
+def kv_bytes_per_token(model: CPMModel, prompt_tokens: int, new_tokens: int) -> int:
+    """Mean bytes of KV cache a batch-1 decode step reads over a run of `new_tokens` steps after a
+    `prompt_tokens` prompt: each step's attention reads the keys and values of every token so far
+    (2 x layers x hidden values each, in the cache's dtype)."""
+    args = model.args
+    per_token = 2 * args.num_layers * args.hidden_size * attention_dtype(model.word_embeddings.weight).itemsize
+    mean_context = prompt_tokens + (new_tokens - 1) / 2
+    return round(per_token * mean_context)
 
 
 def weight_bytes_per_token(model: CPMModel) -> int:

@@ -148,6 +148,7 @@ def measure_variant(folder: Path, name: str, dtype: str, extra: dict, prompt: li
     row["decode"] = timing.cpmgen_generate_rate(model, prompt, args.new_tokens, args.reps)
     row["bound_samples_gbs"] = [before, bandwidth.read_bound_gbs()]
     row["tokens_per_s"] = row["decode"]["tokens_per_s"]
+    row["kv_bytes_per_token"] = bandwidth.kv_bytes_per_token(model, len(prompt), args.new_tokens)
     row["effective_gbs"] = round(row["tokens_per_s"] * row["weight_bytes_per_token"] / 1e9, 2)
     row["prefill"] = timing.measure_prefill(model, 1023, 1 if args.quick else 2)
     return row
@@ -185,6 +186,9 @@ def add_bound_shares(result: dict) -> None:
     for row in result["variants"]:
         row["bound_tokens_per_s"] = bandwidth.decode_bound(bound_gbs, row["weight_bytes_per_token"])
         row["of_bound"] = round(row["tokens_per_s"] / row["bound_tokens_per_s"], 3)
+        # the same share counting the KV cache a step also reads (what its attention streams)
+        with_kv = row["weight_bytes_per_token"] + row["kv_bytes_per_token"]
+        row["of_bound_with_kv"] = round(row["tokens_per_s"] / bandwidth.decode_bound(bound_gbs, with_kv), 3)
         around = statistics.fmean(row["bound_samples_gbs"])
         row["of_bound_around"] = round(row["tokens_per_s"] / bandwidth.decode_bound(around, row["weight_bytes_per_token"]), 3)
 
@@ -225,15 +229,16 @@ def print_tables(result: dict) -> None:
     table = Table(title=f"decode, {PRESET}, batch 1, {threads} torch threads, bound at "
                         f"{result['bandwidth']['bound_median_gbs']} GB/s read (median of "
                         f"{min(result['bandwidth']['bound_samples_gbs'])}-{max(result['bandwidth']['bound_samples_gbs'])})")
-    for column in ("variant", "weights MB/token", "tokens/s", "x hf-fp32", "of bound", "of bound around", "GB/s",
-                   "prefill tok/s", "compile s"):
+    for column in ("variant", "weights MB/token", "tokens/s", "x hf-fp32", "of bound", "of bound around",
+                   "of bound with KV", "GB/s", "prefill tok/s", "compile s"):
         table.add_column(column, justify="left" if column == "variant" else "right")
     hf_fp32 = next(r for r in result["hf"] if r["variant"] == "hf-fp32")["tokens_per_s"]
     for row in result["variants"] + result["hf"]:
         bytes_ = row.get("weight_bytes_per_token")
         table.add_row(row["variant"], f"{bytes_ / 1e6:.0f}" if bytes_ else "-", str(row["tokens_per_s"]),
                       f"{row['tokens_per_s'] / hf_fp32:.2f}", str(row.get("of_bound", "-")),
-                      str(row.get("of_bound_around", "-")), str(row.get("effective_gbs", "-")), str(row.get("prefill", {}).get("tokens_per_s", "-")),
+                      str(row.get("of_bound_around", "-")), str(row.get("of_bound_with_kv", "-")),
+                      str(row.get("effective_gbs", "-")), str(row.get("prefill", {}).get("tokens_per_s", "-")),
                       str(row.get("compile_s", "-")))
     console.print(table)
 

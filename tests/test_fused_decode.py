@@ -201,3 +201,31 @@ def test_a_fused_model_deep_copies_into_one_of_its_own():
         cache = model.new_kv_cache(1, 16)
         model(ids[:, :8], torch.arange(8), cache)
         assert torch.equal(decode_step(model, ids[:, 8], torch.tensor([8]), cache), logits[0])
+
+
+@pytest.mark.parametrize("kind", ["gemv", "int8"])
+def test_steps_under_inference_mode_then_no_grad_give_the_same_logits(kind):
+    """A block's step keeps its intermediate values in buffers from one step to the next: a step
+    under torch.no_grad after steps under inference mode (and back) writes them too, with the same
+    logits (a buffer made in inference mode could not be written outside it: the process ended)."""
+    from cpmgen.prepack import chosen_form, prepack_linears
+    from cpmgen.quantize import quantize_model
+
+    model = CPMModel(TINY)
+    model.load_state_dict(random_state_dict(TINY, 0))
+    model.eval().requires_grad_(False)
+    if kind == "gemv":
+        if chosen_form(torch.device("cpu"), torch.float32, "gemv") is None:
+            pytest.skip("no gemv linear on this CPU")
+        prepack_linears(model, form="gemv")
+    else:
+        quantize_model(model, kind)
+    assert fuse_decode(model) == TINY.num_layers
+    ids = torch.randint(0, TINY.vocab_size, (1, 9), generator=torch.Generator().manual_seed(5))
+    logits = []
+    for mode in (torch.inference_mode, torch.no_grad, torch.inference_mode):
+        with mode():
+            cache = model.new_kv_cache(1, 16)
+            model(ids[:, :8], torch.arange(8), cache)
+            logits.append(decode_step(model, ids[:, 8], torch.tensor([8]), cache))
+    assert torch.equal(logits[0], logits[1]) and torch.equal(logits[0], logits[2])

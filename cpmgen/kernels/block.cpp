@@ -24,6 +24,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/InferenceMode.h>
 #include <omp.h>
 #include <torch/custom_class.h>
 #include <torch/library.h>
@@ -59,10 +60,14 @@ struct Workspace {
 };
 
 // `buffer` as a [rows, cols] tensor of `options`, made anew only where it is not one already.
+// Made outside inference mode: a tensor made inside it could not be written in place by a later
+// step that runs outside it (under torch.no_grad, say).
 at::Tensor& reuse(at::Tensor& buffer, int64_t rows, int64_t cols, const at::TensorOptions& options) {
   if (!buffer.defined() || buffer.size(0) != rows || buffer.size(1) != cols ||
-      buffer.scalar_type() != options.dtype().toScalarType())
+      buffer.scalar_type() != options.dtype().toScalarType()) {
+    c10::InferenceMode not_inference(false);
     buffer = at::empty({rows, cols}, options);
+  }
   return buffer;
 }
 
@@ -150,7 +155,7 @@ struct BlockStep : torch::CustomClassHolder {
       }
       reuse(work.y[i], rows, out_features[i], x.options());
     }
-    const std::array<at::Tensor, 4>& y = work.y;
+    std::array<at::Tensor, 4>& y = work.y;
     cpmgen::AttentionStep attention =
         cpmgen::attention_step(y[0], k_cache, v_cache, pos, heads, reuse(work.attention_out, rows, in_features[1], x.options()));
     const bool bf16 = x.scalar_type() == at::kBFloat16;
@@ -188,11 +193,10 @@ struct BlockStep : torch::CustomClassHolder {
         }
 #pragma omp barrier
         share(next[i], units[i], [&](int64_t begin, int64_t end) {
-          at::Tensor out = y[i];
           if (quantized) {
-            cpmgen::qlinear_blocks(qweight[i], work.inputs[i], out, begin, end);
+            cpmgen::qlinear_blocks(qweight[i], work.inputs[i], y[i], begin, end);
           } else {
-            cpmgen::gemv_rows(x_float[i], weights[i], biases.get(i), out, begin, end);
+            cpmgen::gemv_rows(x_float[i], weights[i], biases.get(i), y[i], begin, end);
           }
         });
 #pragma omp barrier
