@@ -113,8 +113,13 @@ def build_quantized_model(ckpt: Checkpoint, args: ModelArgs, dtype: torch.dtype,
             if advance:
                 advance(2)
         set_lm_head(model, _linear_from(tensors, HEAD, args.hidden_size))
-        # popped as converted: the stored copy of each float tensor is freed before the next is made
-        floats = {name: tensors.pop(name).to(dtype) for name in model.state_dict() if not _quantized_name(name)}
+        floats = {}
+        for name in model.state_dict():
+            if not _quantized_name(name):
+                floats[name] = tensors[name].to(dtype)
+                if floats[name].data_ptr() != tensors[name].data_ptr():
+                    ckpt.release(name)  # converted: its mapped pages would stay resident beside the copy
+                del tensors[name]  # taken out: the stored copy is not kept
     except KeyError as e:
         raise UserError(f"{ckpt.files[0]}: missing tensor {e.args[0]}; quantize the model again") from None
     model.load_state_dict({**model.state_dict(), **floats}, assign=True)

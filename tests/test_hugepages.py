@@ -162,16 +162,18 @@ def test_the_embedding_tables_are_left_unless_the_output_layer_reads_one():
 
 
 @needs_thp
-def test_a_quantized_folder_moves_and_lets_the_files_pages_go(write_ckpt, tmp_path):
+@pytest.mark.parametrize("stored", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_a_quantized_folder_moves_and_lets_the_files_pages_go(write_ckpt, tmp_path, stored):
     """safetensors maps the folder's file; each weight's pages of it are let go as the weight is
     copied onto huge pages (the output layer too, stored under another name), so the folder is not
-    held twice."""
+    held twice. A folder of an fp16 release keeps its float tensors (embeddings, norms) in fp16:
+    loaded in fp32 they are converted, and their pages are let go too."""
     from cpmgen.checkpoint.reader import open_checkpoint, resolve_args
     from cpmgen.quantized_checkpoint import read_quantized, write_quantized
 
     args = dataclasses.replace(TINY, hidden_size=512, vocab_size=3000)
     settings = Settings()
-    source = open_checkpoint(write_ckpt(args=args))
+    source = open_checkpoint(write_ckpt(args=args, dtype=stored))
     (tmp_path / "q").mkdir()
     write_quantized(tmp_path / "q", source, resolve_args(source, settings.model), "int8")
     settings.model.path = str(tmp_path / "q")
