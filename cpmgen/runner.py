@@ -19,6 +19,7 @@ import torch
 from cpmgen.generate import Stats, generate
 from cpmgen.model import CPMModel, decode_step
 from cpmgen.sampling import SamplingParams
+from cpmgen.signals import handlers_replaced
 from cpmgen.tasks import Task
 from cpmgen.tokenizer import CPMTokenizer, StreamDecoder
 from cpmgen.window import Window
@@ -80,12 +81,8 @@ def stop_on_ctrl_c():
 
     # SIGTERM too: torchrun answers a Ctrl-C by terminating its ranks, with a grace period;
     # and SIGHUP: a closed terminal keeps the text so far as a Ctrl-C does.
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
-    try:
+    with handlers_replaced((signal.SIGINT, signal.SIGTERM, signal.SIGHUP), handler):
         yield requested
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
 
 
 class Follow:

@@ -36,11 +36,24 @@ def held() -> Iterator[None]:
         yield
         return
     arrived: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: arrived.append(signum)) for sig in HELD}
     try:
-        yield
+        with handlers_replaced(HELD, lambda signum, frame: arrived.append(signum)):
+            yield
     finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
         for sig in dict.fromkeys(arrived):
             signal.raise_signal(sig)
+
+
+@contextlib.contextmanager
+def handlers_replaced(signals: tuple[int, ...], handler) -> Iterator[None]:
+    """`handler` for each of `signals` inside the block; the previous ones back afterwards, also
+    when a signal's exception (an earlier handler's KeyboardInterrupt or SystemExit) arrives
+    while they are being swapped: every handler swapped in is swapped back out."""
+    previous = {}
+    try:
+        for sig in signals:
+            previous[sig] = signal.signal(sig, handler)
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

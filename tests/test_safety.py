@@ -571,3 +571,30 @@ def test_a_killed_rank_leaves_the_text_so_far_at_output(cpmgen_env, model_dir, p
     saved = output.read_text(encoding="utf-8")
     assert saved.encode("utf-8").startswith(first[:300])  # everything that streamed before the kill, at least
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.txt", "story.txt"]
+
+
+@pytest.mark.parametrize("swap", ["held", "stop_on_ctrl_c"])
+def test_a_signal_while_handlers_are_swapped_in_leaves_none_of_them_behind(swap, monkeypatch):
+    """A Ctrl-C (or SIGTERM) can raise while the handlers are being swapped in; whatever was
+    swapped in by then is swapped back out, so no later Ctrl-C goes to a handler of a block that
+    is over (held's would hold it, stop_on_ctrl_c's would only set a flag nobody reads)."""
+    import cpmgen.signals
+    from cpmgen.runner import stop_on_ctrl_c
+
+    before = {sig: signal.getsignal(sig) for sig in cpmgen.signals.HELD}
+    real = signal.signal
+    calls = []
+
+    def interrupted_on_the_second(sig, handler):
+        calls.append(sig)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # as the Python-level handler of a Ctrl-C arriving right then
+        return real(sig, handler)
+
+    monkeypatch.setattr(cpmgen.signals.signal, "signal", interrupted_on_the_second)
+    block = cpmgen.signals.held() if swap == "held" else stop_on_ctrl_c()
+    with pytest.raises(KeyboardInterrupt):
+        with block:
+            pytest.fail("the block ran")
+    monkeypatch.setattr(cpmgen.signals.signal, "signal", real)
+    assert {sig: signal.getsignal(sig) for sig in cpmgen.signals.HELD} == before
