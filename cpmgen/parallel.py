@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from cpmgen.checkpoint.splits import check_split
 from cpmgen.errors import UserError
 from cpmgen.model import CPMModel
+from cpmgen.signals import handlers_replaced
 
 
 class RowParallelLinear(nn.Module):
@@ -239,11 +240,8 @@ def shared_items(items):
             box[0] = next(source, None)
             dist.broadcast_object_list(box, src=0, group=_prompts)
         else:
-            previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-            try:
+            with handlers_replaced((signal.SIGINT,), signal.SIG_IGN):
                 dist.broadcast_object_list(box, src=0, group=_prompts)
-            finally:
-                signal.signal(signal.SIGINT, previous)
         if box[0] is None:
             return
         yield box[0]

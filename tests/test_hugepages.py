@@ -162,8 +162,8 @@ def test_the_embedding_tables_are_left_unless_the_output_layer_reads_one():
 
 
 @needs_thp
-@pytest.mark.parametrize("stored", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_a_quantized_folder_moves_and_lets_the_files_pages_go(write_ckpt, tmp_path, stored):
+@pytest.mark.parametrize("float_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_a_quantized_folder_moves_and_lets_the_files_pages_go(write_ckpt, tmp_path, float_dtype):
     """safetensors maps the folder's file; each weight's pages of it are let go as the weight is
     copied onto huge pages (the output layer too, stored under another name), so the folder is not
     held twice. A folder of an fp16 release keeps its float tensors (embeddings, norms) in fp16:
@@ -173,7 +173,7 @@ def test_a_quantized_folder_moves_and_lets_the_files_pages_go(write_ckpt, tmp_pa
 
     args = dataclasses.replace(TINY, hidden_size=512, vocab_size=3000)
     settings = Settings()
-    source = open_checkpoint(write_ckpt(args=args, dtype=stored))
+    source = open_checkpoint(write_ckpt(args=args, dtype=float_dtype))
     (tmp_path / "q").mkdir()
     write_quantized(tmp_path / "q", source, resolve_args(source, settings.model), "int8")
     settings.model.path = str(tmp_path / "q")
@@ -192,11 +192,14 @@ def test_a_quantized_folder_moves_and_lets_the_files_pages_go(write_ckpt, tmp_pa
 
 
 @needs_thp
-def test_a_quantized_folder_written_by_someone_else_with_unaligned_tensors_loads_the_same(write_ckpt, tmp_path):
+@pytest.mark.parametrize("float_dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_a_quantized_folder_written_by_someone_else_with_unaligned_tensors_loads_the_same(write_ckpt, tmp_path,
+                                                                                          float_dtype):
     """A safetensors file from another writer may place tensors at any byte offset. Each one is
-    still mapped from the file, and letting its pages go after the copy drops only whole pages
-    of the read-only file mapping, which read back from the file: the model's values and its
-    next-token logits are those of the folder cpmgen wrote."""
+    still mapped from the file, and letting its pages go after the copy (or, for an fp16 folder's
+    float tensors, after their conversion to fp32) drops only whole pages of the read-only file
+    mapping, which read back from the file: the model's values and its next-token logits are
+    those of the folder cpmgen wrote."""
     import json
     import shutil
     import struct
@@ -206,7 +209,7 @@ def test_a_quantized_folder_written_by_someone_else_with_unaligned_tensors_loads
 
     args = dataclasses.replace(TINY, hidden_size=512, vocab_size=3000)
     settings = Settings()
-    source = open_checkpoint(write_ckpt(args=args))
+    source = open_checkpoint(write_ckpt(args=args, dtype=float_dtype))
     written, odd = tmp_path / "q", tmp_path / "odd"
     written.mkdir()
     write_quantized(written, source, resolve_args(source, settings.model), "int4")
@@ -215,7 +218,8 @@ def test_a_quantized_folder_written_by_someone_else_with_unaligned_tensors_loads
     # length), so no tensor is aligned to its element size, a page or anything else
     _, _, stored = read_quantized(written)
     header, blobs, offset = {}, [], 0
-    names = {torch.uint8: "U8", torch.int8: "I8", torch.float32: "F32", torch.bfloat16: "BF16", torch.int32: "I32"}
+    names = {torch.uint8: "U8", torch.int8: "I8", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+             torch.int32: "I32"}
     for name, tensor in stored.items():
         data = tensor.contiguous().view(torch.uint8).numpy().tobytes()
         header[name] = {"dtype": names[tensor.dtype], "shape": list(tensor.shape),
@@ -225,7 +229,7 @@ def test_a_quantized_folder_written_by_someone_else_with_unaligned_tensors_loads
     encoded = json.dumps(header).encode()
     encoded += b" " * ((1 - len(encoded)) % 8)
     (odd / WEIGHTS_NAME).write_bytes(struct.pack("<Q", len(encoded)) + encoded + b"".join(blobs))
-    assert any(t.data_ptr() % 4 for t in read_quantized(odd)[2].values() if t.dtype == torch.float32)  # unaligned
+    assert any(t.data_ptr() % t.element_size() for t in read_quantized(odd)[2].values() if t.dtype == float_dtype)  # unaligned
 
     models = []
     for folder in (written, odd):
