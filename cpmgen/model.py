@@ -61,8 +61,9 @@ class KVCache:
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
         """Write k, v [batch, heads, T, head_dim] at slots input_pos ([T] for every row, or
-        [batch, T]); return slots 0..length-1."""
+        [batch, T]), in the cache's dtype; return slots 0..length-1."""
         k_cache, v_cache = self.k[layer], self.v[layer]
+        k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
         if input_pos.dim() == 1:
             k_cache.index_copy_(2, input_pos, k)
             v_cache.index_copy_(2, input_pos, v)
@@ -76,11 +77,17 @@ class KVCache:
 
 
 def attention_dtype(x: torch.Tensor) -> torch.dtype:
-    """Attention (and the KV cache) runs in fp32 on the CPU whatever the weights' dtype: CPU
-    bf16 matmuls copy the cache's strided slices on every step, which made them slower than
-    fp32, and oneDNN kept a kernel for every new context length, so memory grew with the text.
-    The cache is small next to the weights."""
+    """Attention runs in fp32 on the CPU whatever the weights' dtype: CPU bf16 matmuls copy the
+    cache's strided slices on every step, which made them slower than fp32, and oneDNN kept a
+    kernel for every new context length, so memory grew with the text."""
     return torch.float32 if x.device.type == "cpu" else x.dtype
+
+
+def cache_dtype(weight: torch.Tensor) -> torch.dtype:
+    """The KV cache holds keys and values in the dtype the projection computes them in, the
+    weights', on every device: in bf16 or fp16 they are exactly the values attention widens to
+    fp32 on the CPU, so a wider cache would only be more bytes to read at every step."""
+    return weight.dtype
 
 
 class Attention(nn.Module):
@@ -95,10 +102,11 @@ class Attention(nn.Module):
         batch, seq, _ = x.shape
         # Fused rows are [q; k; v], each num_heads * head_dim wide (per rank under tensor parallel).
         q, k, v = self.query_key_value(x).split(self.num_heads * self.head_dim, dim=-1)
-        dtype = attention_dtype(x)
-        q, k, v = (t.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2).to(dtype) for t in (q, k, v))
+        q, k, v = (t.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         if kv_cache is not None:
             k, v = kv_cache.update(layer, input_pos, k, v, kv_len)
+        dtype = attention_dtype(x)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
         if seq > 1:
             # Fused attention: a window's prefill runs several times faster than plain matmuls.
             # Masked scores are -inf here instead of -10000; every query sees at least its own
@@ -172,7 +180,7 @@ class CPMModel(nn.Module):
         attention = self.transformer.layers[0].attention
         weight = self.word_embeddings.weight
         return KVCache.allocate(len(self.transformer.layers), batch_size, attention.num_heads,
-                                slots or self.args.max_positions, attention.head_dim, attention_dtype(weight),
+                                slots or self.args.max_positions, attention.head_dim, cache_dtype(weight),
                                 weight.device, zeros)
 
     def forward(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_cache: Optional[KVCache] = None,
@@ -195,30 +203,30 @@ class CPMModel(nn.Module):
         the cache, the mask (None where plain causal or none is needed), how many cache slots
         to attend to. Eager and compiled runs differ only here."""
         batch, seq = ids.shape
-        compiled = torch.compiler.is_compiling()
-        if input_pos.dim() == 2 and not compiled and bool((input_pos == input_pos[:1]).all()):
-            input_pos = input_pos[0]  # every row at the same positions: one index for all of them
-        positions = input_pos.expand(batch, seq) if input_pos.dim() == 1 else input_pos
-        if not compiled:  # reading positions back would break a compiled graph
-            top = int(positions.max())
-            if top >= self.args.max_positions or int(positions.min()) < 0:
-                raise ValueError(f"position {top} outside the model's 0..{self.args.max_positions - 1}")
+        if torch.compiler.is_compiling():
+            # Reading positions back would break a compiled graph, and a compiled step needs shapes
+            # that do not depend on them: it attends to every slot and the mask hides the rest.
+            kv_len = kv_cache.slots if kv_cache is not None else seq
+        else:
+            # Checked as Python ints, read back once: at one token a step, each tensor operation
+            # (comparisons, reductions, reading them back) costs more than these few ints.
+            rows = input_pos.tolist() if input_pos.dim() == 2 else [input_pos.tolist()]
+            if input_pos.dim() == 2 and all(row == rows[0] for row in rows[1:]):
+                input_pos = input_pos[0]  # every row at the same positions: one index for all of them
+            top, low = max(map(max, rows)), min(map(min, rows))
+            if top >= self.args.max_positions or low < 0:
+                raise ValueError(f"position {top if low >= 0 else low} outside the model's "
+                                 f"0..{self.args.max_positions - 1}")
             if kv_cache is not None and top >= kv_cache.slots:
                 raise ValueError(f"position {top} does not fit a KV cache of {kv_cache.slots} slots")
-        if kv_cache is not None:
-            # Eager attends to the written slots only. A compiled step needs shapes that do not
-            # depend on the positions, so it attends to every slot and the mask hides the rest.
-            kv_len = kv_cache.slots if compiled else top + 1
-            key_pos = torch.arange(kv_len, device=ids.device).expand(batch, kv_len)
-        else:
-            kv_len, key_pos = seq, positions
-        if not compiled and input_pos.dim() == 1 and (
-                seq == 1 or torch.equal(input_pos, torch.arange(seq, device=ids.device))):
-            # No mask in the two usual cases: one new token per row (it sees every attended slot)
-            # and a window encoded at 0..T-1 (plain causal, which SDPA runs faster).
-            mask = None
-        else:
-            mask = (key_pos[:, None, :] <= positions[:, :, None]).unsqueeze(1)  # [batch, 1, T, keys]
+            kv_len = top + 1 if kv_cache is not None else seq  # eager attends to the written slots only
+            if input_pos.dim() == 1 and (seq == 1 or rows[0] == list(range(seq))):
+                # No mask in the two usual cases: one new token per row (it sees every attended slot)
+                # and a window encoded at 0..T-1 (plain causal, which SDPA runs faster).
+                return input_pos, None, kv_len
+        positions = input_pos.expand(batch, seq) if input_pos.dim() == 1 else input_pos
+        key_pos = torch.arange(kv_len, device=ids.device).expand(batch, kv_len) if kv_cache is not None else positions
+        mask = (key_pos[:, None, :] <= positions[:, :, None]).unsqueeze(1)  # [batch, 1, T, keys]
         return input_pos, mask, kv_len
 
 

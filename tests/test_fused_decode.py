@@ -150,6 +150,42 @@ def test_the_fused_block_gives_the_bits_of_its_modules(kind, dtype, batch):
     assert outputs[0].dtype == dtype and torch.equal(outputs[0], outputs[1])
 
 
+@pytest.mark.parametrize("kind", ["modules", "gemv", "int8", "int4"])
+def test_a_bf16_models_bf16_cache_gives_the_logits_of_an_fp32_cache(kind):
+    """A bf16 model keeps its keys and values in a bf16 cache (half the bytes a step reads): they
+    are bf16 values, so a prefill and one-token steps at different positions give bitwise the
+    logits the same model gives with an fp32 cache, which ends up holding the same values. For the
+    modules' own attention and for the fused step of each kind of linear it runs in bf16."""
+    from cpmgen.prepack import chosen_form, prepack_linears
+    from cpmgen.quantize import quantize_model
+
+    args = dataclasses.replace(TINY, hidden_size=128, num_heads=4)
+    model = CPMModel(args)
+    model.load_state_dict(random_state_dict(args, 0))
+    model.eval().requires_grad_(False).to(torch.bfloat16)
+    if kind == "gemv":
+        if chosen_form(torch.device("cpu"), torch.bfloat16, "gemv") is None:
+            pytest.skip("no gemv bf16 linear on this CPU")
+        prepack_linears(model, form="gemv")
+    elif kind != "modules":
+        quantize_model(model, kind)
+    if kind != "modules":
+        assert fuse_decode(model) == args.num_layers
+    batch, slots = 2, 32
+    caches = [model.new_kv_cache(batch, slots),
+              KVCache.allocate(args.num_layers, batch, args.num_heads, slots, args.head_dim, torch.float32, "cpu")]
+    assert caches[0].k[0].dtype == torch.bfloat16 and 2 * caches[0].nbytes == caches[1].nbytes
+    ids = torch.randint(0, args.vocab_size, (batch, 20), generator=torch.Generator().manual_seed(6))
+    outputs = []
+    for cache in caches:
+        with torch.inference_mode():
+            logits = [model(ids[:, :12], torch.arange(12), cache)[:, -1]]
+            logits += [decode_step(model, ids[:, i], torch.arange(batch) + i, cache) for i in range(12, 20)]
+        outputs.append(torch.stack(logits))
+    assert torch.equal(outputs[0], outputs[1])
+    assert all(torch.equal(bf16.float(), fp32) for bf16, fp32 in zip(caches[0].k + caches[0].v, caches[1].k + caches[1].v))
+
+
 def test_tensor_parallel_blocks_and_fp16_keep_their_modules():
     """Row-parallel linears all-reduce, which the op does not: such blocks keep their own forward
     (the attention is still fused). fp16, which the ops do not take, keeps the plain model."""

@@ -234,3 +234,25 @@ def test_the_thread_count_changes_no_value():
             assert torch.equal(outputs[0], outputs[1]), (kernels, fused)
     finally:
         torch.set_num_threads(before)
+
+
+def test_positions_outside_the_model_or_the_cache_are_refused_by_name():
+    """A forward checks every position it is given (one index for all rows, or a row each) against
+    the model's positions and the cache's slots, and names the one that does not fit."""
+    model = make_model()
+    ids = torch.zeros(2, 1, dtype=torch.long)
+    cache = model.new_kv_cache(2, 8)
+    refused = [(torch.tensor([MAX_POS]), None, f"position {MAX_POS} outside the model's 0..{MAX_POS - 1}"),
+               (torch.tensor([[3], [-1]]), None, f"position -1 outside the model's 0..{MAX_POS - 1}"),
+               (torch.tensor([[3], [8]]), cache, "position 8 does not fit a KV cache of 8 slots"),
+               (torch.tensor([8]), cache, "position 8 does not fit a KV cache of 8 slots")]
+    with torch.inference_mode():
+        for positions, kv_cache, message in refused:
+            with pytest.raises(ValueError, match=f"^{message}$"):
+                model(ids, positions, kv_cache)
+        # the same rows at positions that fit: each row's logits are its own one-row step's (the
+        # rows attend to different numbers of slots, masked, so equal within rounding)
+        both = model(ids, torch.tensor([[3], [7]]), cache)[:, -1]
+        for row, position in enumerate((3, 7)):
+            alone = model(ids[row:row + 1], torch.tensor([position]), cache.rows(slice(row, row + 1)))[:, -1]
+            torch.testing.assert_close(alone[0], both[row], rtol=1e-5, atol=1e-5)

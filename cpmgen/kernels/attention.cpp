@@ -2,7 +2,8 @@
 // into the KV cache at its position, then attends to cache slots 0..position.
 //
 //   qkv     [B, 1, 3 * H * D] (or [B, 3 * H * D]), fp32 or bf16: the fused projection, [q; k; v]
-//   k_cache [B, H, S, D] fp32, v_cache the same (written in place at slot pos[b])
+//   k_cache [B, H, S, D] fp32 or bf16, v_cache the same (written in place at slot pos[b]); the
+//           scores and sums are fp32 either way (a bf16 entry widens to a float exactly)
 //   pos     [B], [B, 1] or one for all, int64: each sequence's position (its new token's slot)
 //   -> out  [B, 1, H * D] in qkv's dtype: softmax(q k^T / sqrt(D)) v per head, heads side by side
 //
@@ -20,7 +21,7 @@
 
 #include <cmath>
 #include <cstdint>
-#include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -41,12 +42,20 @@ inline __attribute__((always_inline)) float lanes_sum(float* part) {
   return part[0];
 }
 
-inline __attribute__((always_inline)) float dot(const float* a, const float* b, int64_t n) {
+// A cache entry as a float: fp32 as it is; bf16 (its bits) widened, exactly: a bf16 value is the
+// upper half of the float of the same value.
+inline __attribute__((always_inline)) float widen(float x) { return x; }
+inline __attribute__((always_inline)) float widen(uint16_t x) {
+  return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16);
+}
+
+template <typename T>
+inline __attribute__((always_inline)) float dot(const float* a, const T* b, int64_t n) {
   float part[kWidth] = {};
   int64_t i = 0;
   for (; i + kWidth <= n; i += kWidth)
-    for (int l = 0; l < kWidth; ++l) part[l] = part[l] + a[i + l] * b[i + l];
-  for (int l = 0; i < n; ++i, ++l) part[l] = part[l] + a[i] * b[i];
+    for (int l = 0; l < kWidth; ++l) part[l] = part[l] + a[i + l] * widen(b[i + l]);
+  for (int l = 0; i < n; ++i, ++l) part[l] = part[l] + a[i] * widen(b[i]);
   return lanes_sum(part);
 }
 
@@ -70,9 +79,12 @@ inline __attribute__((always_inline)) float exp_nonpositive(float x_in) {
   return x_in < -87.f ? 0.f : p * two_n;
 }
 
-// One head of one sequence: q [D]; keys/values [slots, D], slot `pos` already written.
-CPMGEN_CLONES void attend(const float* q, const float* keys, const float* values, int64_t pos, int64_t d,
-                          float scale, float* weights, float* out) {
+// One head of one sequence: q [D]; keys/values [slots, D] (fp32, or bf16 bits), slot `pos` already
+// written. The same fp32 arithmetic for both: a bf16 cache of bf16 keys and values gives the bits
+// an fp32 cache of the same values gives.
+template <typename T>
+inline __attribute__((always_inline)) void attend_in(const float* q, const T* keys, const T* values, int64_t pos,
+                                                     int64_t d, float scale, float* weights, float* out) {
   const int64_t n = pos + 1;
   for (int64_t s = 0; s < n; ++s) weights[s] = dot(q, keys + s * d, d) * scale;
   float top = weights[0];
@@ -88,14 +100,41 @@ CPMGEN_CLONES void attend(const float* q, const float* keys, const float* values
   for (int64_t i = 0; i < d; ++i) out[i] = 0.f;
   for (int64_t t = 0; t < n; ++t) {
     const float w = weights[t] / total;
-    const float* v = values + t * d;
-    for (int64_t i = 0; i < d; ++i) out[i] = out[i] + w * v[i];
+    const T* v = values + t * d;
+    for (int64_t i = 0; i < d; ++i) out[i] = out[i] + w * widen(v[i]);
   }
+}
+
+CPMGEN_CLONES void attend(const float* q, const float* keys, const float* values, int64_t pos, int64_t d,
+                          float scale, float* weights, float* out) {
+  attend_in(q, keys, values, pos, d, scale, weights, out);
+}
+
+CPMGEN_CLONES void attend(const float* q, const uint16_t* keys, const uint16_t* values, int64_t pos, int64_t d,
+                          float scale, float* weights, float* out) {
+  attend_in(q, keys, values, pos, d, scale, weights, out);
 }
 
 template <typename T>
 void store(const float* x, T* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] = static_cast<T>(x[i]);
+}
+
+// Task `task` ((sequence, head) pair) of a step whose cache holds T (float or at::BFloat16): the
+// new key and value into their slot (rounded as Tensor.to rounds them: exact for bf16 values),
+// then the head's attention into head_out.
+template <typename T>
+void attend_task(const cpmgen::AttentionStep& step, int64_t task, std::vector<float>& weights, float* head_out) {
+  const int64_t slots = step.k_cache.size(2), d = step.k_cache.size(3), heads = step.heads, width = heads * d;
+  const int64_t b = task / heads, h = task % heads, p = step.pos.data_ptr<int64_t>()[b];
+  const float* row = step.qkv.data_ptr<float>() + b * 3 * width;
+  T* keys = step.k_cache.data_ptr<T>() + b * step.k_cache.stride(0) + h * slots * d;
+  T* values = step.v_cache.data_ptr<T>() + b * step.v_cache.stride(0) + h * slots * d;
+  store(row + width + h * d, keys + p * d, d);
+  store(row + 2 * width + h * d, values + p * d, d);
+  using Bits = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
+  attend(row + h * d, reinterpret_cast<const Bits*>(keys), reinterpret_cast<const Bits*>(values), p, d,
+         1.f / std::sqrt(static_cast<float>(d)), weights.data(), head_out);
 }
 
 }  // namespace
@@ -106,9 +145,9 @@ AttentionStep attention_step(const at::Tensor& qkv, const at::Tensor& k_cache, c
                              const at::Tensor& pos_in, int64_t heads, const at::Tensor& out) {
   TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16,
               "decode_attention: qkv must be fp32 or bf16");
-  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == at::kFloat &&
-                  v_cache.scalar_type() == at::kFloat,
-              "decode_attention: the caches must be fp32 [batch, heads, slots, head_dim] of one shape");
+  TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type() &&
+                  (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16),
+              "decode_attention: the caches must be fp32 or bf16 [batch, heads, slots, head_dim] of one shape and dtype");
   const int64_t batch = k_cache.size(0), slots = k_cache.size(2), d = k_cache.size(3);
   TORCH_CHECK(heads == k_cache.size(1) && qkv.size(-1) == 3 * heads * d && qkv.numel() == batch * 3 * heads * d,
               "decode_attention: qkv must be [batch, 1, 3 * heads * head_dim] for the cache's shape");
@@ -141,29 +180,22 @@ void attention_input(AttentionStep& step, const at::Tensor& qkv) {
 }
 
 void attention_units(const AttentionStep& step, int64_t begin, int64_t end) {
-  const int64_t slots = step.k_cache.size(2), d = step.k_cache.size(3), heads = step.heads, width = heads * d;
-  const int64_t* p = step.pos.data_ptr<int64_t>();
-  const float* x = step.qkv.data_ptr<float>();
-  float* kc = step.k_cache.data_ptr<float>();
-  float* vc = step.v_cache.data_ptr<float>();
-  const int64_t k_row = step.k_cache.stride(0), v_row = step.v_cache.stride(0);
-  const float scale = 1.f / std::sqrt(static_cast<float>(d));
-  std::vector<float> weights(slots), head_out(d);
-  const bool fp32 = step.out.scalar_type() == at::kFloat;
+  const int64_t d = step.k_cache.size(3), width = step.heads * d;
+  std::vector<float> weights(step.k_cache.size(2)), head_out(d);
+  const bool bf16_cache = step.k_cache.scalar_type() == at::kBFloat16, fp32 = step.out.scalar_type() == at::kFloat;
   float* out_f32 = fp32 ? step.out.data_ptr<float>() : nullptr;
   at::BFloat16* out_bf16 = fp32 ? nullptr : step.out.data_ptr<at::BFloat16>();
   for (int64_t task = begin; task < end; ++task) {
-    const int64_t b = task / heads, h = task % heads;
-    const float* row = x + b * 3 * width;
-    float* keys = kc + b * k_row + h * slots * d;
-    float* values = vc + b * v_row + h * slots * d;
-    std::memcpy(keys + p[b] * d, row + width + h * d, d * sizeof(float));
-    std::memcpy(values + p[b] * d, row + 2 * width + h * d, d * sizeof(float));
-    attend(row + h * d, keys, values, p[b], d, scale, weights.data(), head_out.data());
-    if (fp32) {
-      store(head_out.data(), out_f32 + b * width + h * d, d);
+    if (bf16_cache) {
+      attend_task<at::BFloat16>(step, task, weights, head_out.data());
     } else {
-      store(head_out.data(), out_bf16 + b * width + h * d, d);
+      attend_task<float>(step, task, weights, head_out.data());
+    }
+    const int64_t offset = task / step.heads * width + task % step.heads * d;
+    if (fp32) {
+      store(head_out.data(), out_f32 + offset, d);
+    } else {
+      store(head_out.data(), out_bf16 + offset, d);
     }
   }
 }
