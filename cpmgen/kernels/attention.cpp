@@ -21,7 +21,6 @@
 
 #include <cmath>
 #include <cstdint>
-#include <type_traits>
 #include <vector>
 
 #include "kernels.h"
@@ -42,20 +41,14 @@ inline __attribute__((always_inline)) float lanes_sum(float* part) {
   return part[0];
 }
 
-// A cache entry as a float: fp32 as it is; bf16 (its bits) widened, exactly: a bf16 value is the
-// upper half of the float of the same value.
-inline __attribute__((always_inline)) float widen(float x) { return x; }
-inline __attribute__((always_inline)) float widen(uint16_t x) {
-  return __builtin_bit_cast(float, static_cast<uint32_t>(x) << 16);
-}
-
+// b: fp32 or bf16 (a bf16 value widens to a float exactly: it is the float's upper half).
 template <typename T>
 inline __attribute__((always_inline)) float dot(const float* a, const T* b, int64_t n) {
   float part[kWidth] = {};
   int64_t i = 0;
   for (; i + kWidth <= n; i += kWidth)
-    for (int l = 0; l < kWidth; ++l) part[l] = part[l] + a[i + l] * widen(b[i + l]);
-  for (int l = 0; i < n; ++i, ++l) part[l] = part[l] + a[i] * widen(b[i]);
+    for (int l = 0; l < kWidth; ++l) part[l] = part[l] + a[i + l] * static_cast<float>(b[i + l]);
+  for (int l = 0; i < n; ++i, ++l) part[l] = part[l] + a[i] * static_cast<float>(b[i]);
   return lanes_sum(part);
 }
 
@@ -79,7 +72,7 @@ inline __attribute__((always_inline)) float exp_nonpositive(float x_in) {
   return x_in < -87.f ? 0.f : p * two_n;
 }
 
-// One head of one sequence: q [D]; keys/values [slots, D] (fp32, or bf16 bits), slot `pos` already
+// One head of one sequence: q [D]; keys/values [slots, D] (fp32 or bf16), slot `pos` already
 // written. The same fp32 arithmetic for both: a bf16 cache of bf16 keys and values gives the bits
 // an fp32 cache of the same values gives.
 template <typename T>
@@ -101,7 +94,7 @@ inline __attribute__((always_inline)) void attend_in(const float* q, const T* ke
   for (int64_t t = 0; t < n; ++t) {
     const float w = weights[t] / total;
     const T* v = values + t * d;
-    for (int64_t i = 0; i < d; ++i) out[i] = out[i] + w * widen(v[i]);
+    for (int64_t i = 0; i < d; ++i) out[i] = out[i] + w * static_cast<float>(v[i]);
   }
 }
 
@@ -110,7 +103,7 @@ CPMGEN_CLONES void attend(const float* q, const float* keys, const float* values
   attend_in(q, keys, values, pos, d, scale, weights, out);
 }
 
-CPMGEN_CLONES void attend(const float* q, const uint16_t* keys, const uint16_t* values, int64_t pos, int64_t d,
+CPMGEN_CLONES void attend(const float* q, const at::BFloat16* keys, const at::BFloat16* values, int64_t pos, int64_t d,
                           float scale, float* weights, float* out) {
   attend_in(q, keys, values, pos, d, scale, weights, out);
 }
@@ -132,9 +125,7 @@ void attend_task(const cpmgen::AttentionStep& step, int64_t task, std::vector<fl
   T* values = step.v_cache.data_ptr<T>() + b * step.v_cache.stride(0) + h * slots * d;
   store(row + width + h * d, keys + p * d, d);
   store(row + 2 * width + h * d, values + p * d, d);
-  using Bits = std::conditional_t<std::is_same_v<T, float>, float, uint16_t>;
-  attend(row + h * d, reinterpret_cast<const Bits*>(keys), reinterpret_cast<const Bits*>(values), p, d,
-         1.f / std::sqrt(static_cast<float>(d)), weights.data(), head_out);
+  attend(row + h * d, keys, values, p, d, 1.f / std::sqrt(static_cast<float>(d)), weights.data(), head_out);
 }
 
 }  // namespace
