@@ -112,7 +112,7 @@ def generate(model: CPMModel, prompt: list[int], window: Window, params: Samplin
     if fast:
         kv_cache = model.new_kv_cache(num_samples, window.size, hugepages.zeros)
         first = timed_prefill(model, windows[0], kv_cache, 0, stats)  # all samples share the prompt: encode once
-        kv_cache.copy_row(0)
+        kv_cache.share_first_row(len(windows[0]))
         logits = first.expand(num_samples, -1)
     step = 0
     while max_new_tokens is None or step < max_new_tokens:

@@ -54,10 +54,12 @@ class KVCache:
     def rows(self, index: slice) -> "KVCache":
         return KVCache([t[index] for t in self.k], [t[index] for t in self.v])
 
-    def copy_row(self, source: int) -> None:
-        """Every batch row gets row `source`'s keys and values (samples that share a prompt)."""
+    def share_first_row(self, length: int) -> None:
+        """Every other batch row gets row 0's keys and values in slots 0..length-1 (samples that
+        share a prompt of `length` tokens). Only the written slots: copying whole buffers cost more
+        than the prompt's prefill, even for one sample, and touched every page of the cache at once."""
         for t in self.k + self.v:
-            t.copy_(t[source:source + 1].clone().expand_as(t))
+            t[1:, :, :length] = t[:1, :, :length]
 
     def update(self, layer: int, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int):
         """Write k, v [batch, heads, T, head_dim] at slots input_pos ([T] for every row, or
