@@ -38,7 +38,8 @@ def filled_caches(args, batch: int, slots: int) -> tuple[KVCache, KVCache]:
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("head_dim", [16, 20])  # a multiple of the kernel's 8 lanes and one that is not
+# a multiple of the kernel's 8 lanes, one that is not, and the released models' 64 and 80 (compiled as fixed sizes)
+@pytest.mark.parametrize("head_dim", [16, 20, 64, 80])
 def test_one_token_steps_match_the_plain_attention(dtype, head_dim):
     """Rows at different positions (the model masks each to its own slots 0..position): the same
     outputs within rounding, and bitwise the same keys and values written at the same slots."""

@@ -72,12 +72,25 @@ inline __attribute__((always_inline)) float exp_nonpositive(float x_in) {
   return x_in < -87.f ? 0.f : p * two_n;
 }
 
-// One head of one sequence: q [D]; keys/values [slots, D] (fp32 or bf16), slot `pos` already
+// One head of one sequence: q [d]; keys/values [slots, d] (fp32 or bf16), slot `pos` already
 // written. The same fp32 arithmetic for both: a bf16 cache of bf16 keys and values gives the bits
-// an fp32 cache of the same values gives.
-template <typename T>
-inline __attribute__((always_inline)) void attend_in(const float* q, const T* keys, const T* values, int64_t pos,
-                                                     int64_t d, float scale, float* weights, float* out) {
+// an fp32 cache of the same values gives. D: the head size where it is known when compiled (the
+// released models' 64 and 80), so that q and the output sums stay in registers instead of being
+// stored and loaded again for every key (out may alias q for all the compiler knows); 0: any d,
+// read from `d_in`. Both do the same operations in the same order, so they give the same bits.
+template <int D, typename T>
+inline __attribute__((always_inline)) void attend_in(const float* q_in, const T* keys, const T* values, int64_t pos,
+                                                     int64_t d_in, float scale, float* weights, float* out) {
+  constexpr bool fixed = D > 0;
+  const int64_t d = fixed ? D : d_in;
+  float q_own[fixed ? D : 1], sums_own[fixed ? D : 1];
+  const float* q = q_in;
+  float* sums = out;
+  if constexpr (fixed) {
+    for (int64_t i = 0; i < D; ++i) q_own[i] = q_in[i];
+    q = q_own;
+    sums = sums_own;
+  }
   const int64_t n = pos + 1;
   for (int64_t s = 0; s < n; ++s) weights[s] = dot(q, keys + s * d, d) * scale;
   float top = weights[0];
@@ -90,22 +103,34 @@ inline __attribute__((always_inline)) void attend_in(const float* q, const T* ke
     for (int l = 0; l < kWidth; ++l) part[l] = part[l] + weights[s + l];
   for (int l = 0; s < n; ++s, ++l) part[l] = part[l] + weights[s];
   const float total = lanes_sum(part);
-  for (int64_t i = 0; i < d; ++i) out[i] = 0.f;
+  for (int64_t i = 0; i < d; ++i) sums[i] = 0.f;
   for (int64_t t = 0; t < n; ++t) {
     const float w = weights[t] / total;
     const T* v = values + t * d;
-    for (int64_t i = 0; i < d; ++i) out[i] = out[i] + w * static_cast<float>(v[i]);
+    for (int64_t i = 0; i < d; ++i) sums[i] = sums[i] + w * static_cast<float>(v[i]);
+  }
+  if constexpr (fixed)
+    for (int64_t i = 0; i < D; ++i) out[i] = sums_own[i];
+}
+
+template <typename T>
+inline __attribute__((always_inline)) void attend_any(const float* q, const T* keys, const T* values, int64_t pos,
+                                                      int64_t d, float scale, float* weights, float* out) {
+  switch (d) {
+    case 64: attend_in<64>(q, keys, values, pos, d, scale, weights, out); break;
+    case 80: attend_in<80>(q, keys, values, pos, d, scale, weights, out); break;
+    default: attend_in<0>(q, keys, values, pos, d, scale, weights, out);
   }
 }
 
 CPMGEN_CLONES void attend(const float* q, const float* keys, const float* values, int64_t pos, int64_t d,
                           float scale, float* weights, float* out) {
-  attend_in(q, keys, values, pos, d, scale, weights, out);
+  attend_any(q, keys, values, pos, d, scale, weights, out);
 }
 
 CPMGEN_CLONES void attend(const float* q, const at::BFloat16* keys, const at::BFloat16* values, int64_t pos, int64_t d,
                           float scale, float* weights, float* out) {
-  attend_in(q, keys, values, pos, d, scale, weights, out);
+  attend_any(q, keys, values, pos, d, scale, weights, out);
 }
 
 template <typename T>
