@@ -4,9 +4,11 @@ Measures in one run, on the same weights, through the real loading and generatio
 
 1. memory bandwidth (STREAM-style read and copy) and the decode bound it implies: batch-1
    decode reads every weight once per token, so tokens/s <= read bandwidth / weight bytes;
-2. cpmgen's fast decode tokens/s within the window, per kernel variant: fp32 and bf16 on
-   oneDNN-prepacked linears (the CLI's default on CPU), fp32 on plain `F.linear` (MKL GEMV),
-   int8 and int4 weights (`--quantize int8|int4`), and fp32 under `--compile` with its compile time counted;
+2. cpmgen's fast decode tokens/s within the window, per kernel variant, all loaded at once and
+   decoded in `--rounds` interleaved rounds (median; ratios between variants as the median of
+   the rounds' ratios): fp32 and bf16 in the CLI's default form (prepack.py's choice for the
+   CPU), fp32 on plain `F.linear` (MKL GEMV), int8 and int4 weights (`--quantize int8|int4`),
+   int8 with bf16 activations; then fp32 under `--compile`, its compile time counted;
 3. HF transformers GPT2LMHeadModel.generate on the same weights (converted in-process), fp32
    and bf16, timed the same way (tokens after the first; best of --reps runs);
 4. the fast path at a nearly full window, over `--windows` windows of unlimited generation at
@@ -72,13 +74,16 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="new tokens per sweep stride, rounded up to whole strides (default 1024, quick 256)")
     parser.add_argument("--slow-tokens", type=int, help="slow-path tokens at a full window (default 3, quick 2)")
     parser.add_argument("--prefill-reps", type=int, help="timed full-window prefills (default 3, quick 1)")
-    parser.add_argument("--reps", type=int, help="timed decode runs per variant, the fastest kept (default 3, quick 2)")
+    parser.add_argument("--rounds", type=int,
+                        help="interleaved decode rounds of the variants, the median kept (default 5, quick 2)")
+    parser.add_argument("--reps", type=int,
+                        help="timed decode runs of HF and of --compile, the fastest kept (default 3, quick 2)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
                         help="also time fp32 under --compile, compile time included (default: on, quick off)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads first (default: leave as is)")
     args = parser.parse_args(argv)
     defaults = dict(new_tokens=(64, 256), windows=(1, 4), strides=("128,256,512", "64,128,256,512"),
-                    sweep_tokens=(256, 1024), slow_tokens=(2, 3), prefill_reps=(1, 3), reps=(2, 3),
+                    sweep_tokens=(256, 1024), slow_tokens=(2, 3), prefill_reps=(1, 3), rounds=(2, 5), reps=(2, 3),
                     compile=(False, True))
     for name, (quick, full) in defaults.items():
         if getattr(args, name) is None:
@@ -127,28 +132,74 @@ VARIANTS = [
 COMPILED = ("fp32-compile", "fp32", {"runtime.compile": True})
 
 
-def measure_variant(folder: Path, name: str, dtype: str, extra: dict, prompt: list[int], args) -> dict:
-    """Decode tokens/s (best of --reps) and full-window prefill of one way to run the model, with
-    its weight bytes per token and the read bound sampled just before and after its decode (the
-    share of the bound is filled in by add_bound_shares). A compiled variant's first call
-    compiles: timed apart as compile_s, with the tokens it takes to win that time back against
-    the same dtype uncompiled (filled in by add_targets)."""
+def variant_row(folder: Path, name: str, dtype: str, extra: dict, prompt: list[int], args) -> tuple[dict, object]:
+    """One way of running the model, loaded: its row (load time, bytes a token reads) and the model."""
     start = time.perf_counter()
     model = load_cpmgen(str(folder), PRESET, dtype, extra)
-    load_s = time.perf_counter() - start
-    row = {"variant": name, "dtype": dtype, "settings": extra, "load_s": round(load_s, 2),
+    row = {"variant": name, "dtype": dtype, "settings": extra, "load_s": round(time.perf_counter() - start, 2),
            "model_bytes": bandwidth.model_bytes(model),
-           "weight_bytes_per_token": bandwidth.weight_bytes_per_token(model)}
-    if extra.get("runtime.compile"):
-        start = time.perf_counter()
-        for _ in generate(model, prompt, WINDOW, GREEDY, 3):
-            pass
-        row["compile_s"] = round(time.perf_counter() - start, 1)
+           "weight_bytes_per_token": bandwidth.weight_bytes_per_token(model),
+           "kv_bytes_per_token": bandwidth.kv_bytes_per_token(model, len(prompt), args.new_tokens)}
+    return row, model
+
+
+def measure_variants(folder: Path, prompt: list[int], args, step) -> dict:
+    """The variants side by side: all loaded, then --rounds rounds, each decoding every variant once
+    (greedy, --new-tokens after the prompt) in an order rotated round by round, between two samples
+    of the read bound. A shared machine's bandwidth moves within minutes (here between about 30
+    and 70 GB/s), so variants timed minutes apart would compare two machines; within a round they
+    run seconds apart. Per variant: the median rate and every round's, the round of the median's
+    figures, and its full-window prefill; per pair of variants, the median of the rounds' ratios."""
+    rows, models = [], {}
+    for name, dtype, extra in VARIANTS:
+        step(f"cpmgen {name}: load")
+        row, models[name] = variant_row(folder, name, dtype, extra, prompt, args)
+        rows.append(row)
+    bounds = [bandwidth.read_bound_gbs()]
+    rounds = []  # per round: {variant: rate figures}
+    for r in range(args.rounds):
+        order = rows[r % len(rows):] + rows[:r % len(rows)]
+        step(f"round {r + 1}/{args.rounds}: decode {args.new_tokens} tokens with each variant, from {order[0]['variant']}")
+        rounds.append({row["variant"]: timing.cpmgen_generate_rate(models[row["variant"]], prompt, args.new_tokens, 1)
+                       for row in order})
+        bounds.append(bandwidth.read_bound_gbs())
+    for row in rows:
+        name = row["variant"]
+        rates = [figures[name]["tokens_per_s"] for figures in rounds]
+        median = statistics.median_low(rates)
+        row["decode"] = rounds[rates.index(median)][name]
+        row["tokens_per_s"] = round(statistics.median(rates), 3)
+        row["rounds_tokens_per_s"] = rates
+        # each round's rate against the mean of the samples taken at its start and its end
+        row["round_shares_around"] = [
+            round(rate / bandwidth.decode_bound((bounds[r] + bounds[r + 1]) / 2, row["weight_bytes_per_token"]), 3)
+            for r, rate in enumerate(rates)]
+        row["effective_gbs"] = round(row["tokens_per_s"] * row["weight_bytes_per_token"] / 1e9, 2)
+        step(f"cpmgen {name}: prefill")
+        row["prefill"] = timing.measure_prefill(models[name], 1023, 1 if args.quick else 2)
+    del models
+    pairs = [("bf16", "fp32"), ("int8", "fp32"), ("int8", "bf16"), ("int8-bf16", "bf16"), ("int4", "bf16"),
+             ("int4", "int8"), ("fp32", "fp32-plain")]
+    ratios = {f"{a}_over_{b}": round(statistics.median(f[a]["tokens_per_s"] / f[b]["tokens_per_s"] for f in rounds), 3)
+              for a, b in pairs}
+    return {"rows": rows, "bound_samples_gbs": bounds, "paired_ratios": ratios}
+
+
+def measure_compiled(folder: Path, prompt: list[int], args) -> dict:
+    """fp32 under --compile, apart from the interleaved rounds (its first call compiles): the
+    compile time as compile_s, then decode tokens/s (best of --reps) between two bound samples
+    (the tokens it takes to win the compile time back are filled in by add_targets)."""
+    name, dtype, extra = COMPILED
+    row, model = variant_row(folder, name, dtype, extra, prompt, args)
+    start = time.perf_counter()
+    for _ in generate(model, prompt, WINDOW, GREEDY, 3):
+        pass
+    row["compile_s"] = round(time.perf_counter() - start, 1)
     before = bandwidth.read_bound_gbs()
     row["decode"] = timing.cpmgen_generate_rate(model, prompt, args.new_tokens, args.reps)
-    row["bound_samples_gbs"] = [before, bandwidth.read_bound_gbs()]
+    row["round_shares_around"] = [round(row["decode"]["tokens_per_s"] / bandwidth.decode_bound(
+        (before + bandwidth.read_bound_gbs()) / 2, row["weight_bytes_per_token"]), 3)]
     row["tokens_per_s"] = row["decode"]["tokens_per_s"]
-    row["kv_bytes_per_token"] = bandwidth.kv_bytes_per_token(model, len(prompt), args.new_tokens)
     row["effective_gbs"] = round(row["tokens_per_s"] * row["weight_bytes_per_token"] / 1e9, 2)
     row["prefill"] = timing.measure_prefill(model, 1023, 1 if args.quick else 2)
     return row
@@ -175,11 +226,11 @@ def measure_hf(folder: Path, prompt: list[int], args) -> list[dict]:
     return rows
 
 
-def add_bound_shares(result: dict) -> None:
-    """Each variant's share of the read bound, against the median of every sample of the run (the
-    bound moves while a shared machine runs, and one sample at the start can be far from the
-    rest) and against the mean of its own two samples."""
-    samples = [result["bandwidth"]["bound_gbs"]] + [g for row in result["variants"] for g in row["bound_samples_gbs"]]
+def add_bound_shares(result: dict, samples: list[float]) -> None:
+    """Each variant's share of the read bound: against the median of every sample of the run (the
+    bound moves while a shared machine runs, and one sample can be far from the rest), the same
+    counting the KV cache a step also reads, and the median over its rounds of each round's rate
+    against the bound sampled around that round."""
     bound_gbs = round(statistics.median(samples), 2)
     result["bandwidth"]["bound_samples_gbs"] = samples
     result["bandwidth"]["bound_median_gbs"] = bound_gbs
@@ -189,14 +240,14 @@ def add_bound_shares(result: dict) -> None:
         # the same share counting the KV cache a step also reads (what its attention streams)
         with_kv = row["weight_bytes_per_token"] + row["kv_bytes_per_token"]
         row["of_bound_with_kv"] = round(row["tokens_per_s"] / bandwidth.decode_bound(bound_gbs, with_kv), 3)
-        around = statistics.fmean(row["bound_samples_gbs"])
-        row["of_bound_around"] = round(row["tokens_per_s"] / bandwidth.decode_bound(around, row["weight_bytes_per_token"]), 3)
+        row["of_bound_around"] = round(statistics.median(row["round_shares_around"]), 3)
 
 
 def add_targets(result: dict) -> None:
     """The performance issue's CPU targets, each with its measured ratio and whether it is met."""
     rates = {row["variant"]: row for row in result["variants"] + result["hf"]}
     fp32, bf16 = rates["fp32"], rates["bf16"]
+    paired = result["paired_ratios"]  # variant over variant: the median of the rounds' ratios
     if "fp32-compile" in rates:
         compiled = rates["fp32-compile"]
         gain = 1 / fp32["tokens_per_s"] - 1 / compiled["tokens_per_s"]
@@ -205,13 +256,13 @@ def add_targets(result: dict) -> None:
         "fp32_over_hf_fp32": (fp32["tokens_per_s"] / rates["hf-fp32"]["tokens_per_s"], 1.3),
         "fp32_of_bandwidth_bound": (fp32["of_bound"], 0.8),
         "unlimited_over_in_window": (result["ratios"]["unlimited_over_in_window"], 0.93),
-        "bf16_over_fp32": (bf16["tokens_per_s"] / fp32["tokens_per_s"], 1.6),
+        "bf16_over_fp32": (paired["bf16_over_fp32"], 1.6),
         "bf16_of_bandwidth_bound": (bf16["of_bound"], 0.85),
         "bf16_over_hf_bf16": (bf16["tokens_per_s"] / rates["hf-bf16"]["tokens_per_s"], None),
-        "int8_over_fp32": (rates["int8"]["tokens_per_s"] / fp32["tokens_per_s"], None),
-        "int8_over_bf16": (rates["int8"]["tokens_per_s"] / bf16["tokens_per_s"], 1.8),
+        "int8_over_fp32": (paired["int8_over_fp32"], None),
+        "int8_over_bf16": (paired["int8_over_bf16"], 1.8),
         "int8_of_bandwidth_bound": (rates["int8"]["of_bound"], 0.8),
-        "int4_over_bf16": (rates["int4"]["tokens_per_s"] / bf16["tokens_per_s"], 3.0),
+        "int4_over_bf16": (paired["int4_over_bf16"], 3.0),
         "int4_of_bandwidth_bound": (rates["int4"]["of_bound"], 0.7),
         "peak_rss_over_weights_kv_mb": (max(r["peak_minus_weights_kv_mb"] for r in result["peak_rss"]), 300),
     }
@@ -241,6 +292,8 @@ def print_tables(result: dict) -> None:
                       str(row.get("effective_gbs", "-")), str(row.get("prefill", {}).get("tokens_per_s", "-")),
                       str(row.get("compile_s", "-")))
     console.print(table)
+    console.print("variant over variant, median of the rounds' ratios: " +
+                  ", ".join(f"{name} {value}" for name, value in result["paired_ratios"].items()))
 
     in_window = result["in_window"]["tokens_per_s"]
     table = Table(title="fp32 (default kernels): windows, strides, slow path")
@@ -301,7 +354,7 @@ def main(argv=None) -> int:
     env = environment()
     folder = ensure_checkpoint(PRESET, log=console.print)
     result = {"benchmark": "cpmgen generate", "model": PRESET, "device": "cpu", "sampling": "greedy", "batch": 1,
-              "env": env, "config": {"quick": args.quick, "new_tokens": args.new_tokens, "reps": args.reps,
+              "env": env, "config": {"quick": args.quick, "new_tokens": args.new_tokens, "rounds": args.rounds, "reps": args.reps,
                                      "windows": args.windows, "strides": args.strides,
                                      "sweep_tokens": args.sweep_tokens, "checkpoint": str(folder)}}
 
@@ -312,11 +365,13 @@ def main(argv=None) -> int:
     result["bandwidth"] = bandwidth.memory_bandwidth()
     vocab = PRESETS[PRESET].vocab_size
     prompt = random_ids(PROMPT_TOKENS, vocab, 1)
-    result["variants"] = []
-    for name, dtype, extra in VARIANTS + ([COMPILED] if args.compile else []):
-        step(f"cpmgen {name}: decode {args.new_tokens} tokens x {args.reps}, prefill")
-        result["variants"].append(measure_variant(folder, name, dtype, extra, prompt, args))
-    add_bound_shares(result)
+    variants = measure_variants(folder, prompt, args, step)
+    result["variants"], result["paired_ratios"] = variants["rows"], variants["paired_ratios"]
+    samples = [result["bandwidth"]["bound_gbs"]] + variants["bound_samples_gbs"]
+    if args.compile:
+        step(f"cpmgen {COMPILED[0]}: compile, decode {args.new_tokens} tokens x {args.reps}, prefill")
+        result["variants"].append(measure_compiled(folder, prompt, args))
+    add_bound_shares(result, samples)
     step("HF transformers generate, fp32 and bf16")
     result["hf"] = measure_hf(folder, prompt, args)
 
