@@ -13,6 +13,9 @@ swaps modules after loading, as prepack.py and quantize.py do:
   the same order (layer norms, the linears: plain, oneDNN-prepacked, cpmgen's GEMV or int8/int4,
   the fused attention, GELU, residual adds): bitwise the same values, one Python call instead of
   some twenty, and with cpmgen's own linears one parallel region instead of one per operation.
+- Transformer -> DecodeTransformer, where every block is a DecodeBlock: the blocks' one-token
+  steps in one call (block.cpp's StackStep runs their BlockSteps in turn): the same values, one
+  Python call a step instead of one a block.
 
 Every other call (a window's prefill, the slow recompute without a cache, a compiled step) runs
 the modules' own code. The ops split their work by sequence and head or by output rows, so their
@@ -27,7 +30,7 @@ import torch
 import torch.nn as nn
 
 from cpmgen import kernels
-from cpmgen.model import Attention, Block, CPMModel
+from cpmgen.model import Attention, Block, CPMModel, Transformer
 from cpmgen.prepack import GemvLinear, PackedLinear
 from cpmgen.quantize import QuantizedLinear
 
@@ -110,10 +113,37 @@ class DecodeBlock(Block):
         return self.step_forward(x, kv_cache.k[layer], kv_cache.v[layer], input_pos)
 
 
+class DecodeTransformer(Transformer):
+    """A Transformer (the same blocks and final norm) whose one-token steps with a cache run all
+    its DecodeBlocks in one call. Made after fuse_decode has swapped every block: its StackStep
+    holds those blocks' BlockSteps."""
+
+    def __init__(self, transformer: Transformer):
+        nn.Module.__init__(self)
+        self.layers, self.final_layernorm = transformer.layers, transformer.final_layernorm
+        self.step = kernels.stack_step([layer.step for layer in self.layers])
+        self.step_forward = self.step.forward
+
+    def __deepcopy__(self, memo: dict) -> "DecodeTransformer":
+        """A copy of the blocks (each DecodeBlock with a BlockStep of its own) under a StackStep of its own."""
+        transformer = Transformer.__new__(Transformer)
+        nn.Module.__init__(transformer)
+        transformer.layers = copy.deepcopy(self.layers, memo)
+        transformer.final_layernorm = copy.deepcopy(self.final_layernorm, memo)
+        memo[id(self)] = copied = DecodeTransformer(transformer)
+        return copied
+
+    def forward(self, x, input_pos, mask, kv_cache, kv_len):
+        if not one_token_step(x, kv_cache):
+            return super().forward(x, input_pos, mask, kv_cache, kv_len)
+        return self.step_forward(x, kv_cache.k, kv_cache.v, input_pos)
+
+
 def fuse_decode(model: CPMModel) -> int:
-    """Swap in DecodeAttention for every layer, and DecodeBlock for every block whose linears the
-    op runs (not tensor-parallel ones, which all-reduce), where the ops run: a CPU model in fp32 or
-    bf16 with the kernel library built. Returns the number of layers changed."""
+    """Swap in DecodeAttention for every layer, DecodeBlock for every block whose linears the op
+    runs (not tensor-parallel ones, which all-reduce), and DecodeTransformer where that was every
+    block, where the ops run: a CPU model in fp32 or bf16 with the kernel library built. Returns
+    the number of layers changed."""
     weight = model.word_embeddings.weight
     if weight.device.type != "cpu" or weight.dtype not in kernels.INPUT_DTYPES or not kernels.loaded():
         return 0
@@ -123,4 +153,6 @@ def fuse_decode(model: CPMModel) -> int:
             block.attention = DecodeAttention(block.attention)
         if type(block) is Block and DecodeBlock.fits(block):
             layers[i] = DecodeBlock(block)
+    if type(model.transformer) is Transformer and all(type(block) is DecodeBlock for block in layers):
+        model.transformer = DecodeTransformer(model.transformer)
     return len(layers)

@@ -163,6 +163,13 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
         self.final_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layernorm_eps)
 
+    def forward(self, x, input_pos, mask, kv_cache: Optional[KVCache], kv_len: int) -> torch.Tensor:
+        """The blocks in turn (the final layer norm is CPMModel.forward's, after it keeps the
+        positions it returns)."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, input_pos, mask, kv_cache, i, kv_len)
+        return x
+
 
 class CPMModel(nn.Module):
     def __init__(self, args: ModelArgs):
@@ -193,9 +200,8 @@ class CPMModel(nn.Module):
         they are written at slots input_pos and attend to the cached slots 0..position.
         Returns logits [batch, T, vocab] (or [batch, 1, vocab] with last_only)."""
         input_pos, mask, kv_len = self.attention_plan(ids, input_pos, kv_cache)
-        x = self.word_embeddings(ids) + self.position_embeddings(input_pos)
-        for i, layer in enumerate(self.transformer.layers):
-            x = layer(x, input_pos, mask, kv_cache, i, kv_len)
+        x = self.transformer(self.word_embeddings(ids) + self.position_embeddings(input_pos), input_pos, mask, kv_cache,
+                             kv_len)
         if last_only:
             x = x[:, -1:]
         return self.lm_head(self.transformer.final_layernorm(x), self.word_embeddings.weight)

@@ -1,6 +1,7 @@
 """The decode step in fewer ops (cpmgen/fused_decode.py, kernels/attention.cpp and block.cpp): the
 fused attention gives the plain attention's values within rounding and the same cache contents;
-the fused int8/int4 block gives bitwise the values of its modules; both run only where they should."""
+the fused block gives bitwise the values of its modules, and the fused stack of blocks those of its
+blocks; they run only where they should."""
 
 from __future__ import annotations
 
@@ -9,12 +10,13 @@ import dataclasses
 
 import pytest
 import torch
+import torch.nn as nn
 
 from cpmgen import kernels
 from cpmgen.config import Settings
-from cpmgen.fused_decode import DecodeAttention, DecodeBlock, fuse_decode
+from cpmgen.fused_decode import DecodeAttention, DecodeBlock, DecodeTransformer, fuse_decode
 from cpmgen.loading import load_model
-from cpmgen.model import Attention, Block, CPMModel, KVCache, decode_step
+from cpmgen.model import Attention, Block, CPMModel, KVCache, Transformer, decode_step
 from cpmgen.synthetic import random_state_dict
 
 from helpers import TINY
@@ -35,6 +37,14 @@ def filled_caches(args, batch: int, slots: int) -> tuple[KVCache, KVCache]:
     k = [torch.randn(shape, generator=g) for _ in range(args.num_layers)]
     v = [torch.randn(shape, generator=g) for _ in range(args.num_layers)]
     return KVCache([t.clone() for t in k], [t.clone() for t in v]), KVCache(k, v)
+
+
+def plain_transformer(blocks, final_layernorm) -> Transformer:
+    """A Transformer (its own loop over the blocks) holding `blocks`."""
+    transformer = Transformer.__new__(Transformer)
+    nn.Module.__init__(transformer)
+    transformer.layers, transformer.final_layernorm = nn.ModuleList(blocks), final_layernorm
+    return transformer
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -133,22 +143,24 @@ def test_the_fused_block_gives_the_bits_of_its_modules(kind, dtype, batch):
     elif kind != "plain":
         quantize_model(model, kind)
     assert fuse_decode(model) == args.num_layers
-    fused = list(model.transformer.layers)
-    assert all(type(block) is DecodeBlock for block in fused)
+    stack = model.transformer
+    fused = list(stack.layers)
+    assert type(stack) is DecodeTransformer and all(type(block) is DecodeBlock for block in fused)
     modules = [Block.__new__(Block) for _ in fused]  # the same modules, run one by one
     for plain, block in zip(modules, fused):
         plain.__dict__.update(block.__dict__)
     ids = torch.randint(0, args.vocab_size, (batch, 20), generator=torch.Generator().manual_seed(4))
     outputs = []
-    for blocks in (modules, fused):
-        for i, block in enumerate(blocks):
-            model.transformer.layers[i] = block
+    # the blocks' modules; the DecodeBlocks called one by one; all of them in one call
+    for transformer in (plain_transformer(modules, stack.final_layernorm), plain_transformer(fused, stack.final_layernorm),
+                        stack):
+        model.transformer = transformer
         with torch.inference_mode():
             cache = model.new_kv_cache(batch, 32)
             logits = [model(ids[:, :12], torch.arange(12), cache)[:, -1]]
             logits += [decode_step(model, ids[:, i], torch.arange(batch) + i, cache) for i in range(12, 20)]
         outputs.append(torch.stack(logits))
-    assert outputs[0].dtype == dtype and torch.equal(outputs[0], outputs[1])
+    assert outputs[0].dtype == dtype and torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
 
 
 @pytest.mark.parametrize("kind", ["modules", "gemv", "int8", "int4"])
@@ -200,6 +212,7 @@ def test_tensor_parallel_blocks_and_fp16_keep_their_modules():
     assert fuse_decode(model) == TINY.num_layers
     assert type(model.transformer.layers[0]) is Block and type(model.transformer.layers[0].attention) is DecodeAttention
     assert type(model.transformer.layers[1]) is DecodeBlock
+    assert type(model.transformer) is Transformer  # not every block is a DecodeBlock: each runs its own
     half = CPMModel(TINY).to(torch.float16)
     assert fuse_decode(half) == 0 and type(half.transformer.layers[0]) is Block
 
@@ -211,6 +224,7 @@ def test_a_loaded_cpu_model_runs_its_decode_step_fused(write_ckpt, quantize):
     settings.runtime.quantize = quantize
     model = load_model(settings).model
     assert all(type(layer) is DecodeBlock and type(layer.attention) is DecodeAttention for layer in model.transformer.layers)
+    assert type(model.transformer) is DecodeTransformer
 
 
 def test_a_fused_model_deep_copies_into_one_of_its_own():
@@ -221,7 +235,7 @@ def test_a_fused_model_deep_copies_into_one_of_its_own():
     model.eval().requires_grad_(False)
     fuse_decode(model)
     twin = copy.deepcopy(model)
-    assert all(type(layer) is DecodeBlock for layer in twin.transformer.layers)
+    assert type(twin.transformer) is DecodeTransformer and all(type(layer) is DecodeBlock for layer in twin.transformer.layers)
     ids = torch.randint(0, TINY.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
     logits = []
     for m in (model, twin):

@@ -92,6 +92,12 @@ def block_step(kind: str, *, norms: list, weights: list, gparams: list, scales: 
                                           eps, heads)
 
 
+def stack_step(steps: list):
+    """block.cpp's StackStep over the blocks' BlockSteps, in order: its `forward(x, k_caches,
+    v_caches, pos)` runs their one-token steps one after the other in one call."""
+    return torch.classes.cpmgen.StackStep(steps)
+
+
 def isas() -> list[str]:
     """The versions of the loops this CPU runs, best first ("avx512vnni", "avx2", "generic"); the
     first one is used unless `use_isa` picks another."""

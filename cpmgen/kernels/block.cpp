@@ -223,6 +223,24 @@ struct BlockStep : torch::CustomClassHolder {
   }
 };
 
+// The one-token step of a model's blocks, each BlockStep in turn, in one call: from Python, a
+// call for each block cost more than some blocks' own work at one token (the custom class's
+// call, the module's) and made a tensor for each block's output.
+struct StackStep : torch::CustomClassHolder {
+  std::vector<c10::intrusive_ptr<BlockStep>> blocks;
+
+  explicit StackStep(std::vector<c10::intrusive_ptr<BlockStep>> blocks_) : blocks(std::move(blocks_)) {}
+
+  at::Tensor forward(const at::Tensor& x_in, const std::vector<at::Tensor>& k_caches,
+                     const std::vector<at::Tensor>& v_caches, const at::Tensor& pos) const {
+    TORCH_CHECK(k_caches.size() == blocks.size() && v_caches.size() == blocks.size(),
+                "StackStep: one key and one value cache per block");
+    at::Tensor x = x_in;
+    for (size_t i = 0; i < blocks.size(); ++i) x = blocks[i]->forward(x, k_caches[i], v_caches[i], pos);
+    return x;
+  }
+};
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(cpmgen, m) {
@@ -231,4 +249,7 @@ TORCH_LIBRARY_FRAGMENT(cpmgen, m) {
                        std::vector<at::Tensor>, c10::List<c10::optional<at::Tensor>>, std::vector<int64_t>, int64_t,
                        int64_t, double, int64_t>())
       .def("forward", &BlockStep::forward);
+  m.class_<StackStep>("StackStep")
+      .def(torch::init<std::vector<c10::intrusive_ptr<BlockStep>>>())
+      .def("forward", &StackStep::forward);
 }
