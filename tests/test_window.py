@@ -5,9 +5,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from cpmgen import kernels
 from cpmgen.config import WindowSection
 from cpmgen.errors import UserError
-from cpmgen.sampling import SamplingParams, apply_repetition_penalty, sample, top_k_top_p_filter
+from cpmgen.sampling import SamplingParams, apply_repetition_penalty, argmax, sample, top_k_top_p_filter
 from cpmgen.window import Window
 
 E = 7  # <eod>
@@ -92,6 +93,23 @@ def test_sampling_is_seeded_and_follows_probabilities():
 def test_greedy_is_argmax():
     logits = torch.tensor([[0.1, 3.0, 0.2], [5.0, 0.0, 0.0]])
     assert sample(logits, SamplingParams(greedy=True), None, [[], []]).tolist() == [1, 0]
+
+
+@pytest.mark.parametrize("n", [1, 7, 32, 33, 100, 30000])
+def test_the_librarys_argmax_picks_torchs_index_among_ties_nans_and_infinities(n):
+    """Greedy and sampled tokens must not depend on whether the library is built: its loop picks
+    what torch.argmax picks (the first of equal greatest values, the first NaN where there is one)."""
+    assert kernels.op("argmax_rows") is not None
+    x = torch.randn(7, n, generator=torch.Generator().manual_seed(n))
+    x[1] = x[1].round()  # ties
+    x[2, n // 2], x[2, -1] = float("nan"), float("nan")
+    x[3] = float("-inf")
+    x[4, n // 3], x[4, -1] = float("inf"), float("inf")
+    x[5] = x[5].clamp(max=-0.5)  # many equal maxima
+    x[6, -1] = x[6].max() + 1  # the last one
+    assert torch.equal(argmax(x), x.argmax(dim=-1))
+    columns = torch.randn(n, 3, generator=torch.Generator().manual_seed(n + 1))
+    assert torch.equal(argmax(columns.t()), columns.t().argmax(dim=-1))  # not contiguous
 
 
 @pytest.mark.parametrize("kwargs, message", [

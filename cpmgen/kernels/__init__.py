@@ -27,7 +27,8 @@ from typing import Optional
 
 import torch
 
-SOURCES = [Path(__file__).with_name(name) for name in ("qlinear.cpp", "gemv.cpp", "attention.cpp", "block.cpp")]
+SOURCES = [Path(__file__).with_name(name) for name in
+           ("qlinear.cpp", "gemv.cpp", "attention.cpp", "block.cpp", "argmax.cpp")]
 LIBRARY = Path(__file__).with_name("_kernels.so")
 INPUT_DTYPES = (torch.float32, torch.bfloat16)  # the activations qlinear, decode_attention and BlockStep take
 
@@ -39,8 +40,10 @@ def compile_command(output: Path = LIBRARY) -> list[str]:
     # -ffp-contract=off: the epilogue must round as the torch reference does (no fused multiply-add).
     # -fno-trapping-math: no floating point traps, so loops with a select (attention's exp) vectorize;
     # it changes no value (no reassociation, no contraction).
+    # -Wno-psabi: the vector types argmax.cpp passes between its inline functions never cross the
+    # library's boundary, so gcc's note on their calling convention is noise in the install log.
     flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
-             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w"]
+             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", "-Wno-psabi"]
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     libs = [f"-L{p}" for p in library_paths()] + [f"-Wl,-rpath,{p}" for p in library_paths()]
     return ["c++", *flags, *includes, *map(str, SOURCES), "-o", str(output), *libs, "-lc10", "-ltorch_cpu"]

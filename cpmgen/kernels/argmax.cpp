@@ -1,0 +1,103 @@
+// The index of each row's greatest value, as torch.argmax(x, dim=-1) gives it (the first of
+// equal greatest values; a NaN counts as greater than any number, so the first NaN where there
+// is one), for the token a greedy step or a sampling race picks. ATen's CPU argmax compares one
+// value at a time; over a vocabulary that was a visible part of a small model's step. Here two
+// passes the compiler vectorizes: the greatest value (and whether there is a NaN), then the
+// first index holding it.
+//
+//   x [rows, n] fp32 (n >= 1) -> [rows] int64
+
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <cstring>
+#include <limits>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CPMGEN_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CPMGEN_CLONES
+#endif
+
+namespace {
+
+constexpr int kLanes = 8;  // values compared side by side: one AVX2 register of floats
+// kLanes floats as one vector (GCC's vector extensions: one AVX2 register in the AVX2 build),
+// compared lane by lane; a comparison gives a mask of -1 (true) or 0 per lane.
+typedef float Floats __attribute__((vector_size(kLanes * sizeof(float))));
+typedef int32_t Mask __attribute__((vector_size(kLanes * sizeof(int32_t))));
+
+inline __attribute__((always_inline)) Floats load(const float* p) {
+  Floats v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline __attribute__((always_inline)) bool any(Mask m) {
+  int32_t lanes[kLanes];
+  std::memcpy(lanes, &m, sizeof(lanes));
+  int32_t a = 0;
+  for (int l = 0; l < kLanes; ++l) a |= lanes[l];
+  return a != 0;
+}
+
+// The first index whose value is `value` (kNan: the first NaN), a block of kLanes at a time.
+template <bool kNan>
+inline __attribute__((always_inline)) int64_t first_index(const float* p, int64_t n, float value) {
+  auto is = [value](Floats v) -> Mask { return kNan ? v != v : v == value; };
+  int64_t start = 0;
+  for (; start + 4 * kLanes <= n; start += 4 * kLanes)
+    if (any(is(load(p + start)) | is(load(p + start + kLanes)) | is(load(p + start + 2 * kLanes)) |
+            is(load(p + start + 3 * kLanes))))
+      break;
+  for (int64_t j = start; j < n; ++j)
+    if (kNan ? p[j] != p[j] : p[j] == value) return j;
+  return 0;  // not reached: the value is in the row
+}
+
+CPMGEN_CLONES int64_t row_argmax(const float* p, int64_t n) {
+  const float low = -std::numeric_limits<float>::infinity();
+  // four vectors of running maxima, so that four comparisons are in flight (a maximum does not
+  // depend on the order the values are taken in)
+  Floats top[4];
+  for (Floats& t : top) t = low - Floats{};  // every lane -inf
+  Mask nan = {};
+  int64_t i = 0;
+  for (; i + 4 * kLanes <= n; i += 4 * kLanes)
+    for (int j = 0; j < 4; ++j) {
+      const Floats v = load(p + i + j * kLanes);
+      top[j] = v > top[j] ? v : top[j];  // a NaN never replaces a lane's value
+      nan |= v != v;
+    }
+  float best = low;
+  for (const Floats& t : top) {
+    float lanes[kLanes];
+    std::memcpy(lanes, &t, sizeof(lanes));
+    for (int l = 0; l < kLanes; ++l) best = lanes[l] > best ? lanes[l] : best;
+  }
+  bool has_nan = any(nan);
+  for (; i < n; ++i) {
+    best = p[i] > best ? p[i] : best;
+    has_nan = has_nan || p[i] != p[i];
+  }
+  return has_nan ? first_index<true>(p, n, best) : first_index<false>(p, n, best);
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) > 0,
+              "argmax_rows: x must be fp32 [rows, n] with n >= 1");
+  const at::Tensor c = x.contiguous();
+  const int64_t rows = c.size(0), n = c.size(1);
+  at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
+  int64_t* o = out.data_ptr<int64_t>();
+  const float* p = c.data_ptr<float>();
+  for (int64_t r = 0; r < rows; ++r) o[r] = row_argmax(p + r * n, n);
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(cpmgen, m) { m.def("argmax_rows(Tensor x) -> Tensor"); }
+
+TORCH_LIBRARY_IMPL(cpmgen, CPU, m) { m.impl("argmax_rows", argmax_rows); }
