@@ -11,8 +11,10 @@ Measures in one run, on the same weights, through the real loading and generatio
    int8 with bf16 activations; then fp32 under `--compile`, its compile time counted;
 3. HF transformers GPT2LMHeadModel.generate on the same weights (converted in-process), fp32
    and bf16, timed the same way (tokens after the first; best of --reps runs);
-4. the fast path at a nearly full window, over `--windows` windows of unlimited generation at
-   the default stride, and in the steady state for each of `--strides`;
+4. the fast path through one whole window and over `--windows` windows of unlimited generation
+   at the default stride, the two run one after the other in `--window-rounds` rounds (their
+   ratio the median of the rounds' ratios); at a nearly full window, and in the steady state
+   for each of `--strides`;
 5. the slow path at a full window (the older scripts' rule: all 1023 tokens per new token);
 6. prefill (re-encode) throughput of a full window;
 7. peak RSS of a fresh process that loads and generates, against weights + KV cache;
@@ -26,7 +28,7 @@ $CPMGEN_BENCH_CACHE, else $XDG_CACHE_HOME/cpmgen-bench, else ~/.cache/cpmgen-ben
 (bandwidth and bound), timing.py (cpmgen's loop; re-encode time from its own Stats),
 hf_baseline.py (HF transformers), peak_memory.py (peak RSS in a child process).
 
-    .venv/bin/python benchmarks/bench_generate.py            # full run (about 8 minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_generate.py            # full run (about 8-11 minutes on 2 cores)
     .venv/bin/python benchmarks/bench_generate.py --quick    # smaller counts, no compile: about 3 minutes
 """
 
@@ -69,6 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="smaller counts and no compile (about 3 minutes)")
     parser.add_argument("--new-tokens", type=int, help="in-window decode tokens (default 256, quick 64)")
     parser.add_argument("--windows", type=int, help="windows of unlimited generation (default 4, quick 1)")
+    parser.add_argument("--window-rounds", type=int,
+                        help="rounds of one whole window then --windows windows, the median ratio kept (default 3, quick 1)")
     parser.add_argument("--strides", help="comma-separated sweep strides (default 64,128,256,512; quick 128,256,512)")
     parser.add_argument("--sweep-tokens", type=int,
                         help="new tokens per sweep stride, rounded up to whole strides (default 1024, quick 256)")
@@ -84,6 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     defaults = dict(new_tokens=(64, 256), windows=(1, 4), strides=("128,256,512", "64,128,256,512"),
                     sweep_tokens=(256, 1024), slow_tokens=(2, 3), prefill_reps=(1, 3), rounds=(2, 5), reps=(2, 3),
+                    window_rounds=(1, 3),
                     compile=(False, True))
     for name, (quick, full) in defaults.items():
         if getattr(args, name) is None:
@@ -100,10 +105,37 @@ def warm_up(model, size: int, stride: int) -> None:
 # ----------------------------------------------------------------------------- report
 
 
+def measure_windows(model, size: int, stride: int, vocab: int, args, step) -> tuple[dict, dict]:
+    """Unlimited generation against generation through one whole window (no slide): both cover
+    contexts from short to full, and what differs is the slides. The two run one after the other
+    in each of --window-rounds rounds (which goes first alternates): a round takes about a minute
+    and the machine's speed moves within minutes, so the ratio is the median of the rounds'
+    ratios, and each side's figures are those of that round."""
+    first_window = size - PROMPT_TOKENS - 1
+    runs = {
+        "in_window": lambda: timing.measure_in_window(model, size, stride, PROMPT_TOKENS, first_window, seed=1),
+        "unlimited": lambda: timing.measure_unlimited(model, size, stride, random_ids(PROMPT_TOKENS, vocab, 5),
+                                                      args.windows * size),
+    }
+    rounds = []
+    for r in range(args.window_rounds):
+        step(f"fp32: round {r + 1}/{args.window_rounds}: one whole window ({first_window} tokens after a "
+             f"{PROMPT_TOKENS}-token prompt) and {args.windows} windows ({args.windows * size} tokens) at stride {stride}")
+        order = list(runs) if r % 2 == 0 else list(runs)[::-1]
+        rounds.append({name: runs[name]() for name in order})
+    ratios = [f["unlimited"]["tokens_per_s"] / f["in_window"]["tokens_per_s"] for f in rounds]
+    median = rounds[ratios.index(statistics.median_low(ratios))]
+    in_window, unlimited = median["in_window"], median["unlimited"]
+    in_window["rounds_tokens_per_s"] = [f["in_window"]["tokens_per_s"] for f in rounds]
+    unlimited["rounds_tokens_per_s"] = [f["unlimited"]["tokens_per_s"] for f in rounds]
+    unlimited["rounds_over_in_window"] = [round(x, 3) for x in ratios]
+    unlimited["over_in_window"] = round(statistics.median(ratios), 3)
+    return in_window, unlimited
+
+
 def add_ratios(result: dict) -> None:
     in_window = result["in_window"]["tokens_per_s"]
     prefill_tps = result["prefill"]["tokens_per_s"]
-    result["unlimited"]["over_in_window"] = round(result["unlimited"]["tokens_per_s"] / in_window, 3)
     for row in result["stride_sweep"]:
         row["over_in_window"] = round(row["tokens_per_s"] / in_window, 3)
         # the same share predicted from the full-window prefill rate (a check on the measured one)
@@ -355,7 +387,7 @@ def main(argv=None) -> int:
     folder = ensure_checkpoint(PRESET, log=console.print)
     result = {"benchmark": "cpmgen generate", "model": PRESET, "device": "cpu", "sampling": "greedy", "batch": 1,
               "env": env, "config": {"quick": args.quick, "new_tokens": args.new_tokens, "rounds": args.rounds, "reps": args.reps,
-                                     "windows": args.windows, "strides": args.strides,
+                                     "windows": args.windows, "window_rounds": args.window_rounds, "strides": args.strides,
                                      "sweep_tokens": args.sweep_tokens, "checkpoint": str(folder)}}
 
     def step(name: str) -> None:
@@ -381,11 +413,7 @@ def main(argv=None) -> int:
     result["config"].update(window=size, default_stride=default_stride)
     step("fp32: warm-up")
     warm_up(model, size, default_stride)
-    # Unlimited generation is compared with generation through one whole window (no slide):
-    # both then cover contexts from short to full, and what differs is the slides.
-    first_window = size - PROMPT_TOKENS - 1
-    step(f"fp32: in-window decode, {first_window} tokens after a {PROMPT_TOKENS}-token prompt (one whole window)")
-    result["in_window"] = timing.measure_in_window(model, size, default_stride, PROMPT_TOKENS, first_window, seed=1)
+    result["in_window"], result["unlimited"] = measure_windows(model, size, default_stride, vocab, args, step)
     long_tokens = min(args.new_tokens, 128)
     step(f"fp32: in-window decode at a nearly full window, {long_tokens} tokens")
     result["in_window_long_context"] = timing.measure_in_window(model, size, default_stride, size - long_tokens - 1,
@@ -394,9 +422,6 @@ def main(argv=None) -> int:
     result["prefill"] = timing.measure_prefill(model, size, args.prefill_reps)
     step(f"fp32: slow path at a full window, {args.slow_tokens} tokens")
     result["slow_full_window"] = timing.measure_slow(model, size, args.slow_tokens)
-    step(f"fp32: unlimited, {args.windows} windows ({args.windows * size} tokens) at stride {default_stride}")
-    result["unlimited"] = timing.measure_unlimited(model, size, default_stride, random_ids(PROMPT_TOKENS, vocab, 5),
-                                                   args.windows * size)
     result["stride_sweep"] = []
     for stride in args.strides:
         step(f"fp32: steady state from a full window, {args.sweep_tokens}+ tokens at stride {stride}")
