@@ -14,11 +14,7 @@
 #include <cstring>
 #include <limits>
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define CPMGEN_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define CPMGEN_CLONES
-#endif
+#include "kernels.h"
 
 namespace {
 

@@ -25,12 +25,6 @@
 
 #include "kernels.h"
 
-#if defined(__x86_64__) && defined(__GNUC__)
-#define CPMGEN_CLONES __attribute__((target_clones("avx2", "default")))
-#else
-#define CPMGEN_CLONES
-#endif
-
 namespace {
 
 constexpr int kWidth = 8;  // interleaved partial sums: one AVX2 register of floats

@@ -10,6 +10,15 @@
 #include <cstdint>
 #include <vector>
 
+// A loop compiled twice, for AVX2 and for the baseline, the version the CPU runs picked when the
+// library loads (GCC's function multiversioning); the loops' operations and order are the same in
+// both, so they give the same bits.
+#if defined(__x86_64__) && defined(__GNUC__)
+#define CPMGEN_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define CPMGEN_CLONES
+#endif
+
 namespace cpmgen {
 
 // qlinear.cpp: x [..., in_features] -> x @ W^T + b for int8 or int4 weights in the packed layout.
