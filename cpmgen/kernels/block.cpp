@@ -141,7 +141,7 @@ struct BlockStep : torch::CustomClassHolder {
     thread_local Workspace caller_workspace;
     Workspace& work = caller_workspace;
     std::array<int64_t, 4> units;
-    std::array<at::Tensor, 4> x_float;
+    std::array<at::Tensor, 4> gemv_inputs;  // the linears' inputs as gemv_rows reads them
     for (size_t i = 0; i < 4; ++i) {
       if (quantized) {
         qweight[i] = cpmgen::quantized_weight(weights[i], gparams[i], scales[i], biases.get(i), out_features[i], bits,
@@ -188,7 +188,7 @@ struct BlockStep : torch::CustomClassHolder {
           if (quantized) {
             cpmgen::quantize_input(qweight[i], in, work.inputs[i], /*parallel=*/false);
           } else {
-            x_float[i] = in.to(at::kFloat);
+            gemv_inputs[i] = cpmgen::gemv_input(in, weights[i]);
           }
         }
 #pragma omp barrier
@@ -196,7 +196,7 @@ struct BlockStep : torch::CustomClassHolder {
           if (quantized) {
             cpmgen::qlinear_blocks(qweight[i], work.inputs[i], y[i], begin, end);
           } else {
-            cpmgen::gemv_rows(x_float[i], weights[i], biases.get(i), y[i], begin, end);
+            cpmgen::gemv_rows(gemv_inputs[i], weights[i], biases.get(i), y[i], begin, end);
           }
         });
 #pragma omp barrier

@@ -5,10 +5,12 @@
 //
 // Each thread takes whole groups of kGroup output rows and each output is one thread's
 // fixed-order sum in fp32 (8 lanes, two such sums with AVX2, added pairwise at the end), so the
-// values do not depend on the thread count. bf16 weights are widened to fp32 as they are read (a bf16 value is the top
-// half of an fp32 one), the input row once per call, and each output is rounded to bf16 once,
-// after the bias. AVX2 with FMA where the CPU has it, plain C++ elsewhere (the two round
-// differently; a machine always runs the same one).
+// values do not depend on the thread count. Where the CPU has bf16 dot products (AVX-512 BF16),
+// bf16 weights meet the bf16 input as they are: each instruction multiplies 32 pairs (every
+// product exact in fp32) and adds them into 16 fp32 sums. Elsewhere bf16 weights are widened to
+// fp32 as they are read (a bf16 value is the top half of an fp32 one), the input row once per
+// call. Each output is rounded to bf16 once, after the bias. AVX2 with FMA where the CPU has it,
+// plain C++ elsewhere (the forms round differently; a machine always runs the same one).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -31,16 +33,16 @@ constexpr int64_t kGroup = 4;  // output rows a unit of work holds (threads take
 
 inline float pairwise(const float* t) { return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7])); }
 
-// y[0..rows) for `rows` (1..kGroup) weight rows of length k from w and one fp32 input row x.
-template <typename W>
-void rows_generic(const W* w, const float* x, int64_t k, int rows, float* y) {
+// y[0..rows) for `rows` (1..kGroup) weight rows of length k from w and one input row x.
+template <typename W, typename X>
+void rows_generic(const W* w, const X* x, int64_t k, int rows, float* y) {
   for (int r = 0; r < rows; ++r) {
     float part[8] = {};
     int64_t i = 0;
     for (; i + 8 <= k; i += 8)
-      for (int l = 0; l < 8; ++l) part[l] = part[l] + static_cast<float>(w[r * k + i + l]) * x[i + l];
+      for (int l = 0; l < 8; ++l) part[l] = part[l] + static_cast<float>(w[r * k + i + l]) * static_cast<float>(x[i + l]);
     float s = pairwise(part);
-    for (; i < k; ++i) s = s + static_cast<float>(w[r * k + i]) * x[i];
+    for (; i < k; ++i) s = s + static_cast<float>(w[r * k + i]) * static_cast<float>(x[i]);
     y[r] = s;
   }
 }
@@ -79,25 +81,53 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const W* w, const float* x, i
     y[r] = s;
   }
 }
+
+__attribute__((target("avx512f,avx512bf16"))) inline __m512bh load32(const at::BFloat16* p) {
+  return reinterpret_cast<__m512bh>(_mm512_loadu_si512(p));
+}
+
+// bf16 weights and a bf16 input row: vdpbf16ps adds the products of each lane's two pairs into
+// its fp32 sum (the even and the odd 32 inputs of each 64 into two sums, for two in flight), so
+// the weights are never widened; the 16 lanes of the sums are added pairwise at the end.
+__attribute__((target("avx512f,avx512bf16"))) void rows_bf16_products(const at::BFloat16* w, const at::BFloat16* x,
+                                                                      int64_t k, int rows, float* y) {
+  for (int r = 0; r < rows; ++r) {
+    const at::BFloat16* row = w + r * k;
+    __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+    int64_t i = 0;
+    for (; i + 64 <= k; i += 64) {
+      even = _mm512_dpbf16_ps(even, load32(row + i), load32(x + i));
+      odd = _mm512_dpbf16_ps(odd, load32(row + i + 32), load32(x + i + 32));
+    }
+    if (i + 32 <= k) {
+      even = _mm512_dpbf16_ps(even, load32(row + i), load32(x + i));
+      i += 32;
+    }
+    alignas(64) float t[16];
+    _mm512_store_ps(t, _mm512_add_ps(even, odd));
+    float s = pairwise(t) + pairwise(t + 8);
+    for (; i < k; ++i) s = s + static_cast<float>(row[i]) * static_cast<float>(x[i]);
+    y[r] = s;
+  }
+}
 #endif
 
-template <typename W>
-using Rows = void (*)(const W*, const float*, int64_t, int, float*);
+template <typename W, typename X>
+using Rows = void (*)(const W*, const X*, int64_t, int, float*);
 
 template <typename W>
-Rows<W> best_rows() {
+Rows<W, float> best_rows() {
 #if CPMGEN_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return rows_avx2<W>;
 #endif
-  return rows_generic<W>;
+  return rows_generic<W, float>;
 }
 
 // y for the groups of output rows begin..end, each of the m input rows in turn.
-template <typename T>
-void gemv_groups(const float* xp, int64_t m, const T* wp, const T* b, int64_t n, int64_t k, T* yp, int64_t begin,
-                 int64_t end) {
-  static const Rows<T> rows_of = best_rows<T>();
+template <typename T, typename X>
+void gemv_groups(Rows<T, X> rows_of, const X* xp, int64_t m, const T* wp, const T* b, int64_t n, int64_t k, T* yp,
+                 int64_t begin, int64_t end) {
   float out[kGroup];
   for (int64_t g = begin; g < end; ++g) {
     const int64_t n0 = g * kGroup;
@@ -139,18 +169,35 @@ int64_t gemv_units(const at::Tensor& weight, const c10::optional<at::Tensor>& bi
   return (n + kGroup - 1) / kGroup;
 }
 
-void gemv_rows(const at::Tensor& x_float, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-               at::Tensor& y, int64_t begin, int64_t end) {
-  const int64_t m = x_float.size(0), n = weight.size(0), k = weight.size(1);
+at::Tensor gemv_input(const at::Tensor& x, const at::Tensor& weight) {
+  if (weight.scalar_type() == at::kBFloat16 && native_bf16_products()) return x.contiguous();
+  return x.to(at::kFloat).contiguous();  // x itself when fp32 and contiguous
+}
+
+void gemv_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::Tensor& y,
+               int64_t begin, int64_t end) {
+  const int64_t m = x.size(0), n = weight.size(0), k = weight.size(1);
   const bool has_bias = bias.has_value() && bias->defined();
-  const float* xp = x_float.data_ptr<float>();
   if (weight.scalar_type() == at::kFloat) {
-    gemv_groups(xp, m, weight.data_ptr<float>(), has_bias ? bias->data_ptr<float>() : nullptr, n, k,
-                y.data_ptr<float>(), begin, end);
-  } else {
-    gemv_groups(xp, m, weight.data_ptr<at::BFloat16>(), has_bias ? bias->data_ptr<at::BFloat16>() : nullptr, n, k,
-                y.data_ptr<at::BFloat16>(), begin, end);
+    static const Rows<float, float> rows_of = best_rows<float>();
+    gemv_groups(rows_of, x.data_ptr<float>(), m, weight.data_ptr<float>(),
+                has_bias ? bias->data_ptr<float>() : nullptr, n, k, y.data_ptr<float>(), begin, end);
+    return;
   }
+  const at::BFloat16* wp = weight.data_ptr<at::BFloat16>();
+  const at::BFloat16* bp = has_bias ? bias->data_ptr<at::BFloat16>() : nullptr;
+  at::BFloat16* yp = y.data_ptr<at::BFloat16>();
+  if (x.scalar_type() == at::kFloat) {
+    static const Rows<at::BFloat16, float> rows_of = best_rows<at::BFloat16>();
+    gemv_groups(rows_of, x.data_ptr<float>(), m, wp, bp, n, k, yp, begin, end);
+    return;
+  }
+#if CPMGEN_X86
+  TORCH_CHECK(native_bf16_products(), "gemv_rows: a bf16 input needs bf16 dot products (see gemv_input)");
+  gemv_groups<at::BFloat16, at::BFloat16>(rows_bf16_products, x.data_ptr<at::BFloat16>(), m, wp, bp, n, k, yp, begin, end);
+#else
+  TORCH_CHECK(false, "gemv_rows: a bf16 input needs bf16 dot products (see gemv_input)");
+#endif
 }
 
 at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -166,10 +213,9 @@ at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const 
         bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt;
     return at::linear(input.to(at::kFloat), weight.to(at::kFloat), bias_float).to(at::kBFloat16);
   }
-  const at::Tensor x = input.reshape({-1, k}).contiguous();
-  const at::Tensor x_float = x.to(at::kFloat);  // x itself when fp32
-  at::Tensor y = at::empty({x.size(0), n}, x.options());
-  at::parallel_for(0, units, 16, [&](int64_t begin, int64_t end) { gemv_rows(x_float, weight, bias, y, begin, end); });
+  const at::Tensor x = gemv_input(input.reshape({-1, k}), weight);
+  at::Tensor y = at::empty({x.size(0), n}, input.options());
+  at::parallel_for(0, units, 16, [&](int64_t begin, int64_t end) { gemv_rows(x, weight, bias, y, begin, end); });
   std::vector<int64_t> shape = input.sizes().vec();
   shape.back() = n;
   return y.view(shape);

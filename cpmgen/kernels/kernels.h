@@ -75,8 +75,11 @@ constexpr int64_t kGemvMaxRows = 4;  // input rows gemv_linear reads itself (bey
 // Checks weight and bias for inputs of `in_features` in the weight's dtype; the units are groups
 // of output rows.
 int64_t gemv_units(const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t in_features);
-// y [rows, n] in the weight's dtype for the unit range; x_float: the input rows [rows, K] in fp32.
-void gemv_rows(const at::Tensor& x_float, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
-               at::Tensor& y, int64_t begin, int64_t end);
+// The input rows [rows, K] (in the weight's dtype) in the form gemv_rows reads: bf16 as they are
+// where the CPU has bf16 dot products and the weight is bf16, else fp32; contiguous.
+at::Tensor gemv_input(const at::Tensor& x, const at::Tensor& weight);
+// y [rows, n] in the weight's dtype for the unit range; x: gemv_input's rows.
+void gemv_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::Tensor& y,
+               int64_t begin, int64_t end);
 
 }  // namespace cpmgen
