@@ -51,6 +51,25 @@ def test_prepacked_model_matches_plain(form, dtype, tolerance, rows):
     assert not any(t.is_mkldnn for t in packed.state_dict().values())
 
 
+@pytest.mark.parametrize("n,k", [(37, 768), (64, 3072), (16, 100), (9, 40), (5, 7)])
+def test_a_bf16_gemv_row_is_its_exact_sum_rounded_to_bf16_once(n, k):
+    """bf16 decode rows through the GEMV (bf16 dot products where the CPU has them, widened
+    weights elsewhere): each output is the sum of exact products in fp32, rounded to bf16 once,
+    so within half a bf16 step of the exact value plus the fp32 sum's own error; a row's output
+    does not depend on the rows beside it. Input lengths that leave every kind of tail."""
+    gemv_linear = kernels.op("gemv_linear")
+    if gemv_linear is None:
+        pytest.skip("the kernel library is not built")
+    generator = torch.Generator().manual_seed(n * k)
+    w, b = torch.randn(n, k, generator=generator).bfloat16(), torch.randn(n, generator=generator).bfloat16()
+    x = torch.randn(3, k, generator=generator).bfloat16()
+    got = gemv_linear(x, w, b)
+    exact = x.double() @ w.double().t() + b.double()
+    magnitude = x.double().abs() @ w.double().abs().t() + b.double().abs()
+    assert ((got.double() - exact).abs() <= 2 ** -8 * exact.abs() + (k + 1) * 2 ** -23 * magnitude).all()
+    assert torch.equal(gemv_linear(x[1:2], w, b), got[1:2])
+
+
 def test_the_gemv_form_keeps_the_weights_as_they_are():
     """No copy of a weight (the output layer reads the word-embedding table itself), and the
     state dict is the plain model's."""
