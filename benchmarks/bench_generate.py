@@ -57,7 +57,7 @@ import timing
 from cpmgen.config import PRESETS, WindowSection
 from cpmgen.generate import generate
 from cpmgen.window import Window
-from workload import GREEDY, PROMPT_TOKENS, WINDOW, ensure_checkpoint, load_cpmgen, random_ids
+from workload import GREEDY, PROMPT_TOKENS, WINDOW, ensure_checkpoint, load_cpmgen, loaded_cpmgen, random_ids
 
 PRESET = "cpm-small"
 console = Console(stderr=True, width=None if sys.stderr.isatty() else 120)
@@ -165,14 +165,16 @@ COMPILED = ("fp32-compile", "fp32", {"runtime.compile": True})
 
 
 def variant_row(folder: Path, name: str, dtype: str, extra: dict, prompt: list[int], args) -> tuple[dict, object]:
-    """One way of running the model, loaded: its row (load time, bytes a token reads) and the model."""
+    """One way of running the model, loaded: its row (load time, bytes a token reads) and the
+    Loaded (the model and its one-token step)."""
     start = time.perf_counter()
-    model = load_cpmgen(str(folder), PRESET, dtype, extra)
+    loaded = loaded_cpmgen(str(folder), PRESET, dtype, extra)
+    model = loaded.model
     row = {"variant": name, "dtype": dtype, "settings": extra, "load_s": round(time.perf_counter() - start, 2),
            "model_bytes": bandwidth.model_bytes(model),
            "weight_bytes_per_token": bandwidth.weight_bytes_per_token(model),
            "kv_bytes_per_token": bandwidth.kv_bytes_per_token(model, len(prompt), args.new_tokens)}
-    return row, model
+    return row, loaded
 
 
 def measure_variants(folder: Path, prompt: list[int], args, step) -> dict:
@@ -185,7 +187,8 @@ def measure_variants(folder: Path, prompt: list[int], args, step) -> dict:
     rows, models = [], {}
     for name, dtype, extra in VARIANTS:
         step(f"cpmgen {name}: load")
-        row, models[name] = variant_row(folder, name, dtype, extra, prompt, args)
+        row, loaded = variant_row(folder, name, dtype, extra, prompt, args)
+        models[name] = loaded.model
         rows.append(row)
     bounds = [bandwidth.read_bound_gbs()]
     rounds = []  # per round: {variant: rate figures}
@@ -222,13 +225,14 @@ def measure_compiled(folder: Path, prompt: list[int], args) -> dict:
     compile time as compile_s, then decode tokens/s (best of --reps) between two bound samples
     (the tokens it takes to win the compile time back are filled in by add_targets)."""
     name, dtype, extra = COMPILED
-    row, model = variant_row(folder, name, dtype, extra, prompt, args)
+    row, loaded = variant_row(folder, name, dtype, extra, prompt, args)
+    model = loaded.model
     start = time.perf_counter()
-    for _ in generate(model, prompt, WINDOW, GREEDY, 3):
+    for _ in generate(model, prompt, WINDOW, GREEDY, 3, decode=loaded.decode):
         pass
     row["compile_s"] = round(time.perf_counter() - start, 1)
     before = bandwidth.read_bound_gbs()
-    row["decode"] = timing.cpmgen_generate_rate(model, prompt, args.new_tokens, args.reps)
+    row["decode"] = timing.cpmgen_generate_rate(model, prompt, args.new_tokens, args.reps, loaded.decode)
     row["round_shares_around"] = [round(row["decode"]["tokens_per_s"] / bandwidth.decode_bound(
         (before + bandwidth.read_bound_gbs()) / 2, row["weight_bytes_per_token"]), 3)]
     row["tokens_per_s"] = row["decode"]["tokens_per_s"]

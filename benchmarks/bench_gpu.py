@@ -32,8 +32,8 @@ import bandwidth
 import hf_baseline
 from cpmgen.config import PRESETS, WindowSection
 from cpmgen.generate import generate
-from cpmgen.loading import DTYPES, compile_decode
-from cpmgen.model import CPMModel
+from cpmgen.loading import TORCH_DTYPES, compile_decode
+from cpmgen.model import CPMModel, decode_step
 from cpmgen.window import Window
 from timing import cpmgen_generate_rate, measure_in_window, measure_prefill, measure_unlimited
 from workload import GREEDY, PROMPT_TOKENS, random_ids, synchronize
@@ -83,8 +83,8 @@ def random_model(preset: str, dtype: torch.dtype, device: torch.device) -> CPMMo
     return model.eval().requires_grad_(False)
 
 
-def decode_row(name: str, model: CPMModel, prompt: list[int], args, bound_gbs: float) -> dict:
-    rate = cpmgen_generate_rate(model, prompt, args.new_tokens, args.reps)
+def decode_row(name: str, model: CPMModel, prompt: list[int], args, bound_gbs: float, decode=decode_step) -> dict:
+    rate = cpmgen_generate_rate(model, prompt, args.new_tokens, args.reps, decode)
     weight_bytes = bandwidth.weight_bytes_per_token(model)
     bound = bandwidth.decode_bound(bound_gbs, weight_bytes)
     return {"variant": name, "weight_bytes_per_token": weight_bytes, "tokens_per_s": rate["tokens_per_s"],
@@ -93,7 +93,7 @@ def decode_row(name: str, model: CPMModel, prompt: list[int], args, bound_gbs: f
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    device, dtype = torch.device(args.device), TORCH_DTYPES[args.dtype]
     started = time.perf_counter()
 
     def step(name: str) -> None:
@@ -131,12 +131,12 @@ def main(argv=None) -> int:
 
     if args.compile:
         step("--compile: compile, then decode")
-        compile_decode(model)
+        compiled = compile_decode(model)
         start = time.perf_counter()
-        for _ in generate(model, prompt, window, GREEDY, 3):
+        for _ in generate(model, prompt, window, GREEDY, 3, decode=compiled):
             pass
         compile_s = round(time.perf_counter() - start, 1)
-        result["variants"].append({**decode_row("compiled", model, prompt, args, result["copy_gbs"]),
+        result["variants"].append({**decode_row("compiled", model, prompt, args, result["copy_gbs"], compiled),
                                    "compile_s": compile_s})
 
     best = max(result["variants"], key=lambda row: row["tokens_per_s"])

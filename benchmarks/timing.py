@@ -14,7 +14,7 @@ import time
 import torch
 
 from cpmgen.generate import Stats, generate, prefill
-from cpmgen.model import CPMModel
+from cpmgen.model import CPMModel, decode_step
 from cpmgen.window import Window
 from workload import GREEDY, WINDOW, random_ids, synchronize
 
@@ -147,18 +147,20 @@ def rate_figures(runs: list[list[float]], prompt_tokens: int) -> dict:
             "tokens_per_s_runs": [round(decode_tokens / decode_s(times), 3) for times in runs]}
 
 
-def cpmgen_timestamps(model: CPMModel, prompt_ids: list[int], new_tokens: int) -> list[float]:
-    """[start, token 1, ..., token n] of cpmgen's fast path (WINDOW, greedy)."""
+def cpmgen_timestamps(model: CPMModel, prompt_ids: list[int], new_tokens: int, decode=decode_step) -> list[float]:
+    """[start, token 1, ..., token n] of cpmgen's fast path (WINDOW, greedy), each step taken by
+    `decode` (decode_step, or the compiled step loading.compile_decode makes)."""
     times = [time.perf_counter()]
-    for _ in generate(model, prompt_ids, WINDOW, GREEDY, new_tokens):
+    for _ in generate(model, prompt_ids, WINDOW, GREEDY, new_tokens, decode=decode):
         times.append(time.perf_counter())
     return times
 
 
-def cpmgen_generate_rate(model: CPMModel, prompt_ids: list[int], new_tokens: int, reps: int = 3) -> dict:
-    """rate_figures of cpmgen's fast path (WINDOW, greedy), the fastest of `reps` runs after a
-    short untimed one, in the form hf_baseline.hf_generate_rate gives HF's."""
-    cpmgen_timestamps(model, prompt_ids, 4)
+def cpmgen_generate_rate(model: CPMModel, prompt_ids: list[int], new_tokens: int, reps: int = 3,
+                         decode=decode_step) -> dict:
+    """rate_figures of cpmgen's fast path (WINDOW, greedy; steps by `decode`), the fastest of
+    `reps` runs after a short untimed one, in the form hf_baseline.hf_generate_rate gives HF's."""
+    cpmgen_timestamps(model, prompt_ids, 4, decode)
     return {"impl": "cpmgen", "dtype": str(model.word_embeddings.weight.dtype).removeprefix("torch."),
-            **rate_figures([cpmgen_timestamps(model, prompt_ids, new_tokens) for _ in range(reps)],
+            **rate_figures([cpmgen_timestamps(model, prompt_ids, new_tokens, decode) for _ in range(reps)],
                            len(prompt_ids))}

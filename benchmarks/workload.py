@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from cpmgen.config import PRESETS, Settings
-from cpmgen.loading import load_model
+from cpmgen.loading import Loaded, load_model
 from cpmgen.model import CPMModel
 from cpmgen.sampling import SamplingParams
 from cpmgen.synthetic import write_megatron_checkpoint
@@ -86,7 +86,15 @@ def apply_extra_settings(settings: Settings, extra: dict | None) -> None:
 def load_cpmgen(checkpoint: str | Path, preset: str | None, dtype: str, extra_settings: dict | None = None,
                 device: str = "cpu") -> CPMModel:
     """The model loaded through cpmgen.loading.load_model, as the CLI loads it, in `dtype`
-    (fp32, bf16, fp16), with extra settings ({"runtime.quantize": "int8"}, ...)."""
+    (fp32, bf16, fp16), with extra settings ({"runtime.quantize": "int8"}, ...). With
+    "runtime.compile" use loaded_cpmgen: the compiled step is not part of the model."""
+    return loaded_cpmgen(checkpoint, preset, dtype, extra_settings, device).model
+
+
+def loaded_cpmgen(checkpoint: str | Path, preset: str | None, dtype: str, extra_settings: dict | None = None,
+                  device: str = "cpu") -> Loaded:
+    """load_cpmgen's model with its one-token step (`decode`: decode_step, or the compiled one
+    under "runtime.compile"), as the CLI's generation runs them."""
     settings = Settings()
     settings.model.path = str(checkpoint)
     if preset:
@@ -94,7 +102,7 @@ def load_cpmgen(checkpoint: str | Path, preset: str | None, dtype: str, extra_se
     settings.runtime.device = device
     settings.runtime.dtype = dtype
     apply_extra_settings(settings, extra_settings)
-    return load_model(settings).model
+    return load_model(settings)
 
 
 def synchronize() -> None:
