@@ -5,6 +5,7 @@ blocks; they run only where they should."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 
@@ -123,12 +124,21 @@ def test_prefill_and_the_recompute_keep_the_plain_attention():
 # every kind in fp32 and bf16; oneDNN bf16 needs AVX-512 (skipped without it). Six rows: more than
 # the GEMV takes (its blocks then run op by op) and than the int kernels' four rows a pass.
 @pytest.mark.parametrize("batch", [2, 6])
-@pytest.mark.parametrize("kind,dtype", [(kind, dtype) for kind in ("plain", "onednn", "gemv", "int8", "int4")
+@pytest.mark.parametrize("kind,dtype", [(kind, dtype) for kind in ("plain", "onednn", "gemv-avx512bf16", "gemv-avx2",
+                                                                   "gemv-generic", "int8", "int4")
                                         for dtype in (torch.float32, torch.bfloat16)])
 def test_the_fused_block_gives_the_bits_of_its_modules(kind, dtype, batch):
     """Prefill, then one-token steps with the rows at different positions: the logits of the model
     with DecodeBlock equal bitwise those of the same model running its blocks' modules, for every
-    kind of linear the op runs."""
+    kind of linear the op runs (the GEMV in each form this CPU runs)."""
+    kind, _, gemv_form = kind.partition("-")
+    if gemv_form and gemv_form not in kernels.gemv_forms():
+        pytest.skip(f"this CPU does not run the {gemv_form} GEMV")
+    with kernels.use_gemv(gemv_form) if gemv_form else contextlib.nullcontext():
+        fused_block_against_its_modules(kind, dtype, batch)
+
+
+def fused_block_against_its_modules(kind: str, dtype: torch.dtype, batch: int) -> None:
     from cpmgen.prepack import chosen_form, prepack_linears
     from cpmgen.quantize import quantize_model
 

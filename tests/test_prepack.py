@@ -51,23 +51,45 @@ def test_prepacked_model_matches_plain(form, dtype, tolerance, rows):
     assert not any(t.is_mkldnn for t in packed.state_dict().values())
 
 
+GEMV_FORMS = ["avx512bf16", "avx2", "generic"]
+
+
+@pytest.mark.parametrize("form", GEMV_FORMS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n,k", [(37, 768), (64, 3072), (16, 100), (9, 40), (5, 7)])
-def test_a_bf16_gemv_row_is_its_exact_sum_rounded_to_bf16_once(n, k):
-    """bf16 decode rows through the GEMV (bf16 dot products where the CPU has them, widened
-    weights elsewhere): each output is the sum of exact products in fp32, rounded to bf16 once,
-    so within half a bf16 step of the exact value plus the fp32 sum's own error; a row's output
-    does not depend on the rows beside it. Input lengths that leave every kind of tail."""
-    gemv_linear = kernels.op("gemv_linear")
-    if gemv_linear is None:
-        pytest.skip("the kernel library is not built")
+def test_a_gemv_row_is_its_exact_sum_rounded_once(form, dtype, n, k):
+    """Decode rows through each form of the GEMV this CPU runs (bf16 weights on bf16 dot products,
+    AVX2 with bf16 widened, plain loops): each output is the sum of exact products in fp32,
+    rounded to the weights' dtype once, so within half a step of that dtype of the exact value
+    plus the fp32 sum's own error; a row's output does not depend on the rows beside it. Input
+    lengths that leave every kind of tail."""
+    if form not in kernels.gemv_forms():
+        pytest.skip(f"this CPU does not run the {form} GEMV")
     generator = torch.Generator().manual_seed(n * k)
-    w, b = torch.randn(n, k, generator=generator).bfloat16(), torch.randn(n, generator=generator).bfloat16()
-    x = torch.randn(3, k, generator=generator).bfloat16()
-    got = gemv_linear(x, w, b)
+    w, b = torch.randn(n, k, generator=generator).to(dtype), torch.randn(n, generator=generator).to(dtype)
+    x = torch.randn(3, k, generator=generator).to(dtype)
+    with kernels.use_gemv(form):
+        got = kernels.op("gemv_linear")(x, w, b)
+        alone = kernels.op("gemv_linear")(x[1:2], w, b)
     exact = x.double() @ w.double().t() + b.double()
     magnitude = x.double().abs() @ w.double().abs().t() + b.double().abs()
-    assert ((got.double() - exact).abs() <= 2 ** -8 * exact.abs() + (k + 1) * 2 ** -23 * magnitude).all()
-    assert torch.equal(gemv_linear(x[1:2], w, b), got[1:2])
+    half_step = torch.finfo(dtype).eps / 2
+    assert ((got.double() - exact).abs() <= half_step * exact.abs() + (k + 1) * 2 ** -23 * magnitude).all()
+    assert torch.equal(alone, got[1:2])
+
+
+def test_the_gemv_runs_the_best_form_and_refuses_one_the_cpu_does_not_run():
+    if not kernels.loaded():
+        pytest.skip("the kernel library is not built")
+    forms = kernels.gemv_forms()
+    assert forms[-1] == "generic" and set(forms) <= set(GEMV_FORMS)
+    assert torch.ops.cpmgen.gemv_form() == forms[0]
+    with kernels.use_gemv("generic"):
+        assert torch.ops.cpmgen.gemv_form() == "generic"
+    with pytest.raises(RuntimeError, match=f"gemv_use: this CPU runs {', '.join(forms)}, not sse9"):
+        with kernels.use_gemv("sse9"):
+            pass
+    assert torch.ops.cpmgen.gemv_form() == forms[0]
 
 
 def test_the_gemv_form_keeps_the_weights_as_they_are():

@@ -102,21 +102,40 @@ def stack_step(steps: list):
 
 
 def isas() -> list[str]:
-    """The versions of the loops this CPU runs, best first ("avx512vnni", "avx2", "generic"); the
-    first one is used unless `use_isa` picks another."""
+    """The versions of the int8/int4 loops this CPU runs, best first ("avx512vnni", "avx2",
+    "generic"); the first one is used unless `use_isa` picks another."""
     return list(torch.ops.cpmgen.qlinear_isas()) if loaded() else []
 
 
 def isa() -> Optional[str]:
-    """The version of the loops in use, or None without the library."""
+    """The version of the int8/int4 loops in use, or None without the library."""
     return str(torch.ops.cpmgen.qlinear_isa()) if loaded() else None
 
 
-@contextlib.contextmanager
 def use_isa(name: str):
-    """Run the kernels with the loops called `name` inside the block (they all give the same bits)."""
-    previous = torch.ops.cpmgen.qlinear_use(name)
+    """Run the int8/int4 kernels with the loops called `name` inside a `with` block (they all give
+    the same bits)."""
+    return switched(torch.ops.cpmgen.qlinear_use, name)
+
+
+def gemv_forms() -> list[str]:
+    """The forms of the fp32/bf16 GEMV loops this CPU runs, best first ("avx512bf16": bf16 weights
+    on bf16 dot products, "avx2", "generic"); the first is used unless `use_gemv` picks another."""
+    return list(torch.ops.cpmgen.gemv_forms()) if loaded() else []
+
+
+def use_gemv(name: str):
+    """Run the GEMV with the loops called `name` inside a `with` block (the forms round
+    differently; within one form every path that runs the GEMV gives the same bits)."""
+    return switched(torch.ops.cpmgen.gemv_use, name)
+
+
+@contextlib.contextmanager
+def switched(use, name: str):
+    """`use(name)` (an op that switches loops and returns the previous choice's name) for the
+    block, then the previous choice back."""
+    previous = use(name)
     try:
         yield
     finally:
-        torch.ops.cpmgen.qlinear_use(previous)
+        use(previous)

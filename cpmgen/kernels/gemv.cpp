@@ -10,13 +10,19 @@
 // product exact in fp32) and adds them into 16 fp32 sums. Elsewhere bf16 weights are widened to
 // fp32 as they are read (a bf16 value is the top half of an fp32 one), the input row once per
 // call. Each output is rounded to bf16 once, after the bias. AVX2 with FMA where the CPU has it,
-// plain C++ elsewhere (the forms round differently; a machine always runs the same one).
+// plain C++ elsewhere. The forms round differently; a machine runs the best one it has unless
+// cpmgen::gemv_use(name) picks another (tests compare them):
+//   avx512bf16: bf16 weights on bf16 dot products, fp32 as avx2;
+//   avx2:       fp32 and widened bf16 weights with AVX2 FMAs;
+//   generic:    plain C++ loops.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
+#include <string>
 
 #include "kernels.h"
 
@@ -115,14 +121,42 @@ __attribute__((target("avx512f,avx512bf16"))) void rows_bf16_products(const at::
 template <typename W, typename X>
 using Rows = void (*)(const W*, const X*, int64_t, int, float*);
 
-template <typename W>
-Rows<W, float> best_rows() {
+// One form of the loops: for fp32 weights, for bf16 weights with an fp32 input, and whether bf16
+// weights take a bf16 input on dot products instead.
+struct Form {
+  const char* name;
+  Rows<float, float> fp32;
+  Rows<at::BFloat16, float> bf16_widened;
+  bool bf16_products;
+};
+
+const Form kGeneric{"generic", rows_generic<float, float>, rows_generic<at::BFloat16, float>, false};
+#if CPMGEN_X86
+const Form kAvx2{"avx2", rows_avx2<float>, rows_avx2<at::BFloat16>, false};
+const Form kBf16Products{"avx512bf16", rows_avx2<float>, rows_avx2<at::BFloat16>, true};
+#endif
+
+// The forms this CPU runs, best first.
+std::vector<const Form*> supported() {
+  std::vector<const Form*> out;
 #if CPMGEN_X86
   __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return rows_avx2<W>;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+    if (__builtin_cpu_supports("avx512bf16")) out.push_back(&kBf16Products);
+    out.push_back(&kAvx2);
+  }
 #endif
-  return rows_generic<W, float>;
+  out.push_back(&kGeneric);
+  return out;
 }
+
+std::atomic<const Form*>& chosen() {
+  static std::atomic<const Form*> form{supported().front()};
+  return form;
+}
+
+// Switches to the form called `name` and returns the name of the one it replaces.
+std::string use(const std::string& name) { return cpmgen::switch_loops(chosen(), supported(), name, "gemv_use"); }
 
 // y for the groups of output rows begin..end, each of the m input rows in turn.
 template <typename T, typename X>
@@ -170,7 +204,7 @@ int64_t gemv_units(const at::Tensor& weight, const c10::optional<at::Tensor>& bi
 }
 
 at::Tensor gemv_input(const at::Tensor& x, const at::Tensor& weight) {
-  if (weight.scalar_type() == at::kBFloat16 && native_bf16_products()) return x.contiguous();
+  if (weight.scalar_type() == at::kBFloat16 && chosen().load()->bf16_products) return x.contiguous();
   return x.to(at::kFloat).contiguous();  // x itself when fp32 and contiguous
 }
 
@@ -178,9 +212,9 @@ void gemv_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optiona
                int64_t begin, int64_t end) {
   const int64_t m = x.size(0), n = weight.size(0), k = weight.size(1);
   const bool has_bias = bias.has_value() && bias->defined();
+  const Form& form = *chosen().load();
   if (weight.scalar_type() == at::kFloat) {
-    static const Rows<float, float> rows_of = best_rows<float>();
-    gemv_groups(rows_of, x.data_ptr<float>(), m, weight.data_ptr<float>(),
+    gemv_groups(form.fp32, x.data_ptr<float>(), m, weight.data_ptr<float>(),
                 has_bias ? bias->data_ptr<float>() : nullptr, n, k, y.data_ptr<float>(), begin, end);
     return;
   }
@@ -188,15 +222,13 @@ void gemv_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optiona
   const at::BFloat16* bp = has_bias ? bias->data_ptr<at::BFloat16>() : nullptr;
   at::BFloat16* yp = y.data_ptr<at::BFloat16>();
   if (x.scalar_type() == at::kFloat) {
-    static const Rows<at::BFloat16, float> rows_of = best_rows<at::BFloat16>();
-    gemv_groups(rows_of, x.data_ptr<float>(), m, wp, bp, n, k, yp, begin, end);
+    gemv_groups(form.bf16_widened, x.data_ptr<float>(), m, wp, bp, n, k, yp, begin, end);
     return;
   }
+  TORCH_CHECK(form.bf16_products, "gemv_rows: a bf16 input needs the ", form.name,
+              " form to take it (gemv_input gives the form's input)");
 #if CPMGEN_X86
-  TORCH_CHECK(native_bf16_products(), "gemv_rows: a bf16 input needs bf16 dot products (see gemv_input)");
   gemv_groups<at::BFloat16, at::BFloat16>(rows_bf16_products, x.data_ptr<at::BFloat16>(), m, wp, bp, n, k, yp, begin, end);
-#else
-  TORCH_CHECK(false, "gemv_rows: a bf16 input needs bf16 dot products (see gemv_input)");
 #endif
 }
 
@@ -226,6 +258,13 @@ at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const 
 TORCH_LIBRARY_FRAGMENT(cpmgen, m) {
   m.def("gemv_linear(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
   m.def("native_bf16_products() -> bool", native_bf16_products);
+  m.def("gemv_form() -> str", []() { return std::string(chosen().load()->name); });
+  m.def("gemv_use(str name) -> str", use);
+  m.def("gemv_forms() -> str[]", []() {
+    std::vector<std::string> names;
+    for (const Form* form : supported()) names.emplace_back(form->name);
+    return names;
+  });
 }
 
 TORCH_LIBRARY_IMPL(cpmgen, CPU, m) { m.impl("gemv_linear", cpmgen::gemv_linear); }

@@ -7,7 +7,9 @@
 
 #include <ATen/ATen.h>
 
+#include <atomic>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 // A loop compiled twice, for AVX2 and for the baseline, the version the CPU runs picked when the
@@ -20,6 +22,19 @@
 #endif
 
 namespace cpmgen {
+
+// Switches `chosen` to the entry of `supported` (each with a `name`) called `name` and returns the
+// name of the one it replaces; `op` names the switch in the error for a name the CPU does not run.
+template <typename Loops>
+std::string switch_loops(std::atomic<const Loops*>& chosen, const std::vector<const Loops*>& supported,
+                         const std::string& name, const char* op) {
+  std::string names;
+  for (const Loops* loops : supported) {
+    if (name == loops->name) return chosen.exchange(loops)->name;
+    names += (names.empty() ? "" : ", ") + std::string(loops->name);
+  }
+  TORCH_CHECK(false, op, ": this CPU runs ", names, ", not ", name);
+}
 
 // qlinear.cpp: x [..., in_features] -> x @ W^T + b for int8 or int4 weights in the packed layout.
 at::Tensor qlinear(const at::Tensor& input, const at::Tensor& packed, const at::Tensor& gparams, const at::Tensor& scale,

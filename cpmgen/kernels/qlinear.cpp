@@ -361,14 +361,7 @@ std::atomic<const Kernels*>& chosen() {
 const Kernels& kernels() { return *chosen().load(); }
 
 // Switches to the version called `name` and returns the name of the one it replaces.
-std::string use(const std::string& name) {
-  std::string names;
-  for (const Kernels* k : supported()) {
-    if (name == k->name) return chosen().exchange(k)->name;
-    names += (names.empty() ? "" : ", ") + std::string(k->name);
-  }
-  TORCH_CHECK(false, "qlinear_use: this CPU runs ", names, ", not ", name);
-}
+std::string use(const std::string& name) { return cpmgen::switch_loops(chosen(), supported(), name, "qlinear_use"); }
 
 template <typename T>
 void epilogue(const int32_t* acc, int rows, const float* sx, const float* sw, const float* bias, int64_t n0,
