@@ -39,16 +39,16 @@ constexpr int64_t kGroup = 4;  // output rows a unit of work holds (threads take
 
 inline float pairwise(const float* t) { return ((t[0] + t[4]) + (t[2] + t[6])) + ((t[1] + t[5]) + (t[3] + t[7])); }
 
-// y[0..rows) for `rows` (1..kGroup) weight rows of length k from w and one input row x.
-template <typename W, typename X>
-void rows_generic(const W* w, const X* x, int64_t k, int rows, float* y) {
+// y[0..rows) for `rows` (1..kGroup) weight rows of length k from w and one fp32 input row x.
+template <typename W>
+void rows_generic(const W* w, const float* x, int64_t k, int rows, float* y) {
   for (int r = 0; r < rows; ++r) {
     float part[8] = {};
     int64_t i = 0;
     for (; i + 8 <= k; i += 8)
-      for (int l = 0; l < 8; ++l) part[l] = part[l] + static_cast<float>(w[r * k + i + l]) * static_cast<float>(x[i + l]);
+      for (int l = 0; l < 8; ++l) part[l] = part[l] + static_cast<float>(w[r * k + i + l]) * x[i + l];
     float s = pairwise(part);
-    for (; i < k; ++i) s = s + static_cast<float>(w[r * k + i]) * static_cast<float>(x[i]);
+    for (; i < k; ++i) s = s + static_cast<float>(w[r * k + i]) * x[i];
     y[r] = s;
   }
 }
@@ -130,7 +130,7 @@ struct Form {
   bool bf16_products;
 };
 
-const Form kGeneric{"generic", rows_generic<float, float>, rows_generic<at::BFloat16, float>, false};
+const Form kGeneric{"generic", rows_generic<float>, rows_generic<at::BFloat16>, false};
 #if CPMGEN_X86
 const Form kAvx2{"avx2", rows_avx2<float>, rows_avx2<at::BFloat16>, false};
 const Form kBf16Products{"avx512bf16", rows_avx2<float>, rows_avx2<at::BFloat16>, true};
