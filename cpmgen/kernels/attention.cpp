@@ -134,9 +134,9 @@ void store(const float* x, T* y, int64_t n) {
 
 // Task `task` ((sequence, head) pair) of a step whose cache holds T (float or at::BFloat16): the
 // new key and value into their slot (rounded as Tensor.to rounds them: exact for bf16 values),
-// then the head's attention into head_out.
+// then the head's attention into head_out. Returns where the head's output goes in step.out.
 template <typename T>
-void attend_task(const cpmgen::AttentionStep& step, int64_t task, std::vector<float>& weights, float* head_out) {
+int64_t attend_task(const cpmgen::AttentionStep& step, int64_t task, std::vector<float>& weights, float* head_out) {
   const int64_t slots = step.k_cache.size(2), d = step.k_cache.size(3), heads = step.heads, width = heads * d;
   const int64_t b = task / heads, h = task % heads, p = step.pos.data_ptr<int64_t>()[b];
   const float* row = step.qkv.data_ptr<float>() + b * 3 * width;
@@ -145,6 +145,7 @@ void attend_task(const cpmgen::AttentionStep& step, int64_t task, std::vector<fl
   store(row + width + h * d, keys + p * d, d);
   store(row + 2 * width + h * d, values + p * d, d);
   attend(row + h * d, keys, values, p, d, 1.f / std::sqrt(static_cast<float>(d)), weights.data(), head_out);
+  return b * width + h * d;
 }
 
 }  // namespace
@@ -190,18 +191,14 @@ void attention_input(AttentionStep& step, const at::Tensor& qkv) {
 }
 
 void attention_units(const AttentionStep& step, int64_t begin, int64_t end) {
-  const int64_t d = step.k_cache.size(3), width = step.heads * d;
+  const int64_t d = step.k_cache.size(3);
   std::vector<float> weights(step.k_cache.size(2)), head_out(d);
   const bool bf16_cache = step.k_cache.scalar_type() == at::kBFloat16, fp32 = step.out.scalar_type() == at::kFloat;
   float* out_f32 = fp32 ? step.out.data_ptr<float>() : nullptr;
   at::BFloat16* out_bf16 = fp32 ? nullptr : step.out.data_ptr<at::BFloat16>();
   for (int64_t task = begin; task < end; ++task) {
-    if (bf16_cache) {
-      attend_task<at::BFloat16>(step, task, weights, head_out.data());
-    } else {
-      attend_task<float>(step, task, weights, head_out.data());
-    }
-    const int64_t offset = task / step.heads * width + task % step.heads * d;
+    const int64_t offset = bf16_cache ? attend_task<at::BFloat16>(step, task, weights, head_out.data())
+                                      : attend_task<float>(step, task, weights, head_out.data());
     if (fp32) {
       store(head_out.data(), out_f32 + offset, d);
     } else {

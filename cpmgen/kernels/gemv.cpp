@@ -136,13 +136,26 @@ const Form kAvx2{"avx2", rows_avx2<float>, rows_avx2<at::BFloat16>, false};
 const Form kBf16Products{"avx512bf16", rows_avx2<float>, rows_avx2<at::BFloat16>, true};
 #endif
 
+// The CPU has bf16 dot-product instructions (AVX-512 BF16): the GEMV's best form, and
+// oneDNN's bf16 matmul behind at::linear runs faster than an fp32 product of the same shape (without them it emulates
+// bf16 and runs slower).
+bool native_bf16_products() {
+#if CPMGEN_X86
+  __builtin_cpu_init();
+  static const bool native = __builtin_cpu_supports("avx512bf16");
+  return native;
+#else
+  return false;
+#endif
+}
+
 // The forms this CPU runs, best first.
 std::vector<const Form*> supported() {
   std::vector<const Form*> out;
 #if CPMGEN_X86
   __builtin_cpu_init();
   if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
-    if (__builtin_cpu_supports("avx512bf16")) out.push_back(&kBf16Products);
+    if (native_bf16_products()) out.push_back(&kBf16Products);
     out.push_back(&kAvx2);
   }
 #endif
@@ -172,19 +185,6 @@ void gemv_groups(Rows<T, X> rows_of, const X* xp, int64_t m, const T* wp, const 
         yp[row * n + n0 + r] = static_cast<T>(b ? out[r] + static_cast<float>(b[n0 + r]) : out[r]);
     }
   }
-}
-
-// The CPU has bf16 dot-product instructions (AVX-512 BF16), with which oneDNN's bf16 matmul
-// behind at::linear runs faster than an fp32 product of the same shape (without them it emulates
-// bf16 and runs slower).
-bool native_bf16_products() {
-#if CPMGEN_X86
-  __builtin_cpu_init();
-  static const bool native = __builtin_cpu_supports("avx512bf16");
-  return native;
-#else
-  return false;
-#endif
 }
 
 }  // namespace

@@ -91,7 +91,8 @@ constexpr int64_t kGemvMaxRows = 4;  // input rows gemv_linear reads itself (bey
 // of output rows.
 int64_t gemv_units(const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t in_features);
 // The input rows [rows, K] (in the weight's dtype) in the form gemv_rows reads: bf16 as they are
-// where the CPU has bf16 dot products and the weight is bf16, else fp32; contiguous.
+// where the weight is bf16 and the GEMV's form in use takes them on dot products, else fp32;
+// contiguous.
 at::Tensor gemv_input(const at::Tensor& x, const at::Tensor& weight);
 // y [rows, n] in the weight's dtype for the unit range; x: gemv_input's rows.
 void gemv_rows(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, at::Tensor& y,
