@@ -3,6 +3,7 @@ rounding, with no plain linear left."""
 
 from __future__ import annotations
 
+import platform
 from pathlib import Path
 
 import pytest
@@ -140,7 +141,7 @@ def test_fp16_and_training_weights_stay_plain():
 
 
 @pytest.mark.parametrize("dtype,tolerance", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("rows", [1, 3, 4, 5])  # 5: past the GEMV's rows, F.linear's matrix product
+@pytest.mark.parametrize("rows", [1, 3, 4, 5])  # 5: past the GEMV's rows, a matrix product (F.linear's at this size)
 def test_the_gemv_takes_any_shape_and_any_thread_count(rows, dtype, tolerance):
     """Sizes off its 4-row groups and 8-wide loads; up to 4 rows, the same bits at 1 and 2 threads
     (more rows go to F.linear, whose matrix product may split its sums by thread)."""
@@ -162,6 +163,42 @@ def test_the_gemv_takes_any_shape_and_any_thread_count(rows, dtype, tolerance):
     assert rows > 4 or torch.equal(outputs[0], outputs[1])
     torch.testing.assert_close(outputs[0], torch.nn.functional.linear(x, weight, bias), rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(gemv(x, weight, None), torch.nn.functional.linear(x, weight), rtol=tolerance, atol=tolerance)
+
+
+def ops_run(call) -> set[str]:
+    with torch.profiler.profile() as profile:
+        call()
+    return {event.name for event in profile.events()}
+
+
+def onednn_linear_runs() -> bool:
+    return torch.backends.mkldnn.is_available() and platform.machine() in ("x86_64", "AMD64")
+
+
+def test_an_fp32_prefill_through_the_gemv_runs_onednn_on_the_weight_as_it_is():
+    """A window's prefill (many rows of a real model's linear) goes to oneDNN's fp32 matrix
+    product on x86 where torch has it, on the plain weight (no packed copy is kept), with the same
+    bits at any thread count; a small product (a tiny model's few rows) stays with F.linear."""
+    if not kernels.loaded():
+        pytest.skip("the kernel library is not built")
+    g = torch.Generator().manual_seed(7)
+    weight, bias, x = torch.randn(3072, 768, generator=g), torch.randn(3072, generator=g), torch.randn(1, 40, 768, generator=g)
+    gemv = kernels.op("gemv_linear")
+    onednn = "mkldnn::_linear_pointwise" in ops_run(lambda: gemv(x, weight, bias))
+    assert onednn == onednn_linear_runs()
+    before = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outputs.append(gemv(x, weight, bias))
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    torch.testing.assert_close(outputs[0], torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+    small_weight, small_x = weight[:24, :40].contiguous(), x[:, :9, :40].contiguous()
+    assert "mkldnn::_linear_pointwise" not in ops_run(lambda: gemv(small_x, small_weight, None))
+    assert torch.equal(gemv(small_x, small_weight, None), torch.nn.functional.linear(small_x, small_weight))
 
 
 def test_a_bf16_prefill_through_the_gemv_runs_in_fp32_unless_the_cpu_multiplies_bf16():

@@ -23,7 +23,6 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <c10/core/InferenceMode.h>
 #include <omp.h>
 #include <torch/custom_class.h>
@@ -37,16 +36,6 @@
 #include "kernels.h"
 
 namespace {
-
-// oneDNN's linear on a prepacked weight, as prepack.packed_linear calls it from Python.
-at::Tensor packed_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  static const c10::OperatorHandle op =
-      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
-  std::vector<c10::IValue> stack{x, weight, bias, std::string("none"), c10::List<c10::optional<at::Scalar>>(),
-                                 std::string("")};
-  op.callBoxed(&stack);
-  return stack[0].toTensor();
-}
 
 enum class Kind { kPlain, kPacked, kQuantized, kGemv };
 
@@ -110,7 +99,7 @@ struct BlockStep : torch::CustomClassHolder {
   at::Tensor linear(const at::Tensor& in, size_t i) const {
     switch (kind) {
       case Kind::kPlain: return at::linear(in, weights[i], biases.get(i));
-      case Kind::kPacked: return packed_linear(in, weights[i], biases.get(i));
+      case Kind::kPacked: return cpmgen::onednn_linear(in, weights[i], biases.get(i));
       case Kind::kGemv: return cpmgen::gemv_linear(in, weights[i], biases.get(i));
       default:
         return cpmgen::qlinear(in, weights[i], gparams[i], scales[i], biases.get(i), out_features[i], bits, group);

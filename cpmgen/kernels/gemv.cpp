@@ -1,7 +1,8 @@
 // y = x @ W^T + b for fp32 or bf16 weights as nn.Linear holds them ([N, K], row-major). Up to
 // kGemvMaxRows input rows (a decode step) run here, reading W once per call; more (a window's
-// prefill) go to at::linear, a matrix product that reuses each weight across the rows (for bf16
-// weights in fp32 where the CPU has no bf16 products: see gemv_linear).
+// prefill) go to a matrix product that reuses each weight across the rows: matrix_linear for fp32
+// (and for bf16 weights in fp32 where the CPU has no bf16 products: see gemv_linear), at::linear
+// for bf16.
 //
 // Each thread takes whole groups of kGroup output rows and each output is one thread's
 // fixed-order sum in fp32 (8 lanes, two such sums with AVX2, added pairwise at the end), so the
@@ -18,6 +19,7 @@
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -191,6 +193,29 @@ void gemv_groups(Rows<T, X> rows_of, const X* xp, int64_t m, const T* wp, const 
 
 namespace cpmgen {
 
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  static const c10::OperatorHandle op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("mkldnn::_linear_pointwise", "");
+  std::vector<c10::IValue> stack{x, weight, bias, std::string("none"), c10::List<c10::optional<at::Scalar>>(),
+                                 std::string("")};
+  op.callBoxed(&stack);
+  return stack[0].toTensor();
+}
+
+// x @ W^T + b for many fp32 rows (a window's prefill). oneDNN's fp32 matrix product runs at the
+// CPU's own vector width: on an AMD CPU with AVX-512 it ran over twice as fast as at::linear's
+// BLAS (MKL, which takes its AVX2 code there), and no slower with AVX2 alone. It costs more to set
+// up, so small products (a few rows of a small model) stay with at::linear. Its values do not
+// depend on the thread count (test_kernels.py).
+constexpr int64_t kOnednnMinProduct = int64_t{1} << 21;  // multiply-adds (rows x out x in)
+
+at::Tensor matrix_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  static const bool onednn = CPMGEN_X86 && at::hasMKLDNN() &&
+                             c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""}).has_value();
+  if (onednn && x.numel() * weight.size(0) >= kOnednnMinProduct) return onednn_linear(x.contiguous(), weight, bias);
+  return at::linear(x, weight, bias);
+}
+
 int64_t gemv_units(const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t in_features) {
   const at::ScalarType dtype = weight.scalar_type();
   TORCH_CHECK((dtype == at::kFloat || dtype == at::kBFloat16) && weight.dim() == 2 && weight.is_contiguous(),
@@ -237,13 +262,14 @@ at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const 
   TORCH_CHECK(input.scalar_type() == weight.scalar_type(), "gemv_linear: the input must be in the weight's dtype");
   const int64_t n = weight.size(0), k = weight.size(1);
   if (input.numel() > kGemvMaxRows * k) {
-    if (weight.scalar_type() == at::kFloat || native_bf16_products()) return at::linear(input, weight, bias);
+    if (weight.scalar_type() == at::kFloat) return matrix_linear(input, weight, bias);
+    if (native_bf16_products()) return at::linear(input, weight, bias);
     // bf16 without bf16 dot-product instructions: at::linear's bf16 product runs several times
     // slower than fp32's there, so the rows go through fp32 copies (of the weight too, a matrix
     // at a time) and are rounded to bf16 once at the end.
     const c10::optional<at::Tensor> bias_float =
         bias.has_value() && bias->defined() ? c10::optional<at::Tensor>(bias->to(at::kFloat)) : c10::nullopt;
-    return at::linear(input.to(at::kFloat), weight.to(at::kFloat), bias_float).to(at::kBFloat16);
+    return matrix_linear(input.to(at::kFloat), weight.to(at::kFloat), bias_float).to(at::kBFloat16);
   }
   const at::Tensor x = gemv_input(input.reshape({-1, k}), weight);
   at::Tensor y = at::empty({x.size(0), n}, input.options());

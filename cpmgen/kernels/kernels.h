@@ -86,7 +86,10 @@ void attention_units(const AttentionStep& step, int64_t begin, int64_t end);
 // gemv.cpp: x @ W^T + b for fp32 or bf16 W as nn.Linear holds it; a few rows read W once at memory speed.
 at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
-constexpr int64_t kGemvMaxRows = 4;  // input rows gemv_linear reads itself (beyond, at::linear)
+constexpr int64_t kGemvMaxRows = 4;  // input rows gemv_linear reads itself (beyond, a matrix product)
+// oneDNN's linear (mkldnn::_linear_pointwise) on a plain [N, K] weight or one prepacked by
+// prepack.pack_weight.
+at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 // Checks weight and bias for inputs of `in_features` in the weight's dtype; the units are groups
 // of output rows.
 int64_t gemv_units(const at::Tensor& weight, const c10::optional<at::Tensor>& bias, int64_t in_features);
