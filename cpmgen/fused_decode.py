@@ -6,8 +6,10 @@ swaps modules after loading, as prepack.py and quantize.py do:
 
 - Attention -> DecodeAttention: the attention of a one-token step (split, views, cache writes, two
   matmuls, scaling, softmax) as one op that writes the token's key and value into cache slot
-  `position` and attends to slots 0..position (what the model's mask lets a one-token step see).
-  Its values differ from the plain form's by rounding only.
+  `position` and attends to slots 0..position (what the model's mask lets a one-token step see);
+  and a window's causal attention (a prefill, the slow path's recompute) as cpmgen's
+  causal_attention instead of SDPA's fused kernel, which ran it at about half the speed. Their
+  values differ from the plain form's by rounding only.
 - Block -> DecodeBlock: the whole one-token step of a block as one call (kernels/block.cpp's
   BlockStep, which holds the block's tensors) that runs the same operations as its modules in
   the same order (layer norms, the linears: plain, oneDNN-prepacked, cpmgen's GEMV or int8/int4,
@@ -18,7 +20,7 @@ swaps modules after loading, as prepack.py and quantize.py do:
   Python call a step instead of one a block.
 
 Every other call (a window's prefill, the slow recompute without a cache, a compiled step) runs
-the modules' own code. The ops split their work by sequence and head or by output rows, so their
+the modules' own code, with the attention above. The ops split their work by sequence and head or by output rows, so their
 values do not depend on the thread count.
 """
 
@@ -40,7 +42,8 @@ def one_token_step(x: torch.Tensor, kv_cache) -> bool:
 
 
 class DecodeAttention(Attention):
-    """An Attention (the same projections) whose one-token steps with a cache run as one op."""
+    """An Attention (the same projections) whose one-token steps with a cache run as one op, and
+    whose causal windows run cpmgen's causal_attention."""
 
     def __init__(self, attention: Attention):
         nn.Module.__init__(self)
@@ -54,6 +57,11 @@ class DecodeAttention(Attention):
         # input_pos of a one-token step: [1] (one position for all rows) or [batch, 1], as the op takes it
         out = attend(self.query_key_value(x), kv_cache.k[layer], kv_cache.v[layer], input_pos, self.num_heads)
         return self.dense(out)
+
+    def attend(self, q, k, v, mask):
+        if mask is None and q.shape[2] > 1 and q.dtype == torch.float32:  # a window encoded at 0..T-1
+            return kernels.op("causal_attention")(q, k, v)
+        return super().attend(q, k, v, mask)
 
 
 class DecodeBlock(Block):

@@ -108,21 +108,26 @@ class Attention(nn.Module):
         if kv_cache is not None:
             k, v = kv_cache.update(layer, input_pos, k, v, kv_len)
         dtype = attention_dtype(x)
-        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
-        if seq > 1:
+        out = self.attend(q.to(dtype), k.to(dtype), v.to(dtype), mask)
+        return self.dense(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim).to(x.dtype))
+
+    def attend(self, q, k, v, mask):
+        """softmax(q k^T / sqrt(head_dim)) v for each head: q [batch, heads, T, head_dim], k and v
+        [batch, heads, keys, head_dim]; `mask` [batch, 1, T, keys] (True: seen), or None where
+        every query sees every key (one new token) or the keys before it and itself (a window
+        encoded at 0..T-1)."""
+        if q.shape[2] > 1:
             # Fused attention: a window's prefill runs several times faster than plain matmuls.
             # Masked scores are -inf here instead of -10000; every query sees at least its own
             # key, so masked keys get weight exactly 0 either way.
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
-        else:
-            # One query (decode): plain matmuls. SDPA's CPU kernel splits one query's keys among
-            # the threads, so its values would depend on the thread count (threads.ThreadTuner
-            # changes it mid-text); the matmuls split by heads and give the same bits.
-            scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
-            if mask is not None:
-                scores = scores.masked_fill(~mask, MASKED_SCORE)
-            out = torch.matmul(torch.softmax(scores, dim=-1), v)
-        return self.dense(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim).to(x.dtype))
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None)
+        # One query (decode): plain matmuls. SDPA's CPU kernel splits one query's keys among
+        # the threads, so its values would depend on the thread count (threads.ThreadTuner
+        # changes it mid-text); the matmuls split by heads and give the same bits.
+        scores = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, MASKED_SCORE)
+        return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
 class MLP(nn.Module):

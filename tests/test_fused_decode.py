@@ -103,9 +103,16 @@ def test_a_position_outside_the_cache_is_refused():
             fused(torch.zeros(1, 1, args.hidden_size), torch.tensor([8]), None, cache, 0, 9)
 
 
-def test_prefill_and_the_recompute_keep_the_plain_attention():
-    """Only one-token steps with a cache run fused: a window's prefill and the slow recompute
-    (no cache) give bitwise what the plain model gives."""
+def ops_run(call) -> set[str]:
+    with torch.profiler.profile() as profile:
+        call()
+    return {event.name for event in profile.events()}
+
+
+def test_prefill_and_the_recompute_run_the_causal_attention_kernel():
+    """A window's prefill into the cache and the slow recompute without one run causal_attention
+    (the cache's rows or the projection's, read alike): the same bits as each other, the plain
+    model's values within rounding. A masked forward keeps SDPA."""
     model = CPMModel(TINY)
     model.load_state_dict(random_state_dict(TINY, 0))
     model.eval().requires_grad_(False)
@@ -115,10 +122,48 @@ def test_prefill_and_the_recompute_keep_the_plain_attention():
         plain = [model(ids, torch.arange(12), plain_cache), model(ids, torch.arange(12))]
         assert fuse_decode(model) == TINY.num_layers
         fused_cache = model.new_kv_cache(2, 16)
+        assert "cpmgen::causal_attention" in ops_run(lambda: model(ids, torch.arange(12), fused_cache))
         fused = [model(ids, torch.arange(12), fused_cache), model(ids, torch.arange(12))]
-        assert all(torch.equal(a, b) for a, b in zip(plain, fused))
+        assert torch.equal(fused[0], fused[1])
+        for a, b in zip(plain, fused):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(fused_cache.k[1][:, :, :12], plain_cache.k[1][:, :, :12], rtol=1e-5, atol=1e-5)
+        shifted = torch.arange(3, 15)  # positions 3..14: a mask, not plain causal
+        assert "cpmgen::causal_attention" not in ops_run(lambda: model(ids, shifted))
         step = decode_step(model, ids[:, 0], torch.tensor([12, 12]), fused_cache)
         assert step.shape == (2, TINY.vocab_size)
+
+
+@pytest.mark.parametrize("head_dim,heads", [(64, 3), (80, 2), (48, 2), (20, 3)])  # fixed-size and any-size loops
+@pytest.mark.parametrize("tokens", [1, 2, 5, 33, 100, 1030])  # 1030: key rows a multiple of 4 KB apart unpadded
+def test_the_causal_attention_is_sdpas_within_rounding_at_any_thread_count_and_stride(head_dim, heads, tokens):
+    g = torch.Generator().manual_seed(tokens)
+    qkv = torch.randn(2, tokens, 3 * heads * head_dim, generator=g) * 3
+    q, k, v = (t.view(2, tokens, heads, head_dim).transpose(1, 2) for t in qkv.split(heads * head_dim, dim=-1))
+    attend = kernels.op("causal_attention")
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+    before = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 2, 3):
+            torch.set_num_threads(threads)
+            outputs.append(attend(q, k, v))
+    finally:
+        torch.set_num_threads(before)
+    out = outputs[0]
+    assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
+    assert all(torch.equal(out, other) for other in outputs[1:])
+    assert torch.equal(attend(q.contiguous(), k.contiguous(), v.contiguous()), out)
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_causal_attention_refuses_what_it_does_not_take():
+    attend = kernels.op("causal_attention")
+    q = torch.randn(1, 2, 5, 16)
+    with pytest.raises(RuntimeError, match="q, k and v must be \\[batch, heads, tokens, head_dim\\] of one shape"):
+        attend(q, torch.randn(1, 2, 6, 16), torch.randn(1, 2, 6, 16))
+    with pytest.raises(RuntimeError, match="must be fp32 with each head_dim row contiguous"):
+        attend(q.bfloat16(), q.bfloat16(), q.bfloat16())
 
 
 # every kind in fp32 and bf16; oneDNN bf16 needs AVX-512 (skipped without it). Six rows: more than

@@ -1,5 +1,7 @@
-// The attention of a decode step in one op: one new token per sequence writes its key and value
-// into the KV cache at its position, then attends to cache slots 0..position.
+// Attention ops.
+//
+// decode_attention: the attention of a decode step in one op: one new token per sequence writes
+// its key and value into the KV cache at its position, then attends to cache slots 0..position.
 //
 //   qkv     [B, 1, 3 * H * D] (or [B, 3 * H * D]), fp32 or bf16: the fused projection, [q; k; v]
 //   k_cache [B, H, S, D] fp32 or bf16, v_cache the same (written in place at slot pos[b]); the
@@ -14,11 +16,25 @@
 // multiplies and adds in a fixed order (no contraction: -ffp-contract=off; sums kept in
 // kWidth interleaved partial sums), so the AVX2 and baseline versions the compiler makes of them
 // give the same bits.
+//
+// causal_attention: a window's attention (a prefill, or the slow path's recompute without a
+// cache), every token at once, each seeing itself and the tokens before it:
+//   q, k, v [B, H, T, D] fp32, any strides with each row of D contiguous (views of the fused
+//           projection's output, or of the cache's first T slots)
+//   -> out  [B, H, T, D]: a view of a contiguous [B, T, H, D] tensor, so the heads side by side
+//           ([B, T, H * D], what the output projection takes) is a view too
+// Work is split by (sequence, head); within one, kQueryRows queries at a time: their scores against
+// kKeys keys at a time (from a transposed copy of the head's keys, so that a key's scores for the
+// rows are lanes of vectors), each row's softmax as decode_attention's, then the weights times the
+// values, kQueryRows output rows at a time. Every value is one thread's sum in a fixed order (over
+// the head dimension for a score, over the keys for an output; vector lanes are independent sums),
+// so it depends neither on the thread count nor on the vector width of the version the CPU runs.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -148,6 +164,147 @@ int64_t attend_task(const cpmgen::AttentionStep& step, int64_t task, std::vector
   return b * width + h * d;
 }
 
+
+// Vectors of 16 floats (GCC's vector extensions): one AVX-512 register, two AVX2 ones, or plain
+// code, lane by lane; a multiply and an add stay separate operations (no contraction).
+typedef float Vec16 __attribute__((vector_size(64)));
+constexpr int kLanes = 16;
+constexpr int kQueryRows = 4;   // queries computed together (each load of a key or value row serves them all)
+constexpr int kKeys = 2 * kLanes;  // keys whose scores one pass computes for those queries
+
+inline __attribute__((always_inline)) Vec16 load16(const float* p) {
+  Vec16 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+inline __attribute__((always_inline)) void store16(float* p, Vec16 v) { __builtin_memcpy(p, &v, sizeof(v)); }
+
+// scores[r * stride + j] = scale * (q row r . key j) for rows 0..kQueryRows-1 (q rows q_stride apart;
+// a row past `rows` reads row 0 again and is never used) and keys 0..n-1 rounded up to kKeys, the
+// keys transposed in keys_t ([d][stride], zero past the last key).
+inline __attribute__((always_inline)) void scores_block(const float* q, int64_t q_stride, int rows,
+                                                        const float* keys_t, int64_t stride, int64_t n, int64_t d,
+                                                        float scale, float* scores) {
+  const float* row[kQueryRows];
+  for (int r = 0; r < kQueryRows; ++r) row[r] = q + (r < rows ? r : 0) * q_stride;
+  for (int64_t j0 = 0; j0 < n; j0 += kKeys) {
+    Vec16 acc[kQueryRows][2] = {};
+    for (int64_t i = 0; i < d; ++i) {
+      const Vec16 k0 = load16(keys_t + i * stride + j0), k1 = load16(keys_t + i * stride + j0 + kLanes);
+      for (int r = 0; r < kQueryRows; ++r) {
+        const float qv = row[r][i];
+        acc[r][0] = acc[r][0] + qv * k0;
+        acc[r][1] = acc[r][1] + qv * k1;
+      }
+    }
+    for (int r = 0; r < kQueryRows; ++r) {
+      store16(scores + r * stride + j0, acc[r][0] * scale);
+      store16(scores + r * stride + j0 + kLanes, acc[r][1] * scale);
+    }
+  }
+}
+
+// Row r's scores (keys 0..n_r-1, n_r = first + r + 1) into softmax weights, as decode_attention
+// computes them; the weights of keys n_r.. up to `n` set to 0 (they add nothing below).
+inline __attribute__((always_inline)) void softmax_rows(float* scores, int64_t stride, int rows, int64_t first,
+                                                        int64_t n) {
+  for (int r = 0; r < rows; ++r) {
+    float* w = scores + r * stride;
+    const int64_t seen = first + r + 1;
+    float top = w[0];
+    for (int64_t s = 1; s < seen; ++s) top = w[s] > top ? w[s] : top;
+#pragma omp simd
+    for (int64_t s = 0; s < seen; ++s) w[s] = exp_nonpositive(w[s] - top);
+    float part[kWidth] = {};
+    int64_t s = 0;
+    for (; s + kWidth <= seen; s += kWidth)
+      for (int l = 0; l < kWidth; ++l) part[l] = part[l] + w[s + l];
+    for (int l = 0; s < seen; ++s, ++l) part[l] = part[l] + w[s];
+    const float total = lanes_sum(part);
+    for (int64_t s = 0; s < seen; ++s) w[s] = w[s] / total;
+    for (int64_t s = seen; s < n; ++s) w[s] = 0.f;
+  }
+}
+
+// out rows 0..rows-1 (out_stride apart), each the sum over keys 0..n-1 of its weight times the
+// key's value row, in key order; D / kLanes vectors a row (D a multiple of kLanes).
+template <int D>
+inline __attribute__((always_inline)) void values_block(const float* weights, int64_t stride, int rows,
+                                                        const float* values, int64_t v_stride, int64_t n, float* out,
+                                                        int64_t out_stride) {
+  constexpr int kVecs = D / kLanes;
+  Vec16 acc[kQueryRows][kVecs] = {};
+  for (int64_t t = 0; t < n; ++t) {
+    Vec16 v[kVecs];
+    for (int c = 0; c < kVecs; ++c) v[c] = load16(values + t * v_stride + c * kLanes);
+    for (int r = 0; r < kQueryRows; ++r) {
+      const float w = weights[r * stride + t];
+      for (int c = 0; c < kVecs; ++c) acc[r][c] = acc[r][c] + w * v[c];
+    }
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int c = 0; c < kVecs; ++c) store16(out + r * out_stride + c * kLanes, acc[r][c]);
+}
+
+// Any head size: the same sums (over keys, in key order), one lane at a time.
+inline __attribute__((always_inline)) void values_block_any(const float* weights, int64_t stride, int rows,
+                                                            const float* values, int64_t v_stride, int64_t n,
+                                                            int64_t d, float* out, int64_t out_stride) {
+  for (int r = 0; r < rows; ++r) {
+    float* o = out + r * out_stride;
+    for (int64_t i = 0; i < d; ++i) o[i] = 0.f;
+    for (int64_t t = 0; t < n; ++t) {
+      const float w = weights[r * stride + t];
+      const float* v = values + t * v_stride;
+      for (int64_t i = 0; i < d; ++i) o[i] = o[i] + w * v[i];
+    }
+  }
+}
+
+// One head of one sequence: t query rows (q_stride apart), keys and values (k_stride, v_stride
+// apart); output row i at out + i * out_stride.
+struct CausalHead {
+  const float *q, *k, *v;
+  int64_t q_stride, k_stride, v_stride, out_stride, t, d;
+  float* out;
+};
+
+template <int D>
+inline __attribute__((always_inline)) void causal_head_in(const CausalHead& h, std::vector<float>& scratch) {
+  // Rows of the transposed keys kLanes floats longer than the keys rounded up to kKeys: a multiple
+  // of 4 KB apart, the rows a score reads in turn would all fall into the same few sets of the L1 cache.
+  const int64_t d = h.d, stride = (h.t + kKeys - 1) / kKeys * kKeys + kLanes;
+  scratch.assign(static_cast<size_t>((d + kQueryRows) * stride), 0.f);
+  float* keys_t = scratch.data();
+  float* scores = keys_t + d * stride;
+  for (int64_t j = 0; j < h.t; ++j)
+    for (int64_t i = 0; i < d; ++i) keys_t[i * stride + j] = h.k[j * h.k_stride + i];
+  const float scale = 1.f / std::sqrt(static_cast<float>(d));
+  for (int64_t first = 0; first < h.t; first += kQueryRows) {
+    const int rows = static_cast<int>(std::min<int64_t>(kQueryRows, h.t - first));
+    const int64_t n = first + rows;  // the keys the block's last query sees
+    scores_block(h.q + first * h.q_stride, h.q_stride, rows, keys_t, stride, n, d, scale, scores);
+    softmax_rows(scores, stride, rows, first, n);
+    if (rows < kQueryRows)  // the rows past `rows` add nothing anywhere
+      for (int64_t s = rows * stride; s < kQueryRows * stride; ++s) scores[s] = 0.f;
+    float* out = h.out + first * h.out_stride;
+    if constexpr (D > 0)
+      values_block<D>(scores, stride, rows, h.v, h.v_stride, n, out, h.out_stride);
+    else
+      values_block_any(scores, stride, rows, h.v, h.v_stride, n, d, out, h.out_stride);
+  }
+}
+
+__attribute__((target_clones("avx512f", "avx2", "default"))) void causal_head(const CausalHead& h,
+                                                                               std::vector<float>& scratch) {
+  switch (h.d) {
+    case 64: causal_head_in<64>(h, scratch); break;
+    case 80: causal_head_in<80>(h, scratch); break;
+    default: causal_head_in<0>(h, scratch);
+  }
+}
+
 }  // namespace
 
 namespace cpmgen {
@@ -215,10 +372,37 @@ at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& k_cache, co
   return step.out;
 }
 
+at::Tensor causal_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.sizes() == q.sizes() && v.sizes() == q.sizes(),
+              "causal_attention: q, k and v must be [batch, heads, tokens, head_dim] of one shape");
+  for (const at::Tensor* x : {&q, &k, &v})
+    TORCH_CHECK(x->scalar_type() == at::kFloat && x->stride(3) == 1,
+                "causal_attention: q, k and v must be fp32 with each head_dim row contiguous");
+  const int64_t batch = q.size(0), heads = q.size(1), t = q.size(2), d = q.size(3);
+  at::Tensor out = at::empty({batch, t, heads, d}, q.options());
+  const float *qp = q.data_ptr<float>(), *kp = k.data_ptr<float>(), *vp = v.data_ptr<float>();
+  float* op = out.data_ptr<float>();
+  at::parallel_for(0, batch * heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scratch;
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t b = unit / heads, h = unit % heads;
+      const CausalHead head{qp + b * q.stride(0) + h * q.stride(1), kp + b * k.stride(0) + h * k.stride(1),
+                            vp + b * v.stride(0) + h * v.stride(1), q.stride(2), k.stride(2), v.stride(2),
+                            heads * d, t, d, op + (b * t * heads + h) * d};
+      causal_head(head, scratch);
+    }
+  });
+  return out.transpose(1, 2);
+}
+
 }  // namespace cpmgen
 
 TORCH_LIBRARY_FRAGMENT(cpmgen, m) {
   m.def("decode_attention(Tensor qkv, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor pos, int heads) -> Tensor");
+  m.def("causal_attention(Tensor q, Tensor k, Tensor v) -> Tensor");
 }
 
-TORCH_LIBRARY_IMPL(cpmgen, CPU, m) { m.impl("decode_attention", cpmgen::decode_attention); }
+TORCH_LIBRARY_IMPL(cpmgen, CPU, m) {
+  m.impl("decode_attention", cpmgen::decode_attention);
+  m.impl("causal_attention", cpmgen::causal_attention);
+}
