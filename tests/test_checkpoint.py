@@ -16,6 +16,7 @@ from cpmgen.checkpoint.reader import architecture, open_checkpoint
 from cpmgen.checkpoint.writer import write_megatron
 from cpmgen.config import Settings
 from cpmgen.errors import UserError
+from cpmgen.fused_decode import fuse_decode
 from cpmgen.loading import load_model, optimize
 from cpmgen.model import CPMModel
 from cpmgen.synthetic import random_state_dict
@@ -204,7 +205,8 @@ def test_mp2_and_merged_mp1_give_the_same_logits(write_ckpt, tmp_path, state):
     # and both are the model of the original state dict
     reference = CPMModel(TINY).eval().requires_grad_(False)
     reference.load_state_dict(state)
-    optimize(reference, settings_for(mp2).runtime)  # the same kernels as the loaded models
+    optimize(reference, settings_for(mp2).runtime)  # the same kernels as the loaded models:
+    fuse_decode(reference)  # faster linears, then the fused attention (a window's too)
     with torch.no_grad():
         assert torch.equal(reference(ids, torch.arange(24)), logits_a)
 
