@@ -1,5 +1,7 @@
 """Shared by the test files, imported directly (conftest's fixtures cover the rest)."""
 
+import torch
+
 from cpmgen.config import ModelArgs
 
 # The one tiny model of the tests: 2 layers, hidden 64 (not a public CPM-1 size, so the head
@@ -7,3 +9,10 @@ from cpmgen.config import ModelArgs
 # (the test vocab of tests/corpus.py is trained to that size), 64 positions. Every
 # model-parallel split dimension is divisible by 4.
 TINY = ModelArgs(num_layers=2, hidden_size=64, num_heads=4, vocab_size=1000, max_positions=64)
+
+
+def ops_run(call) -> set[str]:
+    """The names of the operators `call()` ran (torch's profiler records every dispatched op)."""
+    with torch.profiler.profile() as profile:
+        call()
+    return {event.name for event in profile.events()}

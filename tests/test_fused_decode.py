@@ -20,7 +20,7 @@ from cpmgen.loading import load_model
 from cpmgen.model import Attention, Block, CPMModel, KVCache, Transformer, decode_step
 from cpmgen.synthetic import random_state_dict
 
-from helpers import TINY
+from helpers import TINY, ops_run
 
 pytestmark = pytest.mark.skipif(not kernels.loaded(), reason="the kernel library is not built")
 
@@ -101,12 +101,6 @@ def test_a_position_outside_the_cache_is_refused():
     with pytest.raises(RuntimeError, match="position 8 outside the cache's 8 slots"):
         with torch.inference_mode():
             fused(torch.zeros(1, 1, args.hidden_size), torch.tensor([8]), None, cache, 0, 9)
-
-
-def ops_run(call) -> set[str]:
-    with torch.profiler.profile() as profile:
-        call()
-    return {event.name for event in profile.events()}
 
 
 def test_prefill_and_the_recompute_run_the_causal_attention_kernel():

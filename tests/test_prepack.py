@@ -15,7 +15,7 @@ from cpmgen import kernels, prepack
 from cpmgen.prepack import GemvLinear, GemvOutput, PackedLinear, chosen_form, prepack_linears
 from cpmgen.synthetic import random_state_dict
 
-from helpers import TINY
+from helpers import TINY, ops_run
 
 
 def model_in(dtype: torch.dtype) -> CPMModel:
@@ -163,12 +163,6 @@ def test_the_gemv_takes_any_shape_and_any_thread_count(rows, dtype, tolerance):
     assert rows > 4 or torch.equal(outputs[0], outputs[1])
     torch.testing.assert_close(outputs[0], torch.nn.functional.linear(x, weight, bias), rtol=tolerance, atol=tolerance)
     torch.testing.assert_close(gemv(x, weight, None), torch.nn.functional.linear(x, weight), rtol=tolerance, atol=tolerance)
-
-
-def ops_run(call) -> set[str]:
-    with torch.profiler.profile() as profile:
-        call()
-    return {event.name for event in profile.events()}
 
 
 def onednn_linear_runs() -> bool:

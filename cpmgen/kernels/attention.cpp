@@ -82,6 +82,21 @@ inline __attribute__((always_inline)) float exp_nonpositive(float x_in) {
   return x_in < -87.f ? 0.f : p * two_n;
 }
 
+// A softmax's numerators and denominator: scores[0..n) become e^(score - the maximum), and their
+// sum (kWidth interleaved partial sums) is returned.
+inline __attribute__((always_inline)) float exps_and_total(float* scores, int64_t n) {
+  float top = scores[0];
+  for (int64_t s = 1; s < n; ++s) top = scores[s] > top ? scores[s] : top;
+#pragma omp simd
+  for (int64_t s = 0; s < n; ++s) scores[s] = exp_nonpositive(scores[s] - top);
+  float part[kWidth] = {};
+  int64_t s = 0;
+  for (; s + kWidth <= n; s += kWidth)
+    for (int l = 0; l < kWidth; ++l) part[l] = part[l] + scores[s + l];
+  for (int l = 0; s < n; ++s, ++l) part[l] = part[l] + scores[s];
+  return lanes_sum(part);
+}
+
 // One head of one sequence: q [d]; keys/values [slots, d] (fp32 or bf16), slot `pos` already
 // written. The same fp32 arithmetic for both: a bf16 cache of bf16 keys and values gives the bits
 // an fp32 cache of the same values gives. D: the head size where it is known when compiled (the
@@ -103,16 +118,7 @@ inline __attribute__((always_inline)) void attend_in(const float* q_in, const T*
   }
   const int64_t n = pos + 1;
   for (int64_t s = 0; s < n; ++s) weights[s] = dot(q, keys + s * d, d) * scale;
-  float top = weights[0];
-  for (int64_t s = 1; s < n; ++s) top = weights[s] > top ? weights[s] : top;
-#pragma omp simd
-  for (int64_t s = 0; s < n; ++s) weights[s] = exp_nonpositive(weights[s] - top);
-  float part[kWidth] = {};
-  int64_t s = 0;
-  for (; s + kWidth <= n; s += kWidth)
-    for (int l = 0; l < kWidth; ++l) part[l] = part[l] + weights[s + l];
-  for (int l = 0; s < n; ++s, ++l) part[l] = part[l] + weights[s];
-  const float total = lanes_sum(part);
+  const float total = exps_and_total(weights, n);
   for (int64_t i = 0; i < d; ++i) sums[i] = 0.f;
   for (int64_t t = 0; t < n; ++t) {
     const float w = weights[t] / total;
@@ -212,16 +218,7 @@ inline __attribute__((always_inline)) void softmax_rows(float* scores, int64_t s
   for (int r = 0; r < rows; ++r) {
     float* w = scores + r * stride;
     const int64_t seen = first + r + 1;
-    float top = w[0];
-    for (int64_t s = 1; s < seen; ++s) top = w[s] > top ? w[s] : top;
-#pragma omp simd
-    for (int64_t s = 0; s < seen; ++s) w[s] = exp_nonpositive(w[s] - top);
-    float part[kWidth] = {};
-    int64_t s = 0;
-    for (; s + kWidth <= seen; s += kWidth)
-      for (int l = 0; l < kWidth; ++l) part[l] = part[l] + w[s + l];
-    for (int l = 0; s < seen; ++s, ++l) part[l] = part[l] + w[s];
-    const float total = lanes_sum(part);
+    const float total = exps_and_total(w, seen);
     for (int64_t s = 0; s < seen; ++s) w[s] = w[s] / total;
     for (int64_t s = seen; s < n; ++s) w[s] = 0.f;
   }
