@@ -6,6 +6,7 @@ blocks; they run only where they should."""
 from __future__ import annotations
 
 import contextlib
+import math
 import copy
 import dataclasses
 
@@ -15,7 +16,7 @@ import torch.nn as nn
 
 from cpmgen import kernels
 from cpmgen.config import Settings
-from cpmgen.fused_decode import DecodeAttention, DecodeBlock, DecodeTransformer, fuse_decode
+from cpmgen.fused_decode import DecodeAttention, DecodeBlock, DecodeTransformer, KernelGeluMLP, fuse_decode
 from cpmgen.loading import load_model
 from cpmgen.model import Attention, Block, CPMModel, KVCache, Transformer, decode_step
 from cpmgen.synthetic import random_state_dict
@@ -105,8 +106,8 @@ def test_a_position_outside_the_cache_is_refused():
 
 def test_prefill_and_the_recompute_run_the_causal_attention_kernel():
     """A window's prefill into the cache and the slow recompute without one run causal_attention
-    (the cache's rows or the projection's, read alike): the same bits as each other, the plain
-    model's values within rounding. A masked forward keeps SDPA."""
+    (the cache's rows or the projection's, read alike) and cpmgen's GELU: the same bits as each
+    other, the plain model's values within rounding. A masked forward keeps SDPA."""
     model = CPMModel(TINY)
     model.load_state_dict(random_state_dict(TINY, 0))
     model.eval().requires_grad_(False)
@@ -115,8 +116,10 @@ def test_prefill_and_the_recompute_run_the_causal_attention_kernel():
         plain_cache = model.new_kv_cache(2, 16)
         plain = [model(ids, torch.arange(12), plain_cache), model(ids, torch.arange(12))]
         assert fuse_decode(model) == TINY.num_layers
+        assert all(type(block.mlp) is KernelGeluMLP for block in model.transformer.layers)
         fused_cache = model.new_kv_cache(2, 16)
-        assert "cpmgen::causal_attention" in ops_run(lambda: model(ids, torch.arange(12), fused_cache))
+        ran = ops_run(lambda: model(ids, torch.arange(12), fused_cache))
+        assert "cpmgen::causal_attention" in ran and "cpmgen::gelu_tanh_" in ran and "aten::gelu" not in ran
         fused = [model(ids, torch.arange(12), fused_cache), model(ids, torch.arange(12))]
         assert torch.equal(fused[0], fused[1])
         for a, b in zip(plain, fused):
@@ -149,6 +152,35 @@ def test_the_causal_attention_is_sdpas_within_rounding_at_any_thread_count_and_s
     assert all(torch.equal(out, other) for other in outputs[1:])
     assert torch.equal(attend(q.contiguous(), k.contiguous(), v.contiguous()), out)
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_the_gelu_kernel_is_within_16_ulp_of_the_exact_tanh_gelu():
+    gelu = kernels.op("gelu_tanh")
+    g = torch.Generator().manual_seed(9)
+    x = torch.cat([torch.linspace(-30, 30, 600001), torch.randn(199_997, generator=g) * 3, torch.tensor([0.0, -0.0])])
+    wide = x.double()  # 0.5 x (1 + tanh(u)) = x sigmoid(2u), which keeps its precision in double far below 0
+    exact = wide * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (wide + 0.044715 * wide**3))
+    assert torch.allclose(exact, torch.nn.functional.gelu(wide, approximate="tanh"), rtol=1e-12, atol=1e-15)
+    before = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            outputs.append(gelu(x.view(8, -1)).reshape(-1))
+    finally:
+        torch.set_num_threads(before)
+    y = outputs[0]
+    assert y.dtype == torch.float32 and torch.equal(y, outputs[1])
+    ulp = 2.0 ** -23
+    # 16 ulp where the values matter; far below 0, e^2u inherits the rounding of u (as any fp32 form does)
+    assert ((y.double() - exact).abs() <= 16 * ulp * exact.abs().clamp(min=1e-3)).all()  # ATen: over 1000
+    assert y[x > 10].equal(x[x > 10]) and (y[x < -10].abs() < 1e-30).all()  # the identity, and zero far below
+    # bf16: computed in fp32 and rounded once
+    b = (torch.randn(3, 3072, generator=g) * 4).bfloat16()
+    assert torch.equal(gelu(b), gelu(b.float()).bfloat16())
+    assert torch.isnan(gelu(torch.tensor([float("nan")]))).all()
+    in_place = x.clone()  # what KernelGeluMLP and the block's step run: the same values, written over
+    assert kernels.op("gelu_tanh_")(in_place) is in_place and torch.equal(in_place, y)
 
 
 def test_the_causal_attention_refuses_what_it_does_not_take():

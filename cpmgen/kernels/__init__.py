@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in
-           ("qlinear.cpp", "gemv.cpp", "attention.cpp", "block.cpp", "argmax.cpp")]
+           ("qlinear.cpp", "gemv.cpp", "attention.cpp", "block.cpp", "argmax.cpp", "gelu.cpp")]
 LIBRARY = Path(__file__).with_name("_kernels.so")
 INPUT_DTYPES = (torch.float32, torch.bfloat16)  # the activations qlinear, decode_attention and BlockStep take
 

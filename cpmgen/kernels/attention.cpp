@@ -62,33 +62,13 @@ inline __attribute__((always_inline)) float dot(const float* a, const T* b, int6
   return lanes_sum(part);
 }
 
-// e^x for x <= 0 (a score minus the row's maximum): Cephes' single-precision exp (range reduction
-// by ln 2, a degree-6 polynomial; within 2 ulp of the exact value), in arithmetic the compiler
-// vectorizes. Below -87 the result would not be a normal float: 0, as the weight it stands for is.
-inline __attribute__((always_inline)) float exp_nonpositive(float x_in) {
-  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding and taking it away rounds to an integer
-  const float x = x_in < -87.f ? -87.f : x_in;
-  const float n = (x * 1.44269504088896341f + kRound) - kRound;
-  float r = x - n * 0.693359375f;
-  r = r - n * -2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = (p * r * r + r) + 1.f;
-  const float two_n = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
-  return x_in < -87.f ? 0.f : p * two_n;
-}
-
 // A softmax's numerators and denominator: scores[0..n) become e^(score - the maximum), and their
 // sum (kWidth interleaved partial sums) is returned.
 inline __attribute__((always_inline)) float exps_and_total(float* scores, int64_t n) {
   float top = scores[0];
   for (int64_t s = 1; s < n; ++s) top = scores[s] > top ? scores[s] : top;
 #pragma omp simd
-  for (int64_t s = 0; s < n; ++s) scores[s] = exp_nonpositive(scores[s] - top);
+  for (int64_t s = 0; s < n; ++s) scores[s] = cpmgen::exp_nonpositive(scores[s] - top);
   float part[kWidth] = {};
   int64_t s = 0;
   for (; s + kWidth <= n; s += kWidth)

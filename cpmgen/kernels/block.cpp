@@ -1,5 +1,5 @@
 // A decode step's transformer block in one call (cpmgen/fused_decode.py): the ATen and cpmgen
-// operations its modules run (model.Block over DecodeAttention and the block's linears), in the
+// operations its modules run (model.Block over DecodeAttention, KernelGeluMLP and the block's linears), in the
 // same order, so bitwise the same values, without a Python call for each of them.
 //
 // torch.classes.cpmgen.BlockStep holds a block's tensors, given once when it is made:
@@ -111,7 +111,8 @@ struct BlockStep : torch::CustomClassHolder {
     const int64_t hidden = x.size(-1);
     const at::Tensor qkv = linear(at::layer_norm(x, {hidden}, norms[0], norms[1], eps), 0);
     const at::Tensor h = x + linear(cpmgen::decode_attention(qkv, k_cache, v_cache, pos, heads), 1);
-    return h + linear(at::gelu(linear(at::layer_norm(h, {hidden}, norms[2], norms[3], eps), 2), "tanh"), 3);
+    at::Tensor up = linear(at::layer_norm(h, {hidden}, norms[2], norms[3], eps), 2);
+    return h + linear(cpmgen::gelu_tanh_(up), 3);
   }
 
   at::Tensor in_one_region(const at::Tensor& x_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
@@ -205,7 +206,7 @@ struct BlockStep : torch::CustomClassHolder {
         ln = at::layer_norm(h, {hidden}, norms[2], norms[3], eps);
       }
       linear_on_all(2, ln);
-      if (first) at::gelu_out(gelu, y[2], "tanh");
+      if (first) cpmgen::gelu_tanh_rows(y[2], gelu);
       linear_on_all(3, gelu);
     }
     return (h + y[3]).view(x_in.sizes());

@@ -23,6 +23,26 @@
 
 namespace cpmgen {
 
+// e^x for x <= 0 (a score minus its row's maximum, a GELU's exponent): Cephes' single-precision
+// exp (range reduction by ln 2, a degree-6 polynomial; within 2 ulp of the exact value), in
+// arithmetic the compiler vectorizes. Below -87 the result would not be a normal float: 0.
+inline __attribute__((always_inline)) float exp_nonpositive(float x_in) {
+  constexpr float kRound = 12582912.f;  // 1.5 * 2^23: adding and taking it away rounds to an integer
+  const float x = x_in < -87.f ? -87.f : x_in;
+  const float n = (x * 1.44269504088896341f + kRound) - kRound;
+  float r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = (p * r * r + r) + 1.f;
+  const float two_n = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
+  return x_in < -87.f ? 0.f : p * two_n;
+}
+
 // Switches `chosen` to the entry of `supported` (each with a `name`) called `name` and returns the
 // name of the one it replaces; `op` names the switch in the error for a name the CPU does not run.
 template <typename Loops>
@@ -85,6 +105,12 @@ void attention_units(const AttentionStep& step, int64_t begin, int64_t end);
 
 // gemv.cpp: x @ W^T + b for fp32 or bf16 W as nn.Linear holds it; a few rows read W once at memory speed.
 at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
+// gelu.cpp: GELU with the tanh approximation (F.gelu(x, approximate="tanh")'s function).
+at::Tensor gelu_tanh(const at::Tensor& x);
+at::Tensor& gelu_tanh_(at::Tensor& x);  // in place
+// out[i] = GELU(x[i]) for i in [0, n), fp32 or bf16 (computed in fp32, rounded once); one thread.
+void gelu_tanh_rows(const at::Tensor& x, at::Tensor& out);
 
 constexpr int64_t kGemvMaxRows = 4;  // input rows gemv_linear reads itself (beyond, a matrix product)
 // oneDNN's linear (mkldnn::_linear_pointwise) on a plain [N, K] weight or one prepacked by
