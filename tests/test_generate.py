@@ -157,6 +157,7 @@ def test_compiled_decode_step_gives_the_same_tokens():
     from cpmgen.loading import compile_decode
 
     model = make_model()  # plain linears: inductor packs its own weights
+    fuse_decode(model)  # as the loader does: the compiled step runs the modules' own code
     window = Window(MAX_POS - 1, 16)
     prompt = list(range(20, 40))
     eager, _ = run(model, prompt, window, SAMPLED, MAX_POS + 40, fast=True)
