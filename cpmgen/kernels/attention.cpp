@@ -14,8 +14,8 @@
 // each value is computed by one thread in a fixed order, so the result does not depend on the
 // number of threads. The loops are plain C++ whose floating point operations are separate
 // multiplies and adds in a fixed order (no contraction: -ffp-contract=off; sums kept in
-// kWidth interleaved partial sums), so the AVX2 and baseline versions the compiler makes of them
-// give the same bits.
+// kWidth interleaved partial sums), so the AVX-512, AVX2 and baseline versions the compiler makes
+// of them give the same bits.
 //
 // causal_attention: a window's attention (a prefill, or the slow path's recompute without a
 // cache), every token at once, each seeing itself and the tokens before it:
@@ -119,13 +119,14 @@ inline __attribute__((always_inline)) void attend_any(const float* q, const T* k
   }
 }
 
-CPMGEN_CLONES void attend(const float* q, const float* keys, const float* values, int64_t pos, int64_t d,
-                          float scale, float* weights, float* out) {
+// AVX-512 too: the output sums are lanes (the scores' kWidth partial sums stay 8 wide in every version).
+CPMGEN_WIDE_CLONES void attend(const float* q, const float* keys, const float* values, int64_t pos, int64_t d,
+                               float scale, float* weights, float* out) {
   attend_any(q, keys, values, pos, d, scale, weights, out);
 }
 
-CPMGEN_CLONES void attend(const float* q, const at::BFloat16* keys, const at::BFloat16* values, int64_t pos, int64_t d,
-                          float scale, float* weights, float* out) {
+CPMGEN_WIDE_CLONES void attend(const float* q, const at::BFloat16* keys, const at::BFloat16* values, int64_t pos,
+                               int64_t d, float scale, float* weights, float* out) {
   attend_any(q, keys, values, pos, d, scale, weights, out);
 }
 
@@ -273,8 +274,7 @@ inline __attribute__((always_inline)) void causal_head_in(const CausalHead& h, s
   }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void causal_head(const CausalHead& h,
-                                                                               std::vector<float>& scratch) {
+CPMGEN_WIDE_CLONES void causal_head(const CausalHead& h, std::vector<float>& scratch) {
   switch (h.d) {
     case 64: causal_head_in<64>(h, scratch); break;
     case 80: causal_head_in<80>(h, scratch); break;

@@ -26,13 +26,12 @@ inline __attribute__((always_inline)) float gelu_tanh_one(float x) {
   return (z >= 0.f ? x : x * e) / (1.f + e);
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void gelu_floats(const float* x, float* y, int64_t n) {
+CPMGEN_WIDE_CLONES void gelu_floats(const float* x, float* y, int64_t n) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) y[i] = gelu_tanh_one(x[i]);
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default"))) void gelu_bf16(const at::BFloat16* x, at::BFloat16* y,
-                                                                             int64_t n) {
+CPMGEN_WIDE_CLONES void gelu_bf16(const at::BFloat16* x, at::BFloat16* y, int64_t n) {
   constexpr int64_t kChunk = 256;
   float wide[kChunk];
   for (int64_t begin = 0; begin < n; begin += kChunk) {

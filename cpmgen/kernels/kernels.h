@@ -15,10 +15,14 @@
 // A loop compiled twice, for AVX2 and for the baseline, the version the CPU runs picked when the
 // library loads (GCC's function multiversioning); the loops' operations and order are the same in
 // both, so they give the same bits.
+// CPMGEN_WIDE_CLONES adds an AVX-512 version, for loops whose vector lanes are separate sums
+// (element-wise work, or sums across rows), which give the same bits at any vector width.
 #if defined(__x86_64__) && defined(__GNUC__)
 #define CPMGEN_CLONES __attribute__((target_clones("avx2", "default")))
+#define CPMGEN_WIDE_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define CPMGEN_CLONES
+#define CPMGEN_WIDE_CLONES
 #endif
 
 namespace cpmgen {
