@@ -23,8 +23,9 @@ swaps modules after loading, as prepack.py and quantize.py do:
   Python call a step instead of one a block.
 
 Every other call (a window's prefill, the slow recompute without a cache, a compiled step) runs
-the modules' own code, with the attention above. The ops split their work by sequence and head or by output rows, so their
-values do not depend on the thread count.
+the modules' own code, with the attention and the GELU above (not while compiling). The ops split
+their work by sequence and head or by output rows, so their values do not depend on the thread
+count.
 """
 
 from __future__ import annotations
@@ -166,8 +167,8 @@ class DecodeTransformer(Transformer):
 def fuse_decode(model: CPMModel) -> int:
     """Swap in DecodeAttention and KernelGeluMLP for every layer, DecodeBlock for every block whose
     linears the op runs (not tensor-parallel ones, which all-reduce), and DecodeTransformer where
-    that was every block, where the ops run: a CPU model in fp32 or bf16 with the kernel library built. Returns
-    the number of layers changed."""
+    that was every block, where the ops run: a CPU model in fp32 or bf16 with the kernel library
+    built. Returns the number of layers changed."""
     weight = model.word_embeddings.weight
     if weight.device.type != "cpu" or weight.dtype not in kernels.INPUT_DTYPES or not kernels.loaded():
         return 0

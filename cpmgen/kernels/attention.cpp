@@ -151,7 +151,6 @@ int64_t attend_task(const cpmgen::AttentionStep& step, int64_t task, std::vector
   return b * width + h * d;
 }
 
-
 // Vectors of 16 floats (GCC's vector extensions): one AVX-512 register, two AVX2 ones, or plain
 // code, lane by lane; a multiply and an add stay separate operations (no contraction).
 typedef float Vec16 __attribute__((vector_size(64)));

@@ -1,6 +1,6 @@
 // A decode step's transformer block in one call (cpmgen/fused_decode.py): the ATen and cpmgen
-// operations its modules run (model.Block over DecodeAttention, KernelGeluMLP and the block's linears), in the
-// same order, so bitwise the same values, without a Python call for each of them.
+// operations its modules run (model.Block over DecodeAttention, KernelGeluMLP and the block's
+// linears), in the same order, so bitwise the same values, without a Python call for each of them.
 //
 // torch.classes.cpmgen.BlockStep holds a block's tensors, given once when it is made:
 //   kind: what the four linears (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) are, the

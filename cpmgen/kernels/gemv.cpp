@@ -206,7 +206,7 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c1
 // CPU's own vector width: on an AMD CPU with AVX-512 it ran over twice as fast as at::linear's
 // BLAS (MKL, which takes its AVX2 code there), and no slower with AVX2 alone. It costs more to set
 // up, so small products (a few rows of a small model) stay with at::linear. Its values do not
-// depend on the thread count (test_kernels.py).
+// depend on the thread count (tests/test_prepack.py).
 constexpr int64_t kOnednnMinProduct = int64_t{1} << 21;  // multiply-adds (rows x out x in)
 
 at::Tensor matrix_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
