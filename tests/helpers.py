@@ -16,3 +16,16 @@ def ops_run(call) -> set[str]:
     with torch.profiler.profile() as profile:
         call()
     return {event.name for event in profile.events()}
+
+
+def at_thread_counts(call, counts=(1, 2, 3)) -> list:
+    """call()'s result with torch at each thread count in turn (the count restored after)."""
+    before = torch.get_num_threads()
+    try:
+        outputs = []
+        for threads in counts:
+            torch.set_num_threads(threads)
+            outputs.append(call())
+        return outputs
+    finally:
+        torch.set_num_threads(before)

@@ -21,7 +21,7 @@ from cpmgen.loading import load_model
 from cpmgen.model import Attention, Block, CPMModel, KVCache, Transformer, decode_step
 from cpmgen.synthetic import random_state_dict
 
-from helpers import TINY, ops_run
+from helpers import TINY, at_thread_counts, ops_run
 
 pytestmark = pytest.mark.skipif(not kernels.loaded(), reason="the kernel library is not built")
 
@@ -139,14 +139,7 @@ def test_the_causal_attention_is_sdpas_within_rounding_at_any_thread_count_and_s
     q, k, v = (t.view(2, tokens, heads, head_dim).transpose(1, 2) for t in qkv.split(heads * head_dim, dim=-1))
     attend = kernels.op("causal_attention")
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-    before = torch.get_num_threads()
-    try:
-        outputs = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            outputs.append(attend(q, k, v))
-    finally:
-        torch.set_num_threads(before)
+    outputs = at_thread_counts(lambda: attend(q, k, v))
     out = outputs[0]
     assert out.shape == q.shape and out.transpose(1, 2).is_contiguous()
     assert all(torch.equal(out, other) for other in outputs[1:])
@@ -161,14 +154,7 @@ def test_the_gelu_kernel_is_within_16_ulp_of_the_exact_tanh_gelu():
     wide = x.double()  # 0.5 x (1 + tanh(u)) = x sigmoid(2u), which keeps its precision in double far below 0
     exact = wide * torch.sigmoid(2 * math.sqrt(2 / math.pi) * (wide + 0.044715 * wide**3))
     assert torch.allclose(exact, torch.nn.functional.gelu(wide, approximate="tanh"), rtol=1e-12, atol=1e-15)
-    before = torch.get_num_threads()
-    try:
-        outputs = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            outputs.append(gelu(x.view(8, -1)).reshape(-1))
-    finally:
-        torch.set_num_threads(before)
+    outputs = at_thread_counts(lambda: gelu(x.view(8, -1)).reshape(-1), (1, 2))
     y = outputs[0]
     assert y.dtype == torch.float32 and torch.equal(y, outputs[1])
     ulp = 2.0 ** -23

@@ -15,7 +15,7 @@ from cpmgen import kernels, prepack
 from cpmgen.prepack import GemvLinear, GemvOutput, PackedLinear, chosen_form, prepack_linears
 from cpmgen.synthetic import random_state_dict
 
-from helpers import TINY, ops_run
+from helpers import TINY, at_thread_counts, ops_run
 
 
 def model_in(dtype: torch.dtype) -> CPMModel:
@@ -151,14 +151,7 @@ def test_the_gemv_takes_any_shape_and_any_thread_count(rows, dtype, tolerance):
     weight, bias, x = torch.randn(13, 37, generator=g), torch.randn(13, generator=g), torch.randn(rows, 1, 37, generator=g)
     weight, bias, x = weight.to(dtype), bias.to(dtype), x.to(dtype)
     gemv = kernels.op("gemv_linear")
-    before = torch.get_num_threads()
-    try:
-        outputs = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            outputs.append(gemv(x, weight, bias))
-    finally:
-        torch.set_num_threads(before)
+    outputs = at_thread_counts(lambda: gemv(x, weight, bias), (1, 2))
     assert outputs[0].shape == (rows, 1, 13) and outputs[0].dtype == dtype
     assert rows > 4 or torch.equal(outputs[0], outputs[1])
     torch.testing.assert_close(outputs[0], torch.nn.functional.linear(x, weight, bias), rtol=tolerance, atol=tolerance)
@@ -180,14 +173,7 @@ def test_an_fp32_prefill_through_the_gemv_runs_onednn_on_the_weight_as_it_is():
     gemv = kernels.op("gemv_linear")
     onednn = "mkldnn::_linear_pointwise" in ops_run(lambda: gemv(x, weight, bias))
     assert onednn == onednn_linear_runs()
-    before = torch.get_num_threads()
-    try:
-        outputs = []
-        for threads in (1, 2, 3):
-            torch.set_num_threads(threads)
-            outputs.append(gemv(x, weight, bias))
-    finally:
-        torch.set_num_threads(before)
+    outputs = at_thread_counts(lambda: gemv(x, weight, bias))
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
     torch.testing.assert_close(outputs[0], torch.nn.functional.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
     small_weight, small_x = weight[:24, :40].contiguous(), x[:, :9, :40].contiguous()
