@@ -9,6 +9,8 @@ Rank files are opened with mmap so that reading a checkpoint never holds two cop
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import io
 import pickle
 import re
@@ -82,6 +84,20 @@ def _release_globals() -> list:
     return allowed
 
 
+def _allowing(allowed: list):
+    """A context in which torch.load(weights_only=True) also unpickles `allowed`:
+    torch.serialization.safe_globals from torch 2.5 on. torch 2.4 (the oldest cpmgen supports)
+    has only add_safe_globals, process-wide and without the renamed (object, name) entries, which
+    only a file pickled under the other NumPy major version needs; and its unpickler does not yet
+    take `_codecs.encode`, which NumPy's pickles use for their bytes (it only builds a bytes
+    object; later torch allows it by default)."""
+    if hasattr(torch.serialization, "safe_globals"):
+        return torch.serialization.safe_globals(allowed)
+    plain = [entry for entry in allowed if not isinstance(entry, tuple)]
+    torch.serialization.add_safe_globals(plain + [codecs.encode])
+    return contextlib.nullcontext()
+
+
 _GLOBAL_NAME = re.compile(r"GLOBAL ([\w.]+)")
 # (path, inode, size, mtime, trust) -> state: a file is unpickled once, although scan() and the
 # loader both read it; bounded, so that a long-lived process does not pin old files' mappings.
@@ -110,7 +126,7 @@ def load_rank_file(path: Path, trust: bool = False) -> dict:
             if trust:
                 state = torch.load(path, map_location="cpu", mmap=is_mappable(path), weights_only=False)
             else:
-                with torch.serialization.safe_globals(_release_globals()):
+                with _allowing(_release_globals()):
                     state = torch.load(path, map_location="cpu", mmap=is_mappable(path), weights_only=True)
     except pickle.UnpicklingError as e:
         found = _GLOBAL_NAME.search(str(e))

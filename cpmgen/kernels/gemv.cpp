@@ -21,6 +21,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
+#include <torch/version.h>
 
 #include <algorithm>
 #include <atomic>
@@ -205,12 +206,16 @@ at::Tensor onednn_linear(const at::Tensor& x, const at::Tensor& weight, const c1
 // x @ W^T + b for many fp32 rows (a window's prefill). oneDNN's fp32 matrix product runs at the
 // CPU's own vector width: on an AMD CPU with AVX-512 it ran over twice as fast as at::linear's
 // BLAS (MKL, which takes its AVX2 code there), and no slower with AVX2 alone. It costs more to set
-// up, so small products (a few rows of a small model) stay with at::linear. Its values do not
-// depend on the thread count (tests/test_prepack.py).
+// up, so small products (a few rows of a small model) stay with at::linear. Its values must not
+// depend on the thread count (the thread tuner changes it mid-text): with torch 2.13's oneDNN
+// (3.12) they did not, for CPM-Small's and CPM-Large's shapes at 5 to 1023 rows
+// (tests/test_prepack.py checks it on the installed torch); torch 2.4's oneDNN (3.4) split large
+// products by thread count. So it runs from torch 2.13 on; older torch keeps at::linear.
 constexpr int64_t kOnednnMinProduct = int64_t{1} << 21;  // multiply-adds (rows x out x in)
+constexpr bool kOnednnProducts = TORCH_VERSION_MAJOR > 2 || (TORCH_VERSION_MAJOR == 2 && TORCH_VERSION_MINOR >= 13);
 
 at::Tensor matrix_linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  static const bool onednn = CPMGEN_X86 && at::hasMKLDNN() &&
+  static const bool onednn = kOnednnProducts && CPMGEN_X86 && at::hasMKLDNN() &&
                              c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""}).has_value();
   if (onednn && x.numel() * weight.size(0) >= kOnednnMinProduct) return onednn_linear(x.contiguous(), weight, bias);
   return at::linear(x, weight, bias);
