@@ -11,8 +11,9 @@ split the rows over all cores instead (README, Performance, has the measurements
   where it was measured (its packed fp32 prefill was also faster than `F.linear`'s there).
 - "gemv": cpmgen's fp32/bf16 GEMV (kernels/gemv.cpp) on the weights as they are, for calls of a
   few rows; a window's prefill goes to a matrix product on the same weights: oneDNN's for fp32
-  (on x86, where torch has it; it reads the plain layout, no packed copy), `F.linear` for bf16
-  (in fp32 where the CPU has no bf16 products). No copy of anything, and a fused decode block runs in one parallel region. Used on the other CPUs: on
+  (on x86 with torch 2.13 or later; it reads the plain layout, no packed copy), `F.linear` for bf16
+  (in fp32 where the CPU has no bf16 products). No copy of anything, and a fused decode block
+  runs in one parallel region. Used on the other CPUs: on
   AVX2 and on AMD's AVX-512 it decoded faster than oneDNN's packed linears in fp32 and bf16,
   and than MKL's GEMV.
 
