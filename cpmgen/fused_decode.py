@@ -10,7 +10,7 @@ swaps modules after loading, as prepack.py and quantize.py do:
   and a window's causal attention (a prefill, the slow path's recompute) as cpmgen's
   causal_attention instead of SDPA's fused kernel, which ran it at about half the speed. Their
   values differ from the plain form's by rounding only.
-- MLP -> KernelGeluMLP: the tanh GELU as cpmgen's gelu_tanh (kernels/gelu.cpp), which the fused
+- MLP -> KernelGeluMLP: the tanh GELU as cpmgen's gelu_tanh_ (kernels/gelu.cpp), which the fused
   block runs too; ATen's ran at about a nanosecond an element on one core. Its values are the
   same function's within rounding (closer to the exact one than F.gelu's tanh form).
 - Block -> DecodeBlock: the whole one-token step of a block as one call (kernels/block.cpp's
@@ -69,7 +69,7 @@ class DecodeAttention(Attention):
 
 
 class KernelGeluMLP(MLP):
-    """An MLP (the same linears) whose tanh GELU is cpmgen's gelu_tanh."""
+    """An MLP (the same linears) whose tanh GELU is cpmgen's gelu_tanh_ (in place)."""
 
     def __init__(self, mlp: MLP):
         nn.Module.__init__(self)

@@ -5,7 +5,7 @@
 - gemv.cpp: the fp32 and bf16 GEMV of decode steps (`op("gemv_linear")`, cpmgen/prepack.py's "gemv"
   form); where the library is missing, prepack uses oneDNN's packed weights.
 - attention.cpp, gelu.cpp, block.cpp: a decode step's attention in one op (`op("decode_attention")`),
-  a window's causal attention (`op("causal_attention")`), the tanh GELU (`op("gelu_tanh")`), and a
+  a window's causal attention (`op("causal_attention")`), the tanh GELU in place (`op("gelu_tanh_")`), and a
   whole block with any of those linears in one call (`block_step(...)`, an object holding the
   block's tensors); where they are missing, cpmgen/fused_decode.py leaves the model's plain
   PyTorch modules in place.

@@ -53,9 +53,9 @@ void gelu_range(const at::Tensor& x, at::Tensor& out, int64_t begin, int64_t end
 
 void check(const at::Tensor& x, const at::Tensor& out) {
   TORCH_CHECK((x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && x.is_contiguous(),
-              "gelu_tanh: a contiguous fp32 or bf16 input");
+              "gelu_tanh_: a contiguous fp32 or bf16 input");
   TORCH_CHECK(out.scalar_type() == x.scalar_type() && out.is_contiguous() && out.numel() == x.numel(),
-              "gelu_tanh: the output must be contiguous, of the input's size and dtype");
+              "gelu_tanh_: the output must be contiguous, of the input's size and dtype");
 }
 
 }  // namespace
@@ -65,14 +65,6 @@ namespace cpmgen {
 void gelu_tanh_rows(const at::Tensor& x, at::Tensor& out) {
   check(x, out);
   gelu_range(x, out, 0, x.numel());
-}
-
-at::Tensor gelu_tanh(const at::Tensor& x_in) {
-  const at::Tensor x = x_in.contiguous();
-  at::Tensor out = at::empty_like(x);
-  check(x, out);
-  at::parallel_for(0, x.numel(), 16384, [&](int64_t begin, int64_t end) { gelu_range(x, out, begin, end); });
-  return out;
 }
 
 // In place: a prefill's activations are a new matrix of rows x 4 hidden values, which a second
@@ -86,11 +78,9 @@ at::Tensor& gelu_tanh_(at::Tensor& x) {
 }  // namespace cpmgen
 
 TORCH_LIBRARY_FRAGMENT(cpmgen, m) {
-  m.def("gelu_tanh(Tensor x) -> Tensor");
   m.def("gelu_tanh_(Tensor(a!) x) -> Tensor(a!)");
 }
 
 TORCH_LIBRARY_IMPL(cpmgen, CPU, m) {
-  m.impl("gelu_tanh", cpmgen::gelu_tanh);
   m.impl("gelu_tanh_", cpmgen::gelu_tanh_);
 }

@@ -111,8 +111,7 @@ void attention_units(const AttentionStep& step, int64_t begin, int64_t end);
 at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
 // gelu.cpp: GELU with the tanh approximation (F.gelu(x, approximate="tanh")'s function).
-at::Tensor gelu_tanh(const at::Tensor& x);
-at::Tensor& gelu_tanh_(at::Tensor& x);  // in place
+at::Tensor& gelu_tanh_(at::Tensor& x);  // in place, contiguous
 // out[i] = GELU(x[i]) for i in [0, n), fp32 or bf16 (computed in fp32, rounded once); one thread.
 void gelu_tanh_rows(const at::Tensor& x, at::Tensor& out);
 
