@@ -13,17 +13,21 @@ swaps modules after loading, as prepack.py and quantize.py do:
 - MLP -> KernelGeluMLP: the tanh GELU as cpmgen's gelu_tanh_ (kernels/gelu.cpp), which the fused
   block runs too; ATen's ran at about a nanosecond an element on one core. Its values are the
   same function's within rounding (closer to the exact one than F.gelu's tanh form).
+- LayerNorm -> KernelLayerNorm (the blocks' and the final one): cpmgen's layer_norm
+  (kernels/layernorm.cpp), which the fused block runs too; ATen's took a few microseconds a call
+  at one token, more than its arithmetic. The same function within rounding.
 - Block -> DecodeBlock: the whole one-token step of a block as one call (kernels/block.cpp's
   BlockStep, which holds the block's tensors) that runs the same operations as its modules in
   the same order (layer norms, the linears: plain, oneDNN-prepacked, cpmgen's GEMV or int8/int4,
   the fused attention, GELU, residual adds): bitwise the same values, one Python call instead of
   some twenty, and with cpmgen's own linears one parallel region instead of one per operation.
 - Transformer -> DecodeTransformer, where every block is a DecodeBlock: the blocks' one-token
-  steps in one call (block.cpp's StackStep runs their BlockSteps in turn): the same values, one
-  Python call a step instead of one a block.
+  steps in one call (block.cpp's StackStep runs their BlockSteps in turn, with cpmgen's own
+  linears in one parallel region for all of them): the same values, one Python call a step
+  instead of one a block.
 
 Every other call (a window's prefill, the slow recompute without a cache, a compiled step) runs
-the modules' own code, with the attention and the GELU above (not while compiling). The ops split
+the modules' own code, with the attention, the layer norms and the GELU above (not while compiling). The ops split
 their work by sequence and head or by output rows, so their values do not depend on the thread
 count.
 """
@@ -81,6 +85,27 @@ class KernelGeluMLP(MLP):
         return self.dense_4h_to_h(kernels.op("gelu_tanh_")(self.dense_h_to_4h(x)))  # in place: a new tensor
 
 
+class KernelLayerNorm(nn.LayerNorm):
+    """A LayerNorm (the same weight, bias and eps) run by cpmgen's layer_norm (kernels/layernorm.cpp),
+    the one the fused block runs on its one-token steps."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        nn.Module.__init__(self)
+        self.normalized_shape, self.eps, self.elementwise_affine = norm.normalized_shape, norm.eps, True
+        self.weight, self.bias = norm.weight, norm.bias
+
+    @classmethod
+    def fits(cls, norm: nn.Module) -> bool:
+        """A plain LayerNorm over one dimension, with a weight and a bias."""
+        return (type(norm) is nn.LayerNorm and len(norm.normalized_shape) == 1 and norm.weight is not None
+                and norm.bias is not None)
+
+    def forward(self, x):
+        if torch.compiler.is_compiling():  # a compiled step runs the module's own code (inductor fuses it)
+            return super().forward(x)
+        return kernels.op("layer_norm")(x, self.weight, self.bias, self.eps)
+
+
 class DecodeBlock(Block):
     """A Block (the same modules) whose one-token steps with a cache run as one call. Made after
     loading: its BlockStep holds the modules' tensors as they are then (the same tensor objects,
@@ -124,12 +149,12 @@ class DecodeBlock(Block):
     @classmethod
     def fits(cls, block: Block) -> bool:
         """The block's linears are all of one kind the op runs (and, quantized, of one bits and
-        group), its norms plain LayerNorms of one eps."""
+        group), its norms KernelLayerNorms of one eps."""
         linears = [block.get_submodule(name) for name in cls.LINEARS]
         kinds = {(type(linear), getattr(linear, "bits", 0), getattr(linear, "group", 0)) for linear in linears}
         norms = (block.input_layernorm, block.post_attention_layernorm)
         return (len(kinds) == 1 and type(linears[0]) in cls.KINDS
-                and all(type(norm) is nn.LayerNorm and norm.bias is not None and norm.eps == norms[0].eps
+                and all(type(norm) is KernelLayerNorm and norm.eps == norms[0].eps
                         for norm in norms))
 
     def forward(self, x, input_pos, mask, kv_cache, layer, kv_len):
@@ -165,7 +190,7 @@ class DecodeTransformer(Transformer):
 
 
 def fuse_decode(model: CPMModel) -> int:
-    """Swap in DecodeAttention and KernelGeluMLP for every layer, DecodeBlock for every block whose
+    """Swap in KernelLayerNorm for every layer norm, DecodeAttention and KernelGeluMLP for every layer, DecodeBlock for every block whose
     linears the op runs (not tensor-parallel ones, which all-reduce), and DecodeTransformer where
     that was every block, where the ops run: a CPU model in fp32 or bf16 with the kernel library
     built. Returns the number of layers changed."""
@@ -173,7 +198,12 @@ def fuse_decode(model: CPMModel) -> int:
     if weight.device.type != "cpu" or weight.dtype not in kernels.INPUT_DTYPES or not kernels.loaded():
         return 0
     layers = model.transformer.layers
+    if KernelLayerNorm.fits(model.transformer.final_layernorm):
+        model.transformer.final_layernorm = KernelLayerNorm(model.transformer.final_layernorm)
     for i, block in enumerate(layers):
+        for name in ("input_layernorm", "post_attention_layernorm"):
+            if KernelLayerNorm.fits(getattr(block, name)):
+                setattr(block, name, KernelLayerNorm(getattr(block, name)))
         if type(block.attention) is Attention:
             block.attention = DecodeAttention(block.attention)
         if type(block.mlp) is MLP:

@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from cpmgen import kernels
 from cpmgen.config import Settings
-from cpmgen.fused_decode import DecodeAttention, DecodeBlock, DecodeTransformer, KernelGeluMLP, fuse_decode
+from cpmgen.fused_decode import (DecodeAttention, DecodeBlock, DecodeTransformer, KernelGeluMLP, KernelLayerNorm,
+                                  fuse_decode)
 from cpmgen.loading import load_model
 from cpmgen.model import Attention, Block, CPMModel, KVCache, Transformer, decode_step
 from cpmgen.synthetic import random_state_dict
@@ -171,6 +172,43 @@ def test_the_gelu_kernel_is_within_16_ulp_of_the_exact_tanh_gelu():
     assert kernels.op("gelu_tanh_")(in_place) is in_place and torch.equal(in_place, y)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_layer_norm_kernel_is_nn_layernorms_within_rounding_and_the_same_bits_for_a_row_anywhere(dtype):
+    """KernelLayerNorm (what a CPU model's layer norms and the fused block run): within
+    nn.LayerNorm's own rounding error of the exact values, rows far from 0 too, a length that is
+    not a multiple of the kernel's 16 lanes too; and each row's bits whatever the other rows or
+    the thread count."""
+    g = torch.Generator().manual_seed(10)
+    for hidden in (768, 100):
+        norm = nn.LayerNorm(hidden)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(hidden, generator=g))
+            norm.bias.copy_(torch.randn(hidden, generator=g))
+        norm = norm.to(dtype)
+        kernel = KernelLayerNorm(norm)
+        assert kernel.weight is norm.weight and kernel.bias is norm.bias and kernel.eps == norm.eps
+        x = (torch.randn(3, 300, hidden, generator=g) * 2 + 1000 * torch.rand(3, 300, 1, generator=g)).to(dtype)
+        with torch.inference_mode():
+            outputs = at_thread_counts(lambda: kernel(x), (1, 2, 3))
+            y = outputs[0]
+            assert y.dtype == dtype and all(torch.equal(y, other) for other in outputs[1:])
+            assert torch.equal(kernel(x[1, 7:8]), y[1, 7:8]) and torch.equal(kernel(x[:, 5]), y[:, 5])  # one row, a strided view
+            exact = nn.functional.layer_norm(x.double(), (hidden,), norm.weight.double(), norm.bias.double(), norm.eps)
+            assert (y.double() - exact).abs().max() <= 1.5 * (norm(x).double() - exact).abs().max()
+    with pytest.raises(RuntimeError, match="weight and bias must be"):
+        kernels.op("layer_norm")(torch.randn(2, 8), torch.ones(8).bfloat16(), torch.zeros(8), 1e-5)
+
+
+def test_a_fused_model_swaps_every_layer_norm():
+    model = CPMModel(TINY)
+    model.load_state_dict(random_state_dict(TINY, 0))
+    fuse_decode(model)
+    norms = [model.transformer.final_layernorm] + [getattr(block, name) for block in model.transformer.layers
+                                                   for name in ("input_layernorm", "post_attention_layernorm")]
+    assert all(type(norm) is KernelLayerNorm for norm in norms)
+    assert "cpmgen::layer_norm" in ops_run(lambda: model(torch.tensor([[1, 2, 3]]), torch.arange(3)))
+
+
 def test_the_causal_attention_refuses_what_it_does_not_take():
     attend = kernels.op("causal_attention")
     q = torch.randn(1, 2, 5, 16)
@@ -277,9 +315,9 @@ def test_tensor_parallel_blocks_and_fp16_keep_their_modules():
     model.load_state_dict(random_state_dict(TINY, 0))
     block = model.transformer.layers[0]
     block.attention.dense = RowParallelLinear(TINY.hidden_size, TINY.hidden_size)
-    assert not DecodeBlock.fits(block) and DecodeBlock.fits(model.transformer.layers[1])
     assert fuse_decode(model) == TINY.num_layers
     assert type(model.transformer.layers[0]) is Block and type(model.transformer.layers[0].attention) is DecodeAttention
+    assert type(model.transformer.layers[0].input_layernorm) is KernelLayerNorm and not DecodeBlock.fits(block)
     assert type(model.transformer.layers[1]) is DecodeBlock
     assert type(model.transformer) is Transformer  # not every block is a DecodeBlock: each runs its own
     half = CPMModel(TINY).to(torch.float16)

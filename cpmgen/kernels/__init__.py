@@ -4,11 +4,11 @@
   cpmgen/quantize.py computes the same values with torch operations, more slowly.
 - gemv.cpp: the fp32 and bf16 GEMV of decode steps (`op("gemv_linear")`, cpmgen/prepack.py's "gemv"
   form); where the library is missing, prepack uses oneDNN's packed weights.
-- attention.cpp, gelu.cpp, block.cpp: a decode step's attention in one op (`op("decode_attention")`),
-  a window's causal attention (`op("causal_attention")`), the tanh GELU in place (`op("gelu_tanh_")`), and a
-  whole block with any of those linears in one call (`block_step(...)`, an object holding the
-  block's tensors); where they are missing, cpmgen/fused_decode.py leaves the model's plain
-  PyTorch modules in place.
+- attention.cpp, gelu.cpp, layernorm.cpp, block.cpp: a decode step's attention in one op
+  (`op("decode_attention")`), a window's causal attention (`op("causal_attention")`), the tanh GELU
+  in place (`op("gelu_tanh_")`), the layer norm (`op("layer_norm")`), and a whole block with any of
+  those linears in one call (`block_step(...)`, an object holding the block's tensors); where they
+  are missing, cpmgen/fused_decode.py leaves the model's plain PyTorch modules in place.
 
 `build()` compiles them with the system C++ compiler against the installed torch, with no
 -march: the library holds versions of its loops for AVX-512 VNNI, AVX2 and plain C++ and picks
@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in
-           ("qlinear.cpp", "gemv.cpp", "attention.cpp", "block.cpp", "argmax.cpp", "gelu.cpp")]
+           ("qlinear.cpp", "gemv.cpp", "attention.cpp", "block.cpp", "argmax.cpp", "gelu.cpp", "layernorm.cpp")]
 LIBRARY = Path(__file__).with_name("_kernels.so")
 INPUT_DTYPES = (torch.float32, torch.bfloat16)  # the activations qlinear, decode_attention and BlockStep take
 

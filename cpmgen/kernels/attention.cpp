@@ -45,12 +45,6 @@ namespace {
 
 constexpr int kWidth = 8;  // interleaved partial sums: one AVX2 register of floats
 
-inline __attribute__((always_inline)) float lanes_sum(float* part) {
-  for (int w = kWidth / 2; w > 0; w /= 2)
-    for (int l = 0; l < w; ++l) part[l] = part[l] + part[l + w];
-  return part[0];
-}
-
 // b: fp32 or bf16 (a bf16 value widens to a float exactly: it is the float's upper half).
 template <typename T>
 inline __attribute__((always_inline)) float dot(const float* a, const T* b, int64_t n) {
@@ -59,7 +53,7 @@ inline __attribute__((always_inline)) float dot(const float* a, const T* b, int6
   for (; i + kWidth <= n; i += kWidth)
     for (int l = 0; l < kWidth; ++l) part[l] = part[l] + a[i + l] * static_cast<float>(b[i + l]);
   for (int l = 0; i < n; ++i, ++l) part[l] = part[l] + a[i] * static_cast<float>(b[i]);
-  return lanes_sum(part);
+  return cpmgen::lanes_sum<kWidth>(part);
 }
 
 // A softmax's numerators and denominator: scores[0..n) become e^(score - the maximum), and their
@@ -74,7 +68,7 @@ inline __attribute__((always_inline)) float exps_and_total(float* scores, int64_
   for (; s + kWidth <= n; s += kWidth)
     for (int l = 0; l < kWidth; ++l) part[l] = part[l] + scores[s + l];
   for (int l = 0; s < n; ++s, ++l) part[l] = part[l] + scores[s];
-  return lanes_sum(part);
+  return cpmgen::lanes_sum<kWidth>(part);
 }
 
 // One head of one sequence: q [d]; keys/values [slots, d] (fp32 or bf16), slot `pos` already
@@ -285,30 +279,48 @@ CPMGEN_WIDE_CLONES void causal_head(const CausalHead& h, std::vector<float>& scr
 
 namespace cpmgen {
 
+at::Tensor decode_positions(const at::Tensor& pos_in, int64_t batch, int64_t slots) {
+  const at::Tensor pos = pos_in.to(at::kLong).reshape(-1);
+  TORCH_CHECK(pos.numel() == batch || pos.numel() == 1,
+              "decode_attention: one position per sequence, or one for all of them");
+  at::Tensor positions = pos.expand(batch).contiguous();
+  const int64_t* p = positions.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b)
+    TORCH_CHECK(p[b] >= 0 && p[b] < slots, "decode_attention: position ", p[b], " outside the cache's ", slots, " slots");
+  return positions;
+}
+
 AttentionStep attention_step(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& pos_in, int64_t heads, const at::Tensor& out) {
+                             const at::Tensor& positions, int64_t heads, const at::Tensor& out,
+                             const at::Tensor& qkv_f32) {
   TORCH_CHECK(qkv.scalar_type() == at::kFloat || qkv.scalar_type() == at::kBFloat16,
               "decode_attention: qkv must be fp32 or bf16");
   TORCH_CHECK(k_cache.dim() == 4 && k_cache.sizes() == v_cache.sizes() && k_cache.scalar_type() == v_cache.scalar_type() &&
                   (k_cache.scalar_type() == at::kFloat || k_cache.scalar_type() == at::kBFloat16),
               "decode_attention: the caches must be fp32 or bf16 [batch, heads, slots, head_dim] of one shape and dtype");
-  const int64_t batch = k_cache.size(0), slots = k_cache.size(2), d = k_cache.size(3);
-  TORCH_CHECK(heads == k_cache.size(1) && qkv.size(-1) == 3 * heads * d && qkv.numel() == batch * 3 * heads * d,
-              "decode_attention: qkv must be [batch, 1, 3 * heads * head_dim] for the cache's shape");
+  const int64_t batch = k_cache.size(0), d = k_cache.size(3);
+  TORCH_CHECK(heads == k_cache.size(1) && qkv.size(-1) == 3 * heads * d && qkv.numel() == batch * 3 * heads * d &&
+                  qkv.is_contiguous(),
+              "decode_attention: qkv must be a contiguous [batch, 1, 3 * heads * head_dim] for the cache's shape");
   for (const at::Tensor* c : {&k_cache, &v_cache})
-    TORCH_CHECK(c->stride(3) == 1 && c->stride(2) == d && c->stride(1) == slots * d,
+    TORCH_CHECK(c->stride(3) == 1 && c->stride(2) == d && c->stride(1) == k_cache.size(2) * d,
                 "decode_attention: each cache row must be contiguous");
+  TORCH_CHECK(positions.scalar_type() == at::kLong && positions.is_contiguous() && positions.numel() == batch,
+              "decode_attention: positions as decode_positions gives them");
   AttentionStep step;
-  const at::Tensor pos = pos_in.to(at::kLong).reshape(-1);
-  TORCH_CHECK(pos.numel() == batch || pos.numel() == 1,
-              "decode_attention: one position per sequence, or one for all of them");
-  step.pos = pos.expand(batch).contiguous();
-  const int64_t* p = step.pos.data_ptr<int64_t>();
-  for (int64_t b = 0; b < batch; ++b)
-    TORCH_CHECK(p[b] >= 0 && p[b] < slots, "decode_attention: position ", p[b], " outside the cache's ", slots, " slots");
+  step.pos = positions;
   step.k_cache = k_cache;
   step.v_cache = v_cache;
   step.heads = heads;
+  if (qkv.scalar_type() == at::kFloat) {
+    step.qkv = qkv.view({batch, 3 * heads * d});
+  } else if (qkv_f32.defined()) {
+    TORCH_CHECK(qkv_f32.scalar_type() == at::kFloat && qkv_f32.is_contiguous() && qkv_f32.numel() == qkv.numel(),
+                "decode_attention: the fp32 copy of qkv must be contiguous fp32 of qkv's size");
+    step.qkv = qkv_f32.view({batch, 3 * heads * d});
+  } else {
+    step.qkv = at::empty({batch, 3 * heads * d}, qkv.options().dtype(at::kFloat));
+  }
   if (out.defined()) {
     TORCH_CHECK(out.is_contiguous() && out.numel() == batch * heads * d && out.scalar_type() == qkv.scalar_type(),
                 "decode_attention: out must be contiguous, batch x heads x head_dim values in qkv's dtype");
@@ -319,8 +331,11 @@ AttentionStep attention_step(const at::Tensor& qkv, const at::Tensor& k_cache, c
   return step;
 }
 
-void attention_input(AttentionStep& step, const at::Tensor& qkv) {
-  step.qkv = qkv.reshape({step.k_cache.size(0), -1}).to(at::kFloat).contiguous();
+void attention_input(const AttentionStep& step, const at::Tensor& qkv) {
+  if (qkv.scalar_type() == at::kFloat) return;  // step.qkv is qkv itself
+  const at::BFloat16* from = qkv.data_ptr<at::BFloat16>();
+  float* to = step.qkv.data_ptr<float>();
+  for (int64_t i = 0, n = step.qkv.numel(); i < n; ++i) to[i] = static_cast<float>(from[i]);
 }
 
 void attention_units(const AttentionStep& step, int64_t begin, int64_t end) {
@@ -342,8 +357,9 @@ void attention_units(const AttentionStep& step, int64_t begin, int64_t end) {
 
 at::Tensor decode_attention(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
                             const at::Tensor& pos, int64_t heads) {
-  AttentionStep step = attention_step(qkv, k_cache, v_cache, pos, heads);
-  attention_input(step, qkv);
+  const at::Tensor x = qkv.contiguous();
+  AttentionStep step = attention_step(x, k_cache, v_cache, decode_positions(pos, k_cache.size(0), k_cache.size(2)), heads);
+  attention_input(step, x);
   at::parallel_for(0, step.units(), 1, [&](int64_t begin, int64_t end) { attention_units(step, begin, end); });
   return step.out;
 }

@@ -1,6 +1,7 @@
-// A decode step's transformer block in one call (cpmgen/fused_decode.py): the ATen and cpmgen
-// operations its modules run (model.Block over DecodeAttention, KernelGeluMLP and the block's
-// linears), in the same order, so bitwise the same values, without a Python call for each of them.
+// A decode step's transformer blocks in one call (cpmgen/fused_decode.py): the ATen and cpmgen
+// operations their modules run (model.Block over KernelLayerNorm, DecodeAttention, KernelGeluMLP
+// and the block's linears), in the same order, so bitwise the same values, without a Python call
+// for each of them.
 //
 // torch.classes.cpmgen.BlockStep holds a block's tensors, given once when it is made:
 //   kind: what the four linears (query_key_value, dense, dense_h_to_4h, dense_4h_to_h) are, the
@@ -12,14 +13,12 @@
 //   norms: input_layernorm weight and bias, then post_attention_layernorm weight and bias
 //   biases: the linears' biases; out_features: theirs; eps: the norms'; heads: the attention's
 // and `forward(x [B, 1, hidden] fp32 or bf16, k_cache, v_cache, pos)` runs the step (the caches
-// and positions as decode_attention takes them).
+// and positions as decode_attention takes them). torch.classes.cpmgen.StackStep holds a model's
+// BlockSteps and runs their steps one after the other: `forward(x, k_caches, v_caches, pos)`.
 //
-// With cpmgen's own linears (quantized, and the GEMV at up to its row limit) the whole block runs
-// in one parallel region: the small serial pieces (layer norms, input quantization, GELU, the
-// residual adds) on one thread between barriers, the linears and the attention split over all
-// threads. Starting a parallel region for each operation instead, with the worker threads woken
-// each time, cost more than the serial pieces themselves at one token. oneDNN and plain linears
-// parallelize inside their own calls, so those blocks run the operations one after another.
+// With cpmgen's own linears (quantized, and the GEMV at up to its row limit) all the blocks of a
+// call run in one parallel region (run_in_one_region). oneDNN and plain linears parallelize
+// inside their own calls, so those blocks run the operations one after another.
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -39,12 +38,11 @@ namespace {
 
 enum class Kind { kPlain, kPacked, kQuantized, kGemv };
 
-constexpr double kOwnShare = 0.75;  // of a phase's units, split evenly; the rest go to whichever thread is free
 
-// A step's intermediate values (see BlockStep::in_one_region).
+// A step's intermediate values (see run_in_one_region), the same for every block of a stack.
 struct Workspace {
   std::array<at::Tensor, 4> y;  // the four linears' outputs
-  at::Tensor attention_out, h, gelu;
+  at::Tensor ln, attention_out, qkv_f32, gelu;
   std::array<cpmgen::QuantizedInput, 4> inputs;  // the quantized linears' inputs
 };
 
@@ -68,6 +66,26 @@ Kind kind_named(const std::string& name) {
   return Kind::kGemv;
 }
 
+// residual[i] += add[i] for n values (fp32, or bf16 summed in fp32 and rounded once: the bits of
+// at::add, which the modules' residual adds run).
+void add_into(at::Tensor& residual, const at::Tensor& add) {
+  const int64_t n = residual.numel();
+  if (residual.scalar_type() == at::kFloat) {
+    float* r = residual.data_ptr<float>();
+    const float* a = add.data_ptr<float>();
+    for (int64_t i = 0; i < n; ++i) r[i] = r[i] + a[i];
+  } else {
+    at::BFloat16* r = residual.data_ptr<at::BFloat16>();
+    const at::BFloat16* a = add.data_ptr<at::BFloat16>();
+    for (int64_t i = 0; i < n; ++i) r[i] = static_cast<at::BFloat16>(static_cast<float>(r[i]) + static_cast<float>(a[i]));
+  }
+}
+
+struct BlockStep;
+at::Tensor run_blocks(const std::vector<const BlockStep*>& blocks, const at::Tensor& x,
+                      const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+                      const at::Tensor& pos);
+
 struct BlockStep : torch::CustomClassHolder {
   Kind kind;
   std::vector<at::Tensor> norms, weights, gparams, scales;
@@ -90,10 +108,23 @@ struct BlockStep : torch::CustomClassHolder {
   }
 
   at::Tensor forward(const at::Tensor& x, const at::Tensor& k_cache, const at::Tensor& v_cache, const at::Tensor& pos) {
-    const int64_t rows = x.numel() / x.size(-1);
-    if (kind == Kind::kQuantized || (kind == Kind::kGemv && rows <= cpmgen::kGemvMaxRows))
-      return in_one_region(x, k_cache, v_cache, pos);
-    return op_by_op(x, k_cache, v_cache, pos);
+    return run_blocks({this}, x, {k_cache}, {v_cache}, pos);
+  }
+
+  // Whether its one-token step runs in one parallel region: cpmgen's own linears (quantized, and
+  // the GEMV at up to its row limit).
+  bool in_one_region(int64_t rows) const {
+    return kind == Kind::kQuantized || (kind == Kind::kGemv && rows <= cpmgen::kGemvMaxRows);
+  }
+
+  // Blocks that can share one region's buffers: the same kind and shapes.
+  bool same_shape(const BlockStep& other) const {
+    return kind == other.kind && out_features == other.out_features && bits == other.bits && group == other.group &&
+           heads == other.heads;
+  }
+
+  at::Tensor layer_norm(const at::Tensor& x, size_t i) const {
+    return cpmgen::layer_norm(x, norms[2 * i], norms[2 * i + 1], eps);
   }
 
   at::Tensor linear(const at::Tensor& in, size_t i) const {
@@ -108,126 +139,166 @@ struct BlockStep : torch::CustomClassHolder {
 
   at::Tensor op_by_op(const at::Tensor& x, const at::Tensor& k_cache, const at::Tensor& v_cache,
                       const at::Tensor& pos) const {
-    const int64_t hidden = x.size(-1);
-    const at::Tensor qkv = linear(at::layer_norm(x, {hidden}, norms[0], norms[1], eps), 0);
+    const at::Tensor qkv = linear(layer_norm(x, 0), 0);
     const at::Tensor h = x + linear(cpmgen::decode_attention(qkv, k_cache, v_cache, pos, heads), 1);
-    at::Tensor up = linear(at::layer_norm(h, {hidden}, norms[2], norms[3], eps), 2);
+    at::Tensor up = linear(layer_norm(h, 1), 2);
     return h + linear(cpmgen::gelu_tanh_(up), 3);
   }
+};
 
-  at::Tensor in_one_region(const at::Tensor& x_in, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                           const at::Tensor& pos) const {
-    // Everything that checks (and so may throw) runs here, before the region.
-    const int64_t hidden = x_in.size(-1);
-    const at::Tensor x = x_in.reshape({-1, hidden}).contiguous();
-    const int64_t rows = x.size(0);
-    const bool quantized = kind == Kind::kQuantized;
-    const std::array<int64_t, 4> in_features{hidden, out_features[0] / 3, hidden, out_features[2]};
-    std::array<cpmgen::QuantizedWeight, 4> qweight;
-    // The step's intermediate values go into buffers each calling thread keeps from one step to
-    // the next (new tensors for them, every block of every step, cost more than the small
-    // operations that fill them). Nothing in them outlives the call: it returns a new tensor.
-    // Taken by reference here: inside the region the name would be each worker thread's own instance.
-    thread_local Workspace caller_workspace;
-    Workspace& work = caller_workspace;
-    std::array<int64_t, 4> units;
-    std::array<at::Tensor, 4> gemv_inputs;  // the linears' inputs as gemv_rows reads them
-    for (size_t i = 0; i < 4; ++i) {
-      if (quantized) {
-        qweight[i] = cpmgen::quantized_weight(weights[i], gparams[i], scales[i], biases.get(i), out_features[i], bits,
-                                              group);
-        TORCH_CHECK(in_features[i] <= qweight[i].k, "BlockStep: linear ", i, " takes ", qweight[i].k, " features, not ",
-                    in_features[i]);
-        units[i] = qweight[i].blocks;
-      } else {
-        TORCH_CHECK(weights[i].scalar_type() == x.scalar_type(), "BlockStep: x must be in the weights' dtype");
-        units[i] = cpmgen::gemv_units(weights[i], biases.get(i), in_features[i]);
-      }
-      reuse(work.y[i], rows, out_features[i], x.options());
-    }
-    std::array<at::Tensor, 4>& y = work.y;
-    cpmgen::AttentionStep attention =
-        cpmgen::attention_step(y[0], k_cache, v_cache, pos, heads, reuse(work.attention_out, rows, in_features[1], x.options()));
-    const bool bf16 = x.scalar_type() == at::kBFloat16;
-    if (!bf16) cpmgen::attention_input(attention, y[0]);  // fp32: y[0] itself, filled in below
-    const at::Tensor& attention_out = work.attention_out;
-    at::Tensor& h = reuse(work.h, rows, hidden, x.options());
-    at::Tensor& gelu = reuse(work.gelu, rows, out_features[2], x.options());
-    at::Tensor ln;
-    // Each thread runs a contiguous part of a phase's units (one long read of the weights, which
-    // the hardware prefetchers follow), then takes the rest a small chunk at a time from the
-    // phase's counter: a thread that gets ahead (the other one started later or was slowed by
-    // the machine) runs more of them instead of waiting at the barrier. Which thread runs a unit
-    // does not change its values.
-    std::array<std::atomic<int64_t>, 5> next{};  // the four linears, then the attention
+// One linear of one block, checked and set up for the region.
+struct LinearPlan {
+  cpmgen::QuantizedWeight qweight;  // quantized
+  int64_t units = 0;
+};
+
+LinearPlan plan_linear(const BlockStep& block, size_t i, int64_t in_features, const at::Tensor& x) {
+  LinearPlan plan;
+  const at::Tensor& weight = block.weights[i];
+  if (block.kind == Kind::kQuantized) {
+    plan.qweight = cpmgen::quantized_weight(weight, block.gparams[i], block.scales[i], block.biases.get(i),
+                                            block.out_features[i], block.bits, block.group);
+    TORCH_CHECK(in_features <= plan.qweight.k, "BlockStep: linear ", i, " takes ", plan.qweight.k, " features, not ",
+                in_features);
+    plan.units = plan.qweight.blocks;
+  } else {
+    TORCH_CHECK(weight.scalar_type() == x.scalar_type(), "BlockStep: x must be in the weights' dtype");
+    plan.units = cpmgen::gemv_units(weight, block.biases.get(i), in_features);
+  }
+  return plan;
+}
+
+// The one-token steps of `blocks` (each with in_one_region true, all of the same shape) in one
+// parallel region: the small serial pieces (layer norms, input quantization, GELU, the residual
+// adds) on one thread between barriers, the linears and the attention split over all threads.
+// Starting a parallel region for each operation, or each block, with the worker threads woken
+// each time, cost more than the serial pieces themselves at one token.
+at::Tensor run_in_one_region(const std::vector<const BlockStep*>& blocks, const at::Tensor& x_in,
+                             const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+                             const at::Tensor& pos) {
+  // Everything that checks (and so may throw) runs here, before the region.
+  const BlockStep& shape = *blocks.front();
+  const int64_t hidden = x_in.size(-1);
+  const at::Tensor x = x_in.reshape({-1, hidden});
+  const int64_t rows = x.size(0);
+  const bool quantized = shape.kind == Kind::kQuantized, bf16 = x.scalar_type() == at::kBFloat16;
+  const std::array<int64_t, 4> in_features{hidden, shape.out_features[0] / 3, hidden, shape.out_features[2]};
+  // The step's intermediate values go into buffers each calling thread keeps from one step to
+  // the next (new tensors for them, every block of every step, cost more than the small
+  // operations that fill them). Nothing in them outlives the call: the residual stream, which
+  // each block adds to in place, is a new tensor, the one returned.
+  // Taken by reference here: inside the region the name would be each worker thread's own instance.
+  thread_local Workspace caller_workspace;
+  Workspace& work = caller_workspace;
+  std::array<at::Tensor, 4>& y = work.y;
+  for (size_t i = 0; i < 4; ++i) reuse(y[i], rows, shape.out_features[i], x.options());
+  at::Tensor& ln = reuse(work.ln, rows, hidden, x.options());
+  at::Tensor& gelu = reuse(work.gelu, rows, shape.out_features[2], x.options());
+  const at::Tensor& attention_out = reuse(work.attention_out, rows, in_features[1], x.options());
+  const at::Tensor qkv_f32 = bf16 ? reuse(work.qkv_f32, rows, shape.out_features[0], x.options().dtype(at::kFloat))
+                                  : at::Tensor();
+  at::Tensor residual = x.clone(at::MemoryFormat::Contiguous);
+  cpmgen::check_layer_norm(residual, shape.norms[0], shape.norms[1], ln);
+  const at::Tensor positions = cpmgen::decode_positions(pos, k_caches.front().size(0), k_caches.front().size(2));
+  std::vector<std::array<LinearPlan, 4>> linears(blocks.size());
+  std::vector<cpmgen::AttentionStep> attention(blocks.size());
+  for (size_t b = 0; b < blocks.size(); ++b) {
+    const BlockStep& block = *blocks[b];
+    for (size_t i = 0; i < 4; ++i) linears[b][i] = plan_linear(block, i, in_features[i], x);
+    for (size_t i = 0; i < 4; ++i)
+      TORCH_CHECK(block.norms[i].scalar_type() == x.scalar_type() && block.norms[i].numel() == hidden &&
+                      block.norms[i].is_contiguous(), "BlockStep: the norms must be [hidden] in x's dtype");
+    attention[b] = cpmgen::attention_step(y[0], k_caches[b], v_caches[b], positions, block.heads, attention_out, qkv_f32);
+  }
+  std::array<at::Tensor, 4> gemv_inputs;  // the linears' inputs as gemv_rows reads them
+  // Each phase's units are shared out by cpmgen::share_units (an own part per thread, then chunks
+  // from the phase's counter).
+  std::vector<std::atomic<int64_t>> next(blocks.size() * 5);  // per block: the four linears, then the attention
+  for (auto& counter : next) counter.store(0, std::memory_order_relaxed);
 
 #pragma omp parallel num_threads(at::get_num_threads())
-    {
-      const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
-      const bool first = thread == 0;
-      auto share = [&](std::atomic<int64_t>& counter, int64_t count, auto&& run) {
-        const int64_t own = count * kOwnShare / threads, taken = own * threads;
-        if (own > 0) run(thread * own, (thread + 1) * own);
-        const int64_t chunk = std::max<int64_t>(1, (count - taken) / (4 * threads));
-        for (int64_t begin; (begin = taken + counter.fetch_add(chunk, std::memory_order_relaxed)) < count;)
-          run(begin, std::min(begin + chunk, count));
-      };
-      // One thread readies linear i's input, then every thread runs output units of it.
-      auto linear_on_all = [&](size_t i, const at::Tensor& in) {
+  {
+    const int64_t threads = omp_get_num_threads(), thread = omp_get_thread_num();
+    const bool first = thread == 0;
+    for (size_t b = 0; b < blocks.size(); ++b) {
+      const BlockStep& block = *blocks[b];
+      std::array<LinearPlan, 4>& plans = linears[b];
+      // One thread readies linear i's input (after `serial`, the work that makes it), then every
+      // thread runs units of it.
+      auto linear_on_all = [&](size_t i, const at::Tensor& in, auto&& serial) {
+        const LinearPlan& plan = plans[i];
         if (first) {
+          serial();
           if (quantized) {
-            cpmgen::quantize_input(qweight[i], in, work.inputs[i], /*parallel=*/false);
+            cpmgen::quantize_input(plan.qweight, in, work.inputs[i], /*parallel=*/false);
           } else {
-            gemv_inputs[i] = cpmgen::gemv_input(in, weights[i]);
+            gemv_inputs[i] = cpmgen::gemv_input(in, block.weights[i]);
           }
         }
 #pragma omp barrier
-        share(next[i], units[i], [&](int64_t begin, int64_t end) {
+        cpmgen::share_units(next[5 * b + i], plan.units, threads, thread, [&](int64_t begin, int64_t end) {
           if (quantized) {
-            cpmgen::qlinear_blocks(qweight[i], work.inputs[i], y[i], begin, end);
+            cpmgen::qlinear_blocks(plan.qweight, work.inputs[i], y[i], begin, end);
           } else {
-            cpmgen::gemv_rows(gemv_inputs[i], weights[i], biases.get(i), y[i], begin, end);
+            cpmgen::gemv_rows(gemv_inputs[i], block.weights[i], block.biases.get(i), y[i], begin, end);
           }
         });
 #pragma omp barrier
       };
 
-      if (first) ln = at::layer_norm(x, {hidden}, norms[0], norms[1], eps);
-      linear_on_all(0, ln);
+      linear_on_all(0, ln, [&] {
+        if (b > 0) add_into(residual, y[3]);  // the block before's MLP
+        cpmgen::layer_norm_rows(residual, block.norms[0], block.norms[1], block.eps, ln, 0, rows);
+      });
       if (bf16) {
-        if (first) cpmgen::attention_input(attention, y[0]);
+        if (first) cpmgen::attention_input(attention[b], y[0]);
 #pragma omp barrier
       }
-      share(next[4], attention.units(), [&](int64_t begin, int64_t end) { cpmgen::attention_units(attention, begin, end); });
+      cpmgen::share_units(next[5 * b + 4], attention[b].units(), threads, thread,
+                          [&](int64_t begin, int64_t end) { cpmgen::attention_units(attention[b], begin, end); });
 #pragma omp barrier
-      linear_on_all(1, attention_out);
-      if (first) {
-        at::add_out(h, x, y[1]);
-        ln = at::layer_norm(h, {hidden}, norms[2], norms[3], eps);
-      }
-      linear_on_all(2, ln);
-      if (first) cpmgen::gelu_tanh_rows(y[2], gelu);
-      linear_on_all(3, gelu);
+      linear_on_all(1, attention_out, [] {});
+      linear_on_all(2, ln, [&] {
+        add_into(residual, y[1]);
+        cpmgen::layer_norm_rows(residual, block.norms[2], block.norms[3], block.eps, ln, 0, rows);
+      });
+      linear_on_all(3, gelu, [&] { cpmgen::gelu_tanh_rows(y[2], gelu); });
     }
-    return (h + y[3]).view(x_in.sizes());
+    if (first) add_into(residual, y[3]);
   }
-};
+  return residual.view(x_in.sizes());
+}
+
+at::Tensor run_blocks(const std::vector<const BlockStep*>& blocks, const at::Tensor& x,
+                      const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
+                      const at::Tensor& pos) {
+  TORCH_CHECK(!blocks.empty() && k_caches.size() == blocks.size() && v_caches.size() == blocks.size(),
+              "StackStep: one key and one value cache per block");
+  const int64_t rows = x.numel() / x.size(-1);
+  bool one_region = true;
+  for (const BlockStep* block : blocks)
+    one_region = one_region && block->in_one_region(rows) && block->same_shape(*blocks.front());
+  if (one_region) return run_in_one_region(blocks, x, k_caches, v_caches, pos);
+  at::Tensor out = x;
+  for (size_t i = 0; i < blocks.size(); ++i) out = blocks[i]->op_by_op(out, k_caches[i], v_caches[i], pos);
+  return out;
+}
 
 // The one-token step of a model's blocks, each BlockStep in turn, in one call: from Python, a
 // call for each block cost more than some blocks' own work at one token (the custom class's
-// call, the module's) and made a tensor for each block's output.
+// call, the module's) and made a tensor for each block's output; in one parallel region the
+// worker threads also stay in it from one block to the next.
 struct StackStep : torch::CustomClassHolder {
   std::vector<c10::intrusive_ptr<BlockStep>> blocks;
+  std::vector<const BlockStep*> steps;
 
-  explicit StackStep(std::vector<c10::intrusive_ptr<BlockStep>> blocks_) : blocks(std::move(blocks_)) {}
+  explicit StackStep(std::vector<c10::intrusive_ptr<BlockStep>> blocks_) : blocks(std::move(blocks_)) {
+    for (const auto& block : blocks) steps.push_back(block.get());
+  }
 
-  at::Tensor forward(const at::Tensor& x_in, const std::vector<at::Tensor>& k_caches,
+  at::Tensor forward(const at::Tensor& x, const std::vector<at::Tensor>& k_caches,
                      const std::vector<at::Tensor>& v_caches, const at::Tensor& pos) const {
-    TORCH_CHECK(k_caches.size() == blocks.size() && v_caches.size() == blocks.size(),
-                "StackStep: one key and one value cache per block");
-    at::Tensor x = x_in;
-    for (size_t i = 0; i < blocks.size(); ++i) x = blocks[i]->forward(x, k_caches[i], v_caches[i], pos);
-    return x;
+    return run_blocks(steps, x, k_caches, v_caches, pos);
   }
 };
 

@@ -278,7 +278,7 @@ at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const 
   }
   const at::Tensor x = gemv_input(input.reshape({-1, k}), weight);
   at::Tensor y = at::empty({x.size(0), n}, input.options());
-  at::parallel_for(0, units, 16, [&](int64_t begin, int64_t end) { gemv_rows(x, weight, bias, y, begin, end); });
+  split_units(units, 16, [&](int64_t begin, int64_t end) { gemv_rows(x, weight, bias, y, begin, end); });
   std::vector<int64_t> shape = input.sizes().vec();
   shape.back() = n;
   return y.view(shape);

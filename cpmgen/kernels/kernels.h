@@ -6,7 +6,10 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <omp.h>
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <string>
@@ -45,6 +48,43 @@ inline __attribute__((always_inline)) float exp_nonpositive(float x_in) {
   p = (p * r * r + r) + 1.f;
   const float two_n = __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
   return x_in < -87.f ? 0.f : p * two_n;
+}
+
+// The total of W partial sums, added pairwise in a fixed order (part is overwritten).
+template <int W>
+inline __attribute__((always_inline)) float lanes_sum(float* part) {
+  for (int w = W / 2; w > 0; w /= 2)
+    for (int l = 0; l < w; ++l) part[l] = part[l] + part[l + w];
+  return part[0];
+}
+
+// Units [0, count) over the `threads` threads of a parallel region, run(begin, end) a range at a
+// time: each thread first runs a contiguous part of its own (kOwnShare of the units, split evenly:
+// one long read of the weights, which the hardware prefetchers follow), then takes the rest a
+// small chunk at a time from `counter` (zero before the region): a thread that gets ahead (the
+// other one started later or was slowed by the machine) runs more of them instead of waiting.
+// Which thread runs a unit does not change its values.
+constexpr double kOwnShare = 0.75;
+template <typename Run>
+inline void share_units(std::atomic<int64_t>& counter, int64_t count, int64_t threads, int64_t thread, Run&& run) {
+  const int64_t own = static_cast<int64_t>(count * kOwnShare / threads), taken = own * threads;
+  if (own > 0) run(thread * own, (thread + 1) * own);
+  const int64_t chunk = std::max<int64_t>(1, (count - taken) / (4 * threads));
+  for (int64_t begin; (begin = taken + counter.fetch_add(chunk, std::memory_order_relaxed)) < count;)
+    run(begin, std::min(begin + chunk, count));
+}
+
+// share_units in a parallel region of its own on torch's threads (run on the calling thread
+// alone where there are at most `grain` units, or inside another parallel region).
+template <typename Run>
+inline void split_units(int64_t count, int64_t grain, Run&& run) {
+  if (count <= grain || at::in_parallel_region() || at::get_num_threads() == 1) {
+    if (count > 0) run(0, count);
+    return;
+  }
+  std::atomic<int64_t> counter{0};
+#pragma omp parallel num_threads(at::get_num_threads())
+  share_units(counter, count, omp_get_num_threads(), omp_get_thread_num(), run);
 }
 
 // Switches `chosen` to the entry of `supported` (each with a `name`) called `name` and returns the
@@ -100,15 +140,28 @@ struct AttentionStep {
   int64_t heads = 0;
   int64_t units() const { return qkv.size(0) * heads; }
 };
-// `qkv` may still be bf16 (its fp32 copy is made by `attention_input`); `out`, where given, is
-// where the heads' outputs go (contiguous), else a new [batch, 1, heads * head_dim] tensor.
+// The positions of a decode step's sequences ([B], [B, 1] or one for all), checked against the
+// cache's slots: [batch] int64, contiguous.
+at::Tensor decode_positions(const at::Tensor& pos, int64_t batch, int64_t slots);
+// `qkv` contiguous, fp32 or bf16; `positions` from decode_positions. A bf16 qkv is widened into
+// `qkv_f32` (where given; else a new tensor) by `attention_input`, which must run before the
+// units. `out`, where given, is where the heads' outputs go (contiguous), else a new
+// [batch, 1, heads * head_dim] tensor.
 AttentionStep attention_step(const at::Tensor& qkv, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                             const at::Tensor& pos, int64_t heads, const at::Tensor& out = at::Tensor());
-void attention_input(AttentionStep& step, const at::Tensor& qkv);
+                             const at::Tensor& positions, int64_t heads, const at::Tensor& out = at::Tensor(),
+                             const at::Tensor& qkv_f32 = at::Tensor());
+void attention_input(const AttentionStep& step, const at::Tensor& qkv);
 void attention_units(const AttentionStep& step, int64_t begin, int64_t end);
 
 // gemv.cpp: x @ W^T + b for fp32 or bf16 W as nn.Linear holds it; a few rows read W once at memory speed.
 at::Tensor gemv_linear(const at::Tensor& input, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
+// layernorm.cpp: layer norm over the last dimension (nn.LayerNorm's function), rows in parallel.
+at::Tensor layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps);
+void check_layer_norm(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, const at::Tensor& out);
+// out's rows begin..end (x and out contiguous [rows, n], checked by check_layer_norm); one thread.
+void layer_norm_rows(const at::Tensor& x, const at::Tensor& weight, const at::Tensor& bias, double eps, at::Tensor& out,
+                     int64_t begin, int64_t end);
 
 // gelu.cpp: GELU with the tanh approximation (F.gelu(x, approximate="tanh")'s function).
 at::Tensor& gelu_tanh_(at::Tensor& x);  // in place, contiguous

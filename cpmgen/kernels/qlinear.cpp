@@ -471,7 +471,7 @@ at::Tensor qlinear(const at::Tensor& input, const at::Tensor& packed, const at::
   QuantizedInput a;
   quantize_input(w, x, a, /*parallel=*/true);
   at::Tensor y = at::empty({x.size(0), n}, x.options());
-  at::parallel_for(0, w.blocks, 1, [&](int64_t begin, int64_t end) { qlinear_blocks(w, a, y, begin, end); });
+  split_units(w.blocks, 1, [&](int64_t begin, int64_t end) { qlinear_blocks(w, a, y, begin, end); });
   std::vector<int64_t> shape = input.sizes().vec();
   shape.back() = n;
   return y.view(shape);
