@@ -76,6 +76,7 @@ __attribute__((target("avx2,fma"))) void rows_avx2(const W* w, const float* x, i
     __m256 even = _mm256_setzero_ps(), odd = _mm256_setzero_ps();
     int64_t i = 0;
     for (; i + 16 <= k; i += 16) {
+      cpmgen::prefetch_ahead(row + i);
       even = _mm256_fmadd_ps(load8(row + i), _mm256_loadu_ps(x + i), even);
       odd = _mm256_fmadd_ps(load8(row + i + 8), _mm256_loadu_ps(x + i + 8), odd);
     }
@@ -105,6 +106,8 @@ __attribute__((target("avx512f,avx512bf16"))) void rows_bf16_products(const at::
     __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
     int64_t i = 0;
     for (; i + 64 <= k; i += 64) {
+      cpmgen::prefetch_ahead(row + i);
+      cpmgen::prefetch_ahead(row + i + 32);
       even = _mm512_dpbf16_ps(even, load32(row + i), load32(x + i));
       odd = _mm512_dpbf16_ps(odd, load32(row + i + 32), load32(x + i + 32));
     }

@@ -183,6 +183,7 @@ struct Int8Avx2 {
     __m256i s[R][2];  // rows 0-7 and 8-15 of the block
     for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
     for (int64_t j = 0; j < k / 4; ++j) {
+      cpmgen::prefetch_ahead(w + j * 64);
       const __m256i w0 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64)), flip);
       const __m256i w1 = _mm256_xor_si256(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32)), flip);
       for (int r = 0; r < R; ++r) {
@@ -215,7 +216,8 @@ struct Int4Avx2 {
         __m256i s[R][2];
         for (int r = 0; r < R; ++r) s[r][0] = s[r][1] = _mm256_setzero_si256();
         for (int64_t j = c; j < std::min(c + kChunk, (g + 1) * steps); ++j) {
-              const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
+          cpmgen::prefetch_ahead(w + j * 64);
+          const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64));
           const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32));
           const __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
           const __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
@@ -265,6 +267,8 @@ struct Int8Vnni {
     const int64_t steps = k / 4;
     int64_t j = 0;
     for (; j + 1 < steps; j += 2) {
+      cpmgen::prefetch_ahead(w + j * 64);
+      cpmgen::prefetch_ahead(w + (j + 1) * 64);
       const __m512i w0 = _mm512_loadu_si512(w + j * 64), w1 = _mm512_loadu_si512(w + (j + 1) * 64);
       for (int r = 0; r < R; ++r) {
         const int32_t* x32 = reinterpret_cast<const int32_t*>(xq + (m0 + r) * k);
@@ -303,6 +307,8 @@ struct Int4Vnni {
       const int64_t end = (g + 1) * steps;
       int64_t j = g * steps;
       for (; j + 1 < end; j += 2) {
+        cpmgen::prefetch_ahead(w + j * 64);
+        cpmgen::prefetch_ahead(w + (j + 1) * 64);
         const __m512i v0 = _mm512_loadu_si512(w + j * 64), v1 = _mm512_loadu_si512(w + (j + 1) * 64);
         const __m512i lo0 = _mm512_and_si512(v0, low), hi0 = _mm512_and_si512(_mm512_srli_epi16(v0, 4), low);
         const __m512i lo1 = _mm512_and_si512(v1, low), hi1 = _mm512_and_si512(_mm512_srli_epi16(v1, 4), low);
