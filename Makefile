@@ -10,7 +10,7 @@ install:
 	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q "torch>=2.4"
 	# deepspeed: its launcher is tested (tests/test_parallel.py); it installs without CUDA. serve: cpmgen serve
 	$(PIP) install -q -e ".[dev,deepspeed,serve]"
-	# the C++ CPU kernels (cpmgen/kernels: int8/int4 linears, fp32/bf16 GEMV, attention, GELU, the fused decode step);
+	# the C++ CPU kernels (cpmgen/kernels: int8/int4 linears, fp32/bf16 GEMV, attention, GELU, layer norm, the fused decode step);
 	# where they do not build, the same work runs on slower torch operations with a warning
 	$(PY) -m cpmgen.kernels
 

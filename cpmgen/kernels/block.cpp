@@ -38,7 +38,6 @@ namespace {
 
 enum class Kind { kPlain, kPacked, kQuantized, kGemv };
 
-
 // A step's intermediate values (see run_in_one_region), the same for every block of a stack.
 struct Workspace {
   std::array<at::Tensor, 4> y;  // the four linears' outputs
