@@ -99,12 +99,18 @@ inline __attribute__((always_inline)) void attend_in(const float* q_in, const T*
     sums = sums_own;
   }
   const int64_t n = pos + 1;
-  for (int64_t s = 0; s < n; ++s) weights[s] = dot(q, keys + s * d, d) * scale;
+  // The cache's rows, like the weights, are read once a step: read ahead with the non-temporal hint.
+  const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
+  for (int64_t s = 0; s < n; ++s) {
+    for (int64_t b = 0; b < row_bytes; b += 64) cpmgen::prefetch_ahead(reinterpret_cast<const char*>(keys + s * d) + b);
+    weights[s] = dot(q, keys + s * d, d) * scale;
+  }
   const float total = exps_and_total(weights, n);
   for (int64_t i = 0; i < d; ++i) sums[i] = 0.f;
   for (int64_t t = 0; t < n; ++t) {
     const float w = weights[t] / total;
     const T* v = values + t * d;
+    for (int64_t b = 0; b < row_bytes; b += 64) cpmgen::prefetch_ahead(reinterpret_cast<const char*>(v) + b);
     for (int64_t i = 0; i < d; ++i) sums[i] = sums[i] + w * widen(v[i]);
   }
   if constexpr (fixed)

@@ -87,7 +87,8 @@ inline void split_units(int64_t count, int64_t grain, Run&& run) {
   share_units(counter, count, omp_get_num_threads(), omp_get_thread_num(), run);
 }
 
-// The weights' loops (qlinear.cpp, gemv.cpp) read each byte once a step. They ask for the bytes
+// The weights' loops (qlinear.cpp, gemv.cpp) and the decode attention's reads of the KV cache
+// (attention.cpp) read each byte once a step. They ask for the bytes
 // kStreamAhead ahead of where they read with the non-temporal hint: the lines come in early
 // and, being marked, do not push out of the caches what the step's small pieces (activations,
 // the KV cache's newest rows, the interpreter's own data between calls) use again. A prefetch
