@@ -88,11 +88,11 @@ inline void split_units(int64_t count, int64_t grain, Run&& run) {
 }
 
 // The weights' loops (qlinear.cpp, gemv.cpp) and the decode attention's reads of the KV cache
-// (attention.cpp) read each byte once a step. They ask for the bytes
-// kStreamAhead ahead of where they read with the non-temporal hint: the lines come in early
-// and, being marked, do not push out of the caches what the step's small pieces (activations,
-// the KV cache's newest rows, the interpreter's own data between calls) use again. A prefetch
-// never faults, so reading ahead past the end of a weight is harmless.
+// (attention.cpp) read each byte once a step. They ask for the bytes kStreamAhead ahead of where
+// they read with the non-temporal hint: the lines come in early and, being marked, do not push
+// out of the caches what the step's small pieces (activations, buffers, the interpreter's own
+// data between calls) use again. A prefetch never faults, so reading ahead past the end of a
+// weight or a cache row is harmless.
 constexpr int64_t kStreamAhead = 4096;
 inline __attribute__((always_inline)) void prefetch_ahead(const void* p) {
   __builtin_prefetch(static_cast<const char*>(p) + kStreamAhead, 0, 0);
