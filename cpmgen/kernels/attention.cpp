@@ -45,22 +45,14 @@ namespace {
 
 constexpr int kWidth = 8;  // interleaved partial sums: one AVX2 register of floats
 
-// A cache entry as a float: a bf16 value widens exactly (it is the float's upper half), here as
-// the bit shift itself, which the compiler vectorizes (through at::BFloat16's conversion it did
-// not, and a bf16 cache's attention ran slower than an fp32 one's).
-inline __attribute__((always_inline)) float widen(float x) { return x; }
-inline __attribute__((always_inline)) float widen(at::BFloat16 x) {
-  return __builtin_bit_cast(float, static_cast<uint32_t>(x.x) << 16);
-}
-
 // b: fp32 or bf16.
 template <typename T>
 inline __attribute__((always_inline)) float dot(const float* a, const T* b, int64_t n) {
   float part[kWidth] = {};
   int64_t i = 0;
   for (; i + kWidth <= n; i += kWidth)
-    for (int l = 0; l < kWidth; ++l) part[l] = part[l] + a[i + l] * widen(b[i + l]);
-  for (int l = 0; i < n; ++i, ++l) part[l] = part[l] + a[i] * widen(b[i]);
+    for (int l = 0; l < kWidth; ++l) part[l] = part[l] + a[i + l] * cpmgen::widen(b[i + l]);
+  for (int l = 0; i < n; ++i, ++l) part[l] = part[l] + a[i] * cpmgen::widen(b[i]);
   return cpmgen::lanes_sum<kWidth>(part);
 }
 
@@ -111,7 +103,7 @@ inline __attribute__((always_inline)) void attend_in(const float* q_in, const T*
     const float w = weights[t] / total;
     const T* v = values + t * d;
     for (int64_t b = 0; b < row_bytes; b += 64) cpmgen::prefetch_ahead(reinterpret_cast<const char*>(v) + b);
-    for (int64_t i = 0; i < d; ++i) sums[i] = sums[i] + w * widen(v[i]);
+    for (int64_t i = 0; i < d; ++i) sums[i] = sums[i] + w * cpmgen::widen(v[i]);
   }
   if constexpr (fixed)
     for (int64_t i = 0; i < D; ++i) out[i] = sums_own[i];
@@ -349,7 +341,7 @@ void attention_input(const AttentionStep& step, const at::Tensor& qkv) {
   if (qkv.scalar_type() == at::kFloat) return;  // step.qkv is qkv itself
   const at::BFloat16* from = qkv.data_ptr<at::BFloat16>();
   float* to = step.qkv.data_ptr<float>();
-  for (int64_t i = 0, n = step.qkv.numel(); i < n; ++i) to[i] = widen(from[i]);
+  for (int64_t i = 0, n = step.qkv.numel(); i < n; ++i) to[i] = cpmgen::widen(from[i]);
 }
 
 void attention_units(const AttentionStep& step, int64_t begin, int64_t end) {

@@ -36,7 +36,7 @@ CPMGEN_WIDE_CLONES void gelu_bf16(const at::BFloat16* x, at::BFloat16* y, int64_
   float wide[kChunk];
   for (int64_t begin = 0; begin < n; begin += kChunk) {
     const int64_t count = n - begin < kChunk ? n - begin : kChunk;
-    for (int64_t i = 0; i < count; ++i) wide[i] = static_cast<float>(x[begin + i]);
+    for (int64_t i = 0; i < count; ++i) wide[i] = cpmgen::widen(x[begin + i]);
 #pragma omp simd
     for (int64_t i = 0; i < count; ++i) wide[i] = gelu_tanh_one(wide[i]);
     for (int64_t i = 0; i < count; ++i) y[begin + i] = static_cast<at::BFloat16>(wide[i]);

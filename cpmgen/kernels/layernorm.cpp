@@ -31,20 +31,20 @@ inline __attribute__((always_inline)) void norm_row(const T* x, const T* weight,
   float part[kWidth] = {};
   int64_t i = 0;
   for (; i + kWidth <= n; i += kWidth)
-    for (int l = 0; l < kWidth; ++l) part[l] = part[l] + static_cast<float>(x[i + l]);
-  for (int l = 0; i < n; ++i, ++l) part[l] = part[l] + static_cast<float>(x[i]);
+    for (int l = 0; l < kWidth; ++l) part[l] = part[l] + cpmgen::widen(x[i + l]);
+  for (int l = 0; i < n; ++i, ++l) part[l] = part[l] + cpmgen::widen(x[i]);
   const float rough = cpmgen::lanes_sum<kWidth>(part) / static_cast<float>(n);
   // The deviations from the first pass's mean: their sum corrects the mean (the first pass's
   // rounding, large where the values sit far from 0), their squares give the variance.
   float deviations[kWidth] = {}, squares[kWidth] = {};
   for (i = 0; i + kWidth <= n; i += kWidth)
     for (int l = 0; l < kWidth; ++l) {
-      const float d = static_cast<float>(x[i + l]) - rough;
+      const float d = cpmgen::widen(x[i + l]) - rough;
       deviations[l] = deviations[l] + d;
       squares[l] = squares[l] + d * d;
     }
   for (int l = 0; i < n; ++i, ++l) {
-    const float d = static_cast<float>(x[i]) - rough;
+    const float d = cpmgen::widen(x[i]) - rough;
     deviations[l] = deviations[l] + d;
     squares[l] = squares[l] + d * d;
   }
@@ -54,8 +54,7 @@ inline __attribute__((always_inline)) void norm_row(const T* x, const T* weight,
   const float rstd = 1.f / std::sqrt((variance > 0.f ? variance : 0.f) + eps);
 #pragma omp simd
   for (int64_t j = 0; j < n; ++j)
-    y[j] = static_cast<T>((static_cast<float>(x[j]) - mean) * rstd * static_cast<float>(weight[j]) +
-                          static_cast<float>(bias[j]));
+    y[j] = static_cast<T>((cpmgen::widen(x[j]) - mean) * rstd * cpmgen::widen(weight[j]) + cpmgen::widen(bias[j]));
 }
 
 CPMGEN_WIDE_CLONES void norm_rows(const float* x, const float* weight, const float* bias, int64_t n, float eps,
