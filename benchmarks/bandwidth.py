@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from cpmgen import hugepages, kernels
-from cpmgen.model import CPMModel, cache_dtype
+from cpmgen.model import CPMModel
 
 
 def _best_seconds(reps: int, fn: Callable, *args, **kwargs) -> float:
@@ -144,7 +144,7 @@ def kv_bytes_per_token(model: CPMModel, prompt_tokens: int, new_tokens: int) -> 
     `prompt_tokens` prompt: each step's attention reads the keys and values of every token so far
     (2 x layers x hidden values each, in the cache's dtype)."""
     args = model.args
-    per_token = 2 * args.num_layers * args.hidden_size * cache_dtype(model.word_embeddings.weight).itemsize
+    per_token = 2 * args.num_layers * args.hidden_size * model.kv_cache_dtype.itemsize
     mean_context = prompt_tokens + (new_tokens - 1) / 2
     return round(per_token * mean_context)
 

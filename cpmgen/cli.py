@@ -70,6 +70,9 @@ DtypeOpt = Annotated[Optional[str], option("--dtype", metavar="auto|fp32|bf16|fp
 QuantizeOpt = Annotated[Optional[str], option("--quantize", metavar="none|int8|int4", panel=RUNTIME,
                                               help="int8 or int4 weights: about 4x or 7x less weight memory to read per token than fp32.",
                                               default=_ROOT.runtime.quantize)]
+KvCacheOpt = Annotated[Optional[str], option("--kv-cache-dtype", metavar="auto|fp32|bf16|fp16", panel=RUNTIME,
+                                             help="The keys and values kept for each token: bf16 halves what a step reads from a long context (fp16: GPU).",
+                                             default=f"{_ROOT.runtime.kv_cache_dtype}: the weights' dtype, bf16 with --quantize")]
 CompileOpt = Annotated[Optional[bool], option("--compile/--no-compile", metavar="", panel=RUNTIME,
                                               help="torch.compile the decode step (a CUDA graph on GPU) after a one-time compile of tens of seconds; on CPU the default prepacked linears are faster.",
                                               default="on" if _ROOT.runtime.compile else "off")]
@@ -425,6 +428,7 @@ def score(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     quantize: QuantizeOpt = None,
+    kv_cache_dtype: KvCacheOpt = None,
     mp: MpOpt = None,
     threads: ThreadsOpt = None,
     trust: TrustOpt = None,
@@ -489,6 +493,7 @@ def _task_command(task_name: str):
         device: DeviceOpt = None,
         dtype: DtypeOpt = None,
         quantize: QuantizeOpt = None,
+        kv_cache_dtype: KvCacheOpt = None,
         compiled: CompileOpt = None,
         mp: MpOpt = None,
         threads: ThreadsOpt = None,
@@ -667,6 +672,7 @@ def serve(
     device: DeviceOpt = None,
     dtype: DtypeOpt = None,
     quantize: QuantizeOpt = None,
+    kv_cache_dtype: KvCacheOpt = None,
     compiled: CompileOpt = None,
     threads: ThreadsOpt = None,
     trust: TrustOpt = None,

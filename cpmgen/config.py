@@ -29,6 +29,7 @@ MAX_PENALTY = 100.0
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch's spelling is accepted too
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 QUANTIZE = ("none", "int8", "int4")
+KV_CACHE_DTYPES = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -117,6 +118,10 @@ class RuntimeSection:
     quantize: str = "none"
     """none, int8 or int4: int8 (per-row scales) or 4-bit (per-group scales) linear weights, for
     memory-bound decode; their inputs are quantized to int8 per row on the fly (cpmgen/quantize.py)."""
+    kv_cache_dtype: str = "auto"
+    """auto, fp32, bf16 or fp16 (GPU): the dtype the keys and values are kept in, with a cache or
+    without (so fast == slow still holds); auto: the weights' dtype, and bf16 where the linears are
+    int8 or int4 (half the bytes each step reads from a long context)."""
     prepack: bool = True
     """CPU: run linears in a faster form than plain F.linear (cpmgen/prepack.py): cpmgen's fp32/bf16
     GEMV for decode, or oneDNN-prepacked weights on Intel's AVX-512, where they were measured."""
@@ -133,6 +138,9 @@ class RuntimeSection:
             raise UserError(f"--dtype {self.dtype}: choose auto, fp32, bf16 or fp16 (or float32, bfloat16, float16)")
         if self.quantize not in QUANTIZE:
             raise UserError(f"--quantize {self.quantize}: choose {', '.join(QUANTIZE[:-1])} or {QUANTIZE[-1]}")
+        if DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype) not in KV_CACHE_DTYPES:
+            raise UserError(f"--kv-cache-dtype {self.kv_cache_dtype}: choose auto, fp32, bf16 or fp16 "
+                            "(or float32, bfloat16, float16)")
         if self.threads < 0:
             raise UserError(f"--threads {self.threads}: must be 0 (automatic) or a positive number")
         if self.mp is not None and self.mp < 1:
@@ -295,6 +303,7 @@ class Settings:
 OPTION_KEYS: dict[str, str] = {
     "model": "model.path", "trust": "model.trust_checkpoint", "vocab": "tokenizer.vocab",
     "device": "runtime.device", "dtype": "runtime.dtype", "quantize": "runtime.quantize",
+    "kv_cache_dtype": "runtime.kv_cache_dtype",
     "compiled": "runtime.compile", "threads": "runtime.threads", "mp": "runtime.mp",
     "stride": "window.stride", "keep": "window.keep",
     "temperature": "sampling.temperature", "top_k": "sampling.top_k", "top_p": "sampling.top_p",

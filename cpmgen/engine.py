@@ -109,8 +109,8 @@ class Engine:
             raise UserError(f"--out-seq-length {gen.out_seq_length}: not longer than the prompt "
                             f"({len(ids)} tokens); ask for more, or use --max-new-tokens")
         max_new_tokens = gen.out_seq_length - len(ids) if gen.out_seq_length is not None else gen.max_new_tokens
-        check_generation_memory(self.args, gen.num_samples, window.size + 1, self.loaded.dtype, self.device,
-                                self.world)
+        check_generation_memory(self.args, gen.num_samples, window.size + 1, self.loaded.model.kv_cache_dtype,
+                                self.device, self.world)
         job = Job(job_task, window, samp, max_new_tokens or None, gen.num_samples, gen.fast, samp.seed,
                   tuple(gen.stop), gen.lines, gen.ignore_eos, gen.min_new_tokens)
         return job, ids

@@ -55,7 +55,7 @@ class DecodeAttention(Attention):
 
     def __init__(self, attention: Attention):
         nn.Module.__init__(self)
-        self.num_heads, self.head_dim = attention.num_heads, attention.head_dim
+        self.num_heads, self.head_dim, self.kv_dtype = attention.num_heads, attention.head_dim, attention.kv_dtype
         self.query_key_value, self.dense = attention.query_key_value, attention.dense
 
     def forward(self, x, input_pos, mask, kv_cache, layer, kv_len):

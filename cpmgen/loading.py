@@ -15,6 +15,7 @@ from cpmgen.fused_decode import fuse_decode
 from cpmgen.hugepages import streamed_tensors, use_huge_pages
 from cpmgen.memory import trim_heap
 from cpmgen.model import CPMModel, decode_step
+from cpmgen.quantize import QuantizedLinear
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -34,6 +35,19 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
             return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
         return torch.float32
     return TORCH_DTYPES[DTYPE_ALIASES.get(name, name)]
+
+
+def resolve_kv_dtype(name: str, dtype: torch.dtype, quantized: bool, device: torch.device) -> Optional[torch.dtype]:
+    """A checked runtime.kv_cache_dtype for a model of `dtype` weights (quantized: int8 or int4
+    linears): the dtype to keep keys and values in, None for the projection's own. auto keeps an
+    fp32 model's in bf16 where its linears are quantized: those already round their inputs to 8
+    bits, the cache is a large share of what such a step reads, and a bf16 cache halves it."""
+    if name == "auto":
+        return torch.bfloat16 if quantized and dtype == torch.float32 else None
+    kv = TORCH_DTYPES[DTYPE_ALIASES.get(name, name)]
+    if kv == torch.float16 and device.type == "cpu":
+        raise UserError(f"--kv-cache-dtype {name}: the CPU's attention reads fp32 or bf16 caches; choose bf16")
+    return None if kv == dtype else kv
 
 
 def model_path(settings: Settings) -> Path:
@@ -127,6 +141,8 @@ def _loaded(model: CPMModel, args: ModelArgs, device: torch.device, dtype: torch
     if device.type == "cpu" and ckpt.format in ("megatron", "quantized"):
         use_huge_pages(streamed_tensors(model), released(ckpt))
     trim_heap()  # converted and replaced copies were freed one by one; hand their memory back
+    quantized = any(isinstance(module, QuantizedLinear) for module in model.modules())
+    model.keep_kv_in(resolve_kv_dtype(settings.runtime.kv_cache_dtype, dtype, quantized, device))
     fuse_decode(model)  # CPU: a one-token step in fewer, larger ops
     return Loaded(model.eval(), args, device, dtype, compile_decode(model) if settings.runtime.compile else decode_step)
 

@@ -33,7 +33,7 @@ def available_bytes(device: torch.device) -> int:
 
 
 def generation_bytes(args: ModelArgs, samples: int, window: int, dtype: torch.dtype, world: int = 1) -> int:
-    """The KV cache of `samples` rows of `window` slots (this rank's heads), plus sampling temporaries."""
+    """The KV cache (of `dtype`) of `samples` rows of `window` slots (this rank's heads), plus sampling temporaries."""
     element = torch.empty((), dtype=dtype).element_size()
     kv_cache = 2 * args.num_layers * samples * window * (args.hidden_size // world) * element
     return kv_cache + samples * args.vocab_size * SAMPLING_BYTES_PER_ENTRY

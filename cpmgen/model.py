@@ -85,14 +85,12 @@ def attention_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.float32 if x.device.type == "cpu" else x.dtype
 
 
-def cache_dtype(weight: torch.Tensor) -> torch.dtype:
-    """The KV cache holds keys and values in the dtype the projection computes them in, the
-    weights', on every device: in bf16 or fp16 they are exactly the values attention widens to
-    fp32 on the CPU, so a wider cache would only be more bytes to read at every step."""
-    return weight.dtype
-
-
 class Attention(nn.Module):
+    kv_dtype: Optional[torch.dtype] = None
+    """The dtype keys and values are kept in (CPMModel.keep_kv_in), None: the projection's. They
+    are rounded to it in every forward, with a cache or without, so the slow path's recompute sees
+    the values a cache holds."""
+
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.num_heads = args.num_heads
@@ -105,6 +103,8 @@ class Attention(nn.Module):
         # Fused rows are [q; k; v], each num_heads * head_dim wide (per rank under tensor parallel).
         q, k, v = self.query_key_value(x).split(self.num_heads * self.head_dim, dim=-1)
         q, k, v = (t.view(batch, seq, self.num_heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
+        if self.kv_dtype is not None:
+            k, v = k.to(self.kv_dtype), v.to(self.kv_dtype)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, input_pos, k, v, kv_len)
         dtype = attention_dtype(x)
@@ -190,11 +190,23 @@ class CPMModel(nn.Module):
         self.transformer = Transformer(args)
         self.lm_head = TiedOutput()
 
+    @property
+    def kv_cache_dtype(self) -> torch.dtype:
+        """What the KV cache holds: the attention's kv_dtype where set, else the weights' dtype (the
+        dtype the projection computes keys and values in: on the CPU attention widens them to fp32
+        exactly, so a wider cache would only be more bytes to read at every step)."""
+        return self.transformer.layers[0].attention.kv_dtype or self.word_embeddings.weight.dtype
+
+    def keep_kv_in(self, dtype: Optional[torch.dtype]) -> None:
+        """Keep every layer's keys and values in `dtype` (None: the projection's dtype)."""
+        for layer in self.transformer.layers:
+            layer.attention.kv_dtype = dtype
+
     def new_kv_cache(self, batch_size: int, slots: Optional[int] = None, zeros: Callable = torch.zeros) -> KVCache:
         attention = self.transformer.layers[0].attention
         weight = self.word_embeddings.weight
         return KVCache.allocate(len(self.transformer.layers), batch_size, attention.num_heads,
-                                slots or self.args.max_positions, attention.head_dim, cache_dtype(weight),
+                                slots or self.args.max_positions, attention.head_dim, self.kv_cache_dtype,
                                 weight.device, zeros)
 
     def forward(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_cache: Optional[KVCache] = None,

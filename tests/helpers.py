@@ -1,8 +1,12 @@
 """Shared by the test files, imported directly (conftest's fixtures cover the rest)."""
 
+from pathlib import Path
+
 import torch
 
 from cpmgen.config import ModelArgs
+
+CPM_TINY = Path(__file__).resolve().parent.parent / "models" / "cpm-tiny"  # the trained model shipped
 
 # The one tiny model of the tests: 2 layers, hidden 64 (not a public CPM-1 size, so the head
 # count comes from the Megatron args a synthetic checkpoint stores), 4 heads, a vocab of 1000

@@ -38,8 +38,9 @@ def test_json_fast_equals_no_fast_past_the_window(cpmgen_cli, model_dir, prompt_
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernels", [["--quantize", "int8"], ["--quantize", "int4"], ["--set", "runtime.prepack=false"]],
-                         ids=["int8", "int4", "plain-linears"])
+@pytest.mark.parametrize("kernels", [["--quantize", "int8"], ["--quantize", "int4"], ["--set", "runtime.prepack=false"],
+                                     ["--kv-cache-dtype", "bf16"], ["--quantize", "int8", "--kv-cache-dtype", "fp32"]],
+                         ids=["int8", "int4", "plain-linears", "bf16-kv-cache", "int8-fp32-kv-cache"])
 def test_other_kernels_fast_equal_no_fast(cpmgen_cli, model_dir, prompt_file, kernels):
     common = ["novel", prompt_file, "-m", model_dir, "--json", "--seed", "5", "--stride", "8",
               "--max-new-tokens", "100", *kernels]
@@ -111,6 +112,10 @@ BAD = [
     (["--num-samples", "0"], "error: --num-samples 0: must be at least 1"),
     (["--stride", "0"], "error: --stride 0: must be at least 1"),
     (["--quantize", "int3"], "error: --quantize int3: choose none, int8 or int4"),
+    (["--kv-cache-dtype", "int8"], "error: --kv-cache-dtype int8: choose auto, fp32, bf16 or fp16 (or float32, "
+                                   "bfloat16, float16)"),
+    (["--kv-cache-dtype", "fp16", "--device", "cpu"],
+     "error: --kv-cache-dtype fp16: the CPU's attention reads fp32 or bf16 caches; choose bf16"),
 ]
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import threading
-from pathlib import Path
 
 import pytest
 
@@ -16,7 +15,9 @@ from cpmgen.batch import QueueFull, Request, Scheduler
 from cpmgen.engine import Engine
 from cpmgen.errors import UserError
 
-MODEL = Path(__file__).resolve().parent.parent / "models" / "cpm-tiny"
+from helpers import CPM_TINY
+
+MODEL = CPM_TINY
 
 # prompt, task, options: different settings and seeds, all sliding several times
 CASES = [

@@ -18,6 +18,9 @@ import cpmgen.quantize
 from cpmgen.checkpoint import splits
 from cpmgen.generate import Stats, generate
 from cpmgen import kernels
+from cpmgen.config import Settings
+from cpmgen.fused_decode import fuse_decode
+from cpmgen.loading import load_model
 from cpmgen.model import CPMModel
 from cpmgen.parallel import apply_tensor_parallel, shutdown
 from cpmgen.quantize import (GROUP, QUANTIZED_LINEARS, QuantizedLinear, QuantizedOutput, QuantizedRowParallelLinear,
@@ -26,7 +29,7 @@ from cpmgen.sampling import SamplingParams
 from cpmgen.synthetic import random_state_dict
 from cpmgen.window import Window
 
-from helpers import TINY
+from helpers import CPM_TINY, TINY
 
 # TINY's hidden 64 and 4 * 64 hold whole int4 groups; its vocab and ffn split in 2.
 KINDS = ("int8", "int4")
@@ -182,6 +185,7 @@ def test_quantizing_from_a_stored_fp16_checkpoint_equals_quantizing_its_loaded_c
     plain = quantize_model(load_model(settings).model, kind)
     settings.runtime.quantize = kind
     loaded = load_model(settings).model
+    plain.keep_kv_in(loaded.transformer.layers[0].attention.kv_dtype)  # auto: bf16 beside quantized linears in fp32
     for (name, a), (_, b) in zip(plain.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     with torch.inference_mode():
@@ -227,10 +231,17 @@ def test_quantizing_twice_or_a_rewritten_layer_is_an_error():
         quantize_model(other, "int8")
 
 
+@pytest.mark.parametrize("kv_dtype", (None, torch.bfloat16), ids=("kv-as-computed", "bf16-kv"))
+@pytest.mark.parametrize("fused", (False, True), ids=("modules", "fused"))
 @pytest.mark.parametrize("kind", KINDS)
-def test_fast_generation_equals_slow(kind):
-    """Decode steps run one row through the kernel, the slow path whole windows: the same logits."""
+def test_fast_generation_equals_slow(kind, fused, kv_dtype):
+    """Decode steps run one row through the kernel, the slow path whole windows: the same logits,
+    with the keys and values kept as computed or rounded to bf16 (cached or not)."""
     model = quantize_model(make_model(), kind)
+    model.keep_kv_in(kv_dtype)
+    if fused:
+        assert fuse_decode(model) == TINY.num_layers
+    assert model.new_kv_cache(1).k[0].dtype == (kv_dtype or torch.float32)
     window = Window(TINY.max_positions - 1, 8)
     prompt = list(range(20, 40))
     new = 3 * TINY.max_positions + 26
@@ -241,6 +252,51 @@ def test_fast_generation_equals_slow(kind):
                                    1, fast, torch.Generator().manual_seed(1), stats))
         assert stats.slides >= 3
     assert runs[True] == runs[False]
+
+
+# ----------------------------------------------------------------------------- the KV cache's dtype
+
+
+@pytest.mark.parametrize("fused", (False, True), ids=("modules", "fused"))
+def test_bf16_keys_and_values_are_rounded_with_a_cache_or_without(fused):
+    """The slow path (no cache) rounds keys and values as a bf16 cache holds them: its logits are
+    bitwise a cached prefill's, and not those of keys and values kept in fp32."""
+    model = quantize_model(make_model(), "int8")
+    if fused:
+        fuse_decode(model)
+    exact = logits(model, IDS)
+    model.keep_kv_in(torch.bfloat16)
+    cache = model.new_kv_cache(IDS.shape[0], TINY.max_positions)
+    with torch.inference_mode():
+        cached = model(IDS, torch.arange(IDS.shape[1]), cache)
+    assert cache.k[0].dtype == torch.bfloat16
+    assert torch.equal(cached, logits(model, IDS))
+    assert not torch.equal(cached, exact) and rel_error(cached, exact) < 0.02
+
+
+def load_tiny(**runtime) -> CPMModel:
+    settings = Settings()
+    settings.model.path = str(CPM_TINY)
+    for key, value in runtime.items():
+        setattr(settings.runtime, key, value)
+    settings.validate()
+    return load_model(settings).model
+
+
+@pytest.mark.parametrize("runtime, expected", [
+    (dict(), torch.float32),
+    (dict(dtype="bf16"), torch.bfloat16),
+    (dict(quantize="int8"), torch.bfloat16),  # auto: bf16 beside int8 / int4 linears
+    (dict(quantize="int4"), torch.bfloat16),
+    (dict(quantize="int8", kv_cache_dtype="fp32"), torch.float32),
+    (dict(kv_cache_dtype="bfloat16"), torch.bfloat16),
+])
+def test_the_kv_cache_dtype_setting(runtime, expected):
+    model = load_tiny(**runtime)
+    assert model.kv_cache_dtype == expected
+    assert {layer.attention.kv_dtype for layer in model.transformer.layers} == {
+        None if expected == model.word_embeddings.weight.dtype else expected}
+    assert model.new_kv_cache(1).v[-1].dtype == expected
 
 
 # ----------------------------------------------------------------------------- tensor parallel

@@ -19,9 +19,11 @@ from pathlib import Path
 
 import pytest
 
+from helpers import CPM_TINY
+
 openai = pytest.importorskip("openai")
 
-MODEL = Path(__file__).resolve().parent.parent / "models" / "cpm-tiny"
+MODEL = CPM_TINY
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 
 pytestmark = pytest.mark.slow
