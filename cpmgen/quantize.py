@@ -51,7 +51,11 @@ MAX_INT4_INPUTS = 17_000
 # int4 group scales tried, relative to the one that spans the group's range: the one with the
 # least squared error is kept (a slightly smaller step often fits a group better).
 SCALE_SEARCH = (0.7, 0.75, 0.8, 0.85, 0.9, 0.95, 1.0, 1.05, 1.1)
-QUANTIZE_ROWS = 1024  # weight rows quantized at a time: bounds the float temporaries
+# Weight values quantized at a time (whole rows, at least LANES): bounds the float temporaries,
+# of which int4's scale search holds several of this size at once. A fixed count of rows made
+# them grow with the row length (CPM-Large's MLP rows are 10240 long) and set a loading
+# model's peak memory.
+QUANTIZE_FLOATS = 1 << 21
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -97,8 +101,9 @@ def quantize_weight(weight: torch.Tensor, bits: int, dtype: Optional[torch.dtype
     """{"packed", "gparams", "scale"}: the layout qlinear.cpp reads (gparams is empty for int8).
 
     int8: symmetric per row. int4: asymmetric per group of GROUP inputs, an integer scale and
-    zero point per group and one float scale per row. Rows go QUANTIZE_ROWS at a time, so the
-    temporaries stay small next to the weight; `dtype`: the model's float type, which each
+    zero point per group and one float scale per row. Rows go a block of about QUANTIZE_FLOATS
+    values at a time (each row's values depend on that row alone), so the temporaries stay small
+    next to the weight; `dtype`: the model's float type, which each
     block of rows is rounded to first (as if the weight had been loaded in it), so a weight
     can be quantized from its stored copy without a converted copy of the whole model."""
     n, k = weight.shape
@@ -107,8 +112,9 @@ def quantize_weight(weight: torch.Tensor, bits: int, dtype: Optional[torch.dtype
     gparams = torch.zeros(n_pad, 2, k_pad // GROUP if bits == 4 else 0, dtype=torch.uint8)
     gparams[:, 0] = 1
     scale = torch.zeros(n_pad, dtype=torch.float32)
-    for start in range(0, n, QUANTIZE_ROWS):
-        rows = slice(start, min(start + QUANTIZE_ROWS, n))
+    block_rows = max(LANES, QUANTIZE_FLOATS // k_pad)
+    for start in range(0, n, block_rows):
+        rows = slice(start, min(start + block_rows, n))
         w = torch.zeros(rows.stop - start, k_pad)
         w[:, :k] = weight[rows].detach().to(dtype or weight.dtype).float().cpu()
         if bits == 8:

@@ -23,8 +23,9 @@ from cpmgen.fused_decode import fuse_decode
 from cpmgen.loading import load_model
 from cpmgen.model import CPMModel
 from cpmgen.parallel import apply_tensor_parallel, shutdown
-from cpmgen.quantize import (GROUP, QUANTIZED_LINEARS, QuantizedLinear, QuantizedOutput, QuantizedRowParallelLinear,
-                             quantize_model, quantize_rows_int8, quantize_weight, reference_linear, unpack_int_weight)
+from cpmgen.quantize import (BITS, GROUP, QUANTIZED_LINEARS, QuantizedLinear, QuantizedOutput,
+                             QuantizedRowParallelLinear, quantize_model, quantize_rows_int8, quantize_weight,
+                             reference_linear, unpack_int_weight)
 from cpmgen.sampling import SamplingParams
 from cpmgen.synthetic import random_state_dict
 from cpmgen.window import Window
@@ -81,6 +82,15 @@ def test_int8_round_trip_error_is_at_most_half_a_scale():
     assert int(ints.abs().max()) <= 127 and bool((ints[5] == 0).all()) and ints[7, 3] == 127
     error = (weight - ints.float() * t["scale"][:, None]).abs()
     assert bool((error <= t["scale"][:, None] / 2 * (1 + 1e-6)).all())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_rows_quantized_a_block_at_a_time_give_the_same_tensors_at_any_block_size(kind, monkeypatch):
+    weight = torch.randn(100, 96, generator=torch.Generator().manual_seed(4))
+    whole = quantize_weight(weight, BITS[kind])
+    monkeypatch.setattr(cpmgen.quantize, "QUANTIZE_FLOATS", 1)  # LANES rows at a time
+    for name, tensor in quantize_weight(weight, BITS[kind]).items():
+        assert torch.equal(tensor, whole[name]), name
 
 
 def test_int4_round_trip():
