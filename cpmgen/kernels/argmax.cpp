@@ -18,17 +18,10 @@
 
 namespace {
 
-constexpr int kLanes = 8;  // values compared side by side: one AVX2 register of floats
-// kLanes floats as one vector (GCC's vector extensions: one AVX2 register in the AVX2 build),
-// compared lane by lane; a comparison gives a mask of -1 (true) or 0 per lane.
-typedef float Floats __attribute__((vector_size(kLanes * sizeof(float))));
-typedef int32_t Mask __attribute__((vector_size(kLanes * sizeof(int32_t))));
-
-inline __attribute__((always_inline)) Floats load(const float* p) {
-  Floats v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
+constexpr int kLanes = cpmgen::kVectorFloats;  // values compared side by side: one AVX2 register of floats
+using Floats = cpmgen::Floats8;
+using Mask = cpmgen::Mask8;
+using cpmgen::load_floats;
 
 inline __attribute__((always_inline)) bool any(Mask m) {
   int32_t lanes[kLanes];
@@ -44,8 +37,8 @@ inline __attribute__((always_inline)) int64_t first_index(const float* p, int64_
   auto is = [value](Floats v) -> Mask { return kNan ? v != v : v == value; };
   int64_t start = 0;
   for (; start + 4 * kLanes <= n; start += 4 * kLanes)
-    if (any(is(load(p + start)) | is(load(p + start + kLanes)) | is(load(p + start + 2 * kLanes)) |
-            is(load(p + start + 3 * kLanes))))
+    if (any(is(load_floats(p + start)) | is(load_floats(p + start + kLanes)) | is(load_floats(p + start + 2 * kLanes)) |
+            is(load_floats(p + start + 3 * kLanes))))
       break;
   for (int64_t j = start; j < n; ++j)
     if (kNan ? p[j] != p[j] : p[j] == value) return j;
@@ -62,7 +55,7 @@ CPMGEN_CLONES int64_t row_argmax(const float* p, int64_t n) {
   int64_t i = 0;
   for (; i + 4 * kLanes <= n; i += 4 * kLanes)
     for (int j = 0; j < 4; ++j) {
-      const Floats v = load(p + i + j * kLanes);
+      const Floats v = load_floats(p + i + j * kLanes);
       top[j] = v > top[j] ? v : top[j];  // a NaN never replaces a lane's value
       nan |= v != v;
     }

@@ -43,32 +43,14 @@
 
 namespace {
 
-constexpr int kWidth = 8;  // interleaved partial sums: one AVX2 register of floats
-
-// kWidth floats as one vector (GCC's vector extensions: one AVX2 register, two SSE ones in the
-// baseline build), lane by lane the same operations as a loop over an array of them.
-typedef float Floats __attribute__((vector_size(kWidth * sizeof(float))));
-typedef uint32_t Words __attribute__((vector_size(kWidth * sizeof(uint32_t))));
-
-inline __attribute__((always_inline)) Floats load_floats(const float* p) {
-  Floats v;
-  __builtin_memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-// kWidth bf16 values widened (cpmgen::widen's bit shift) into one vector: a zero-extending load
-// and a shift for the eight, where widening them into an array of floats compiled to four times
-// as many instructions on half-width registers (a bf16 cache's scores were arithmetic-bound).
-inline __attribute__((always_inline)) Floats load_floats(const at::BFloat16* p) {
-  Words bits;
-  for (int l = 0; l < kWidth; ++l) bits[l] = static_cast<uint32_t>(p[l].x) << 16;
-  return reinterpret_cast<Floats>(bits);
-}
+constexpr int kWidth = cpmgen::kVectorFloats;  // interleaved partial sums: one AVX2 register of floats
+using cpmgen::Floats8;
+using cpmgen::load_floats;
 
 // b: fp32 or bf16.
 template <typename T>
 inline __attribute__((always_inline)) float dot(const float* a, const T* b, int64_t n) {
-  Floats sums = {};
+  Floats8 sums = {};
   int64_t i = 0;
   for (; i + kWidth <= n; i += kWidth) sums = sums + load_floats(a + i) * load_floats(b + i);
   float part[kWidth];
@@ -82,11 +64,11 @@ inline __attribute__((always_inline)) float dot(const float* a, const T* b, int6
 inline __attribute__((always_inline)) float exps_and_total(float* scores, int64_t n) {
   // The maximum, kWidth lanes at a time (a NaN never replaces a value, as in one pass from the
   // first score; a tie of 0 and -0 may keep either, which the subtraction below does not tell apart).
-  Floats tops;
+  Floats8 tops;
   for (int l = 0; l < kWidth; ++l) tops[l] = scores[0];
   int64_t s = 0;
   for (; s + kWidth <= n; s += kWidth) {
-    const Floats v = load_floats(scores + s);
+    const Floats8 v = load_floats(scores + s);
     tops = v > tops ? v : tops;
   }
   float top = tops[0];
@@ -94,7 +76,7 @@ inline __attribute__((always_inline)) float exps_and_total(float* scores, int64_
   for (; s < n; ++s) top = scores[s] > top ? scores[s] : top;
 #pragma omp simd
   for (s = 0; s < n; ++s) scores[s] = cpmgen::exp_nonpositive(scores[s] - top);
-  Floats sums = {};
+  Floats8 sums = {};
   for (s = 0; s + kWidth <= n; s += kWidth) sums = sums + load_floats(scores + s);
   float part[kWidth];
   __builtin_memcpy(part, &sums, sizeof(part));

@@ -58,6 +58,29 @@ inline __attribute__((always_inline)) float widen(at::BFloat16 x) {
   return __builtin_bit_cast(float, static_cast<uint32_t>(x.x) << 16);
 }
 
+// Eight floats as one vector (GCC's vector extensions: one AVX2 register, two SSE ones in the
+// baseline build), lane by lane the same operations as a loop over an array of them; a
+// comparison gives a mask of -1 (true) or 0 per lane.
+constexpr int kVectorFloats = 8;
+typedef float Floats8 __attribute__((vector_size(kVectorFloats * sizeof(float))));
+typedef int32_t Mask8 __attribute__((vector_size(kVectorFloats * sizeof(int32_t))));
+typedef uint32_t Words8 __attribute__((vector_size(kVectorFloats * sizeof(uint32_t))));
+
+inline __attribute__((always_inline)) Floats8 load_floats(const float* p) {
+  Floats8 v;
+  __builtin_memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+// Eight bf16 values widened (widen's bit shift) into one vector: a zero-extending load and a
+// shift for the eight, where widening them into an array of floats compiled to four times as
+// many instructions on half-width registers (a bf16 cache's attention scores were arithmetic-bound).
+inline __attribute__((always_inline)) Floats8 load_floats(const at::BFloat16* p) {
+  Words8 bits;
+  for (int l = 0; l < kVectorFloats; ++l) bits[l] = static_cast<uint32_t>(p[l].x) << 16;
+  return reinterpret_cast<Floats8>(bits);
+}
+
 // The total of W partial sums, added pairwise in a fixed order (part is overwritten).
 template <int W>
 inline __attribute__((always_inline)) float lanes_sum(float* part) {
