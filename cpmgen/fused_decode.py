@@ -25,6 +25,11 @@ swaps modules after loading, as prepack.py and quantize.py do:
   steps in one call (block.cpp's StackStep runs their BlockSteps in turn, with cpmgen's own
   linears in one parallel region for all of them): the same values, one Python call a step
   instead of one a block.
+- CPMModel.fused_step = FusedStep, where the transformer is a DecodeTransformer: the whole
+  one-token step (the embeddings' rows added, the blocks, the final layer norm, the output layer)
+  in one call (block.cpp's ModelStep; the output layer in the blocks' parallel region where it is
+  cpmgen's int8 or GEMV): the same values, without the Python calls, tensors and second region
+  around the blocks that cost a small model's step about as much as its output layer's arithmetic.
 
 Every other call (a window's prefill, the slow recompute without a cache, a compiled step) runs
 the modules' own code, with the attention, the layer norms and the GELU above (not while compiling). The ops split
@@ -40,9 +45,9 @@ import torch
 import torch.nn as nn
 
 from cpmgen import kernels
-from cpmgen.model import MLP, Attention, Block, CPMModel, Transformer
-from cpmgen.prepack import GemvLinear, PackedLinear
-from cpmgen.quantize import QuantizedLinear
+from cpmgen.model import MLP, Attention, Block, CPMModel, TiedOutput, Transformer
+from cpmgen.prepack import GemvLinear, GemvOutput, PackedLinear, PackedOutput
+from cpmgen.quantize import QuantizedLinear, QuantizedOutput
 
 
 def one_token_step(x: torch.Tensor, kv_cache) -> bool:
@@ -189,10 +194,56 @@ class DecodeTransformer(Transformer):
         return self.step_forward(x, kv_cache.k, kv_cache.v, input_pos)
 
 
+class FusedStep(nn.Module):
+    """A CPMModel's one-token step with a cache in one call (block.cpp's ModelStep over the
+    DecodeTransformer's StackStep, the embedding tables, the final layer norm and the output
+    layer): bitwise the logits of the modules. It holds no parameters (the state dict stays the
+    model's), only the modules it was made from, in a tuple (not registered), so that a deep copy
+    of the model makes one over the copied modules."""
+
+    # each output layer type: its kind in kernels/block.cpp
+    HEADS = {TiedOutput: "plain", PackedOutput: "packed", GemvOutput: "gemv", QuantizedOutput: "quantized"}
+
+    def __init__(self, word_embeddings: nn.Embedding, position_embeddings: nn.Embedding,
+                 transformer: "DecodeTransformer", lm_head: nn.Module):
+        super().__init__()
+        self.sources = (word_embeddings, position_embeddings, transformer, lm_head)
+        table, norm, empty = word_embeddings.weight, transformer.final_layernorm, torch.empty(0)
+        kind = self.HEADS[type(lm_head)]
+        linear = lm_head.linear if kind == "quantized" else None
+        weight = {"plain": table, "gemv": table, "packed": getattr(lm_head, "packed_weight", None),
+                  "quantized": linear.packed if linear is not None else None}[kind]
+        self.step = kernels.model_step(
+            table, position_embeddings.weight, transformer.step, norm_weight=norm.weight, norm_bias=norm.bias,
+            eps=norm.eps, head_kind=kind, head_weight=weight,
+            head_gparams=linear.gparams if linear is not None else empty,
+            head_scale=linear.scale if linear is not None else empty,
+            vocab=table.shape[0], bits=linear.bits if linear is not None else 0,
+            group=linear.group if linear is not None else 0)
+        self.step_forward = self.step.forward  # looked up once: each lookup makes a new method object
+
+    @classmethod
+    def fits(cls, model: CPMModel) -> bool:
+        """Every block fused into a DecodeTransformer, a KernelLayerNorm final norm, an output
+        layer of a kind the op runs (not gathered over ranks; quantized: without a bias)."""
+        head = model.lm_head
+        return (type(model.transformer) is DecodeTransformer and type(head) in cls.HEADS
+                and type(model.transformer.final_layernorm) is KernelLayerNorm
+                and (type(head) is not QuantizedOutput or head.linear.bias is None))
+
+    def __deepcopy__(self, memo: dict) -> "FusedStep":
+        memo[id(self)] = copied = FusedStep(*copy.deepcopy(self.sources, memo))
+        return copied
+
+    def forward(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_cache) -> torch.Tensor:
+        """ids [batch, 1], input_pos as CPMModel.attention_plan gives it -> logits [batch, 1, vocab]."""
+        return self.step_forward(ids, input_pos, kv_cache.k, kv_cache.v)[:, None]
+
+
 def fuse_decode(model: CPMModel) -> int:
     """Swap in KernelLayerNorm for every layer norm, DecodeAttention and KernelGeluMLP for every layer, DecodeBlock for every block whose
-    linears the op runs (not tensor-parallel ones, which all-reduce), and DecodeTransformer where
-    that was every block, where the ops run: a CPU model in fp32 or bf16 with the kernel library
+    linears the op runs (not tensor-parallel ones, which all-reduce), DecodeTransformer where
+    that was every block, and the model's FusedStep where that and its output layer allow, where the ops run: a CPU model in fp32 or bf16 with the kernel library
     built. Returns the number of layers changed."""
     weight = model.word_embeddings.weight
     if weight.device.type != "cpu" or weight.dtype not in kernels.INPUT_DTYPES or not kernels.loaded():
@@ -212,4 +263,6 @@ def fuse_decode(model: CPMModel) -> int:
             layers[i] = DecodeBlock(block)
     if type(model.transformer) is Transformer and all(type(block) is DecodeBlock for block in layers):
         model.transformer = DecodeTransformer(model.transformer)
+    if FusedStep.fits(model):
+        model.fused_step = FusedStep(model.word_embeddings, model.position_embeddings, model.transformer, model.lm_head)
     return len(layers)

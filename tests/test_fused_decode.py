@@ -16,8 +16,8 @@ import torch.nn as nn
 
 from cpmgen import kernels
 from cpmgen.config import Settings
-from cpmgen.fused_decode import (DecodeAttention, DecodeBlock, DecodeTransformer, KernelGeluMLP, KernelLayerNorm,
-                                  fuse_decode)
+from cpmgen.fused_decode import (DecodeAttention, DecodeBlock, DecodeTransformer, FusedStep, KernelGeluMLP,
+                                  KernelLayerNorm, fuse_decode)
 from cpmgen.loading import load_model
 from cpmgen.model import Attention, Block, CPMModel, KVCache, Transformer, decode_step
 from cpmgen.synthetic import random_state_dict
@@ -250,24 +250,29 @@ def fused_block_against_its_modules(kind: str, dtype: torch.dtype, batch: int) -
     elif kind != "plain":
         quantize_model(model, kind)
     assert fuse_decode(model) == args.num_layers
-    stack = model.transformer
+    stack, whole_step = model.transformer, model.fused_step
     fused = list(stack.layers)
     assert type(stack) is DecodeTransformer and all(type(block) is DecodeBlock for block in fused)
+    assert type(whole_step) is FusedStep
     modules = [Block.__new__(Block) for _ in fused]  # the same modules, run one by one
     for plain, block in zip(modules, fused):
         plain.__dict__.update(block.__dict__)
     ids = torch.randint(0, args.vocab_size, (batch, 20), generator=torch.Generator().manual_seed(4))
     outputs = []
-    # the blocks' modules; the DecodeBlocks called one by one; all of them in one call
-    for transformer in (plain_transformer(modules, stack.final_layernorm), plain_transformer(fused, stack.final_layernorm),
-                        stack):
-        model.transformer = transformer
+    # the blocks' modules; the DecodeBlocks called one by one; all of them in one call; the whole
+    # step (embeddings, blocks, final norm, output layer) in one call
+    for transformer, step in ((plain_transformer(modules, stack.final_layernorm), None),
+                              (plain_transformer(fused, stack.final_layernorm), None), (stack, None),
+                              (stack, whole_step)):
+        model.transformer, model.fused_step = transformer, step
         with torch.inference_mode():
             cache = model.new_kv_cache(batch, 32)
             logits = [model(ids[:, :12], torch.arange(12), cache)[:, -1]]
-            logits += [decode_step(model, ids[:, i], torch.arange(batch) + i, cache) for i in range(12, 20)]
+            logits += [decode_step(model, ids[:, i], torch.arange(batch) + i, cache) for i in range(12, 16)]
+            # every row at one position (the plan's single index for all of them)
+            logits += [decode_step(model, ids[:, i], torch.full((batch,), i), cache) for i in range(16, 20)]
         outputs.append(torch.stack(logits))
-    assert outputs[0].dtype == dtype and torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    assert outputs[0].dtype == dtype and all(torch.equal(outputs[0], other) for other in outputs[1:])
 
 
 @pytest.mark.parametrize("kind", ["modules", "gemv", "int8", "int4"])
@@ -320,8 +325,9 @@ def test_tensor_parallel_blocks_and_fp16_keep_their_modules():
     assert type(model.transformer.layers[0].input_layernorm) is KernelLayerNorm and not DecodeBlock.fits(block)
     assert type(model.transformer.layers[1]) is DecodeBlock
     assert type(model.transformer) is Transformer  # not every block is a DecodeBlock: each runs its own
+    assert model.fused_step is None
     half = CPMModel(TINY).to(torch.float16)
-    assert fuse_decode(half) == 0 and type(half.transformer.layers[0]) is Block
+    assert fuse_decode(half) == 0 and type(half.transformer.layers[0]) is Block and half.fused_step is None
 
 
 @pytest.mark.parametrize("quantize", ["none", "int8", "int4"])
@@ -331,7 +337,18 @@ def test_a_loaded_cpu_model_runs_its_decode_step_fused(write_ckpt, quantize):
     settings.runtime.quantize = quantize
     model = load_model(settings).model
     assert all(type(layer) is DecodeBlock and type(layer.attention) is DecodeAttention for layer in model.transformer.layers)
-    assert type(model.transformer) is DecodeTransformer
+    assert type(model.transformer) is DecodeTransformer and type(model.fused_step) is FusedStep
+    assert not any(name.startswith("fused_step") for name in model.state_dict())  # it holds no tensors of its own
+
+
+def test_the_whole_step_refuses_a_token_outside_the_vocabulary():
+    model = CPMModel(TINY)
+    model.load_state_dict(random_state_dict(TINY, 0))
+    model.eval().requires_grad_(False)
+    fuse_decode(model)
+    cache = model.new_kv_cache(1, 8)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match=f"token id {TINY.vocab_size} outside the vocabulary"):
+        decode_step(model, torch.tensor([TINY.vocab_size]), torch.tensor([0]), cache)
 
 
 def test_a_fused_model_deep_copies_into_one_of_its_own():
@@ -343,6 +360,7 @@ def test_a_fused_model_deep_copies_into_one_of_its_own():
     fuse_decode(model)
     twin = copy.deepcopy(model)
     assert type(twin.transformer) is DecodeTransformer and all(type(layer) is DecodeBlock for layer in twin.transformer.layers)
+    assert type(twin.fused_step) is FusedStep and twin.fused_step.sources[2] is twin.transformer
     ids = torch.randint(0, TINY.vocab_size, (1, 9), generator=torch.Generator().manual_seed(2))
     logits = []
     for m in (model, twin):

@@ -112,6 +112,27 @@ def test_the_librarys_argmax_picks_torchs_index_among_ties_nans_and_infinities(n
     assert torch.equal(argmax(columns.t()), columns.t().argmax(dim=-1))  # not contiguous
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 30000])
+def test_a_nan_or_an_infinity_anywhere_stops_sampling_with_the_cause(dtype, n):
+    """The library's finiteness pass and torch's minimum and maximum refuse the same logits: a NaN,
+    +inf or -inf at any index (in the vector part or the tail), not the largest finite values."""
+    from cpmgen.sampling import require_finite
+
+    assert kernels.op("all_finite") is not None
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(n)).to(dtype)
+    x[1, 0] = torch.finfo(dtype).max
+    x[2, -1] = -torch.finfo(dtype).max
+    for logits in (x, x.t().contiguous().t()):  # contiguous or not
+        require_finite(logits)
+        for bad in (float("nan"), float("inf"), float("-inf")):
+            for index in {0, n // 2, n - 1, 3 * n - 1}:
+                spoiled = logits.clone()  # with the same strides
+                spoiled[index // n, index % n] = bad
+                with pytest.raises(UserError, match="the model computed NaN or Inf logits"):
+                    require_finite(spoiled)
+
+
 @pytest.mark.parametrize("kwargs, message", [
     ({"top_p": 0.0}, "--top-p 0.0: must be in (0, 1]; 1 turns nucleus sampling off"),
     ({"top_p": 1.5}, "--top-p 1.5: must be in (0, 1]; 1 turns nucleus sampling off"),

@@ -6,9 +6,10 @@
   form); where the library is missing, prepack uses oneDNN's packed weights.
 - attention.cpp, gelu.cpp, layernorm.cpp, block.cpp: a decode step's attention in one op
   (`op("decode_attention")`), a window's causal attention (`op("causal_attention")`), the tanh GELU
-  in place (`op("gelu_tanh_")`), the layer norm (`op("layer_norm")`), and a whole block with any of
-  those linears in one call (`block_step(...)`, an object holding the block's tensors); where they
-  are missing, cpmgen/fused_decode.py leaves the model's plain PyTorch modules in place.
+  in place (`op("gelu_tanh_")`), the layer norm (`op("layer_norm")`), a whole block with any of
+  those linears in one call (`block_step(...)`, an object holding the block's tensors), the blocks
+  of a model (`stack_step`) and its whole one-token step (`model_step`); where they are missing,
+  cpmgen/fused_decode.py leaves the model's plain PyTorch modules in place.
 
 `build()` compiles them with the system C++ compiler against the installed torch, with no
 -march: the library holds versions of its loops for AVX-512 VNNI, AVX2 and plain C++ and picks
@@ -100,6 +101,15 @@ def stack_step(steps: list):
     """block.cpp's StackStep over the blocks' BlockSteps, in order: its `forward(x, k_caches,
     v_caches, pos)` runs their one-token steps one after the other in one call."""
     return torch.classes.cpmgen.StackStep(steps)
+
+
+def model_step(word, position, stack, *, norm_weight, norm_bias, eps: float, head_kind: str, head_weight,
+               head_gparams, head_scale, vocab: int, bits: int, group: int):
+    """block.cpp's ModelStep: a model's embedding tables, its StackStep, the final layer norm and
+    the output layer (kind as a BlockStep's linears, no bias; gparams and scale empty unless
+    quantized). Its `forward(ids, pos, k_caches, v_caches)` runs a whole one-token step -> logits."""
+    return torch.classes.cpmgen.ModelStep(word, position, stack, norm_weight, norm_bias, eps, head_kind, head_weight,
+                                          head_gparams, head_scale, vocab, bits, group)
 
 
 def isas() -> list[str]:
