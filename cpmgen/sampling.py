@@ -19,18 +19,11 @@ from cpmgen.errors import UserError
 
 
 def require_finite(logits: torch.Tensor) -> None:
-    """Stop on NaN or Inf logits instead of sampling noise from them. On the CPU the library's
-    all_finite pass tells (one bool, no tensors made or read back at each step's end); elsewhere
-    the least and the greatest logit do (a NaN anywhere makes both NaN), in one vectorized pass
-    where testing each logit makes and reduces a mask as large as the vocabulary."""
-    on_cpu = logits.device.type == "cpu" and logits.dtype in kernels.INPUT_DTYPES
-    all_finite = kernels.op("all_finite") if on_cpu else None
-    if all_finite is not None:
-        finite = all_finite(logits)
-    else:
-        low, high = torch.aminmax(logits)
-        finite = math.isfinite(low.item()) and math.isfinite(high.item())
-    if not finite:
+    """Stop on NaN or Inf logits instead of sampling noise from them. The least and the greatest
+    logit tell (a NaN anywhere makes both NaN) in one vectorized pass, where testing each logit
+    makes and reduces a mask as large as the vocabulary at every step."""
+    low, high = torch.aminmax(logits)
+    if not (math.isfinite(low.item()) and math.isfinite(high.item())):
         raise UserError("the model computed NaN or Inf logits; its weights may hold NaN/Inf (run cpmgen "
                         "inspect-ckpt --check-values on the model folder), or fp16 overflowed (try --dtype bf16 or fp32)")
 

@@ -115,11 +115,10 @@ def test_the_librarys_argmax_picks_torchs_index_among_ties_nans_and_infinities(n
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 30000])
 def test_a_nan_or_an_infinity_anywhere_stops_sampling_with_the_cause(dtype, n):
-    """The library's finiteness pass and torch's minimum and maximum refuse the same logits: a NaN,
-    +inf or -inf at any index (in the vector part or the tail), not the largest finite values."""
+    """A NaN, +inf or -inf at any index stops the step with the cause; the largest finite values
+    do not."""
     from cpmgen.sampling import require_finite
 
-    assert kernels.op("all_finite") is not None
     x = torch.randn(3, n, generator=torch.Generator().manual_seed(n)).to(dtype)
     x[1, 0] = torch.finfo(dtype).max
     x[2, -1] = -torch.finfo(dtype).max

@@ -6,10 +6,6 @@
 // first index holding it.
 //
 //   x [rows, n] fp32 (n >= 1) -> [rows] int64
-//
-// all_finite(x): whether every value of x (fp32 or bf16) is finite, as one bool, for the check a
-// step makes before it samples: a vectorized pass, where a minimum and a maximum taken by torch
-// and read back cost several times as much at a step's end.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -77,32 +73,6 @@ CPMGEN_CLONES int64_t row_argmax(const float* p, int64_t n) {
   return has_nan ? first_index<true>(p, n, best) : first_index<false>(p, n, best);
 }
 
-// Whether the n values at p are all finite: v - v is 0 for a finite v and NaN for an infinity or a NaN.
-template <typename T>
-inline __attribute__((always_inline)) bool finite_values(const T* p, int64_t n) {
-  Mask bad = {};
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-    const Floats v = load_floats(p + i), d = v - v;
-    bad |= d != d;
-  }
-  bool any_bad = any(bad);
-  for (; i < n; ++i) {
-    const float v = static_cast<float>(p[i]), d = v - v;
-    any_bad = any_bad || d != d;
-  }
-  return !any_bad;
-}
-CPMGEN_CLONES bool finite_f32(const float* p, int64_t n) { return finite_values(p, n); }
-CPMGEN_CLONES bool finite_bf16(const at::BFloat16* p, int64_t n) { return finite_values(p, n); }
-
-bool all_finite(const at::Tensor& x) {
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16, "all_finite: x must be fp32 or bf16");
-  const at::Tensor c = x.contiguous();
-  return c.scalar_type() == at::kFloat ? finite_f32(c.data_ptr<float>(), c.numel())
-                                       : finite_bf16(c.data_ptr<at::BFloat16>(), c.numel());
-}
-
 at::Tensor argmax_rows(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) > 0,
               "argmax_rows: x must be fp32 [rows, n] with n >= 1");
@@ -117,12 +87,6 @@ at::Tensor argmax_rows(const at::Tensor& x) {
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(cpmgen, m) {
-  m.def("argmax_rows(Tensor x) -> Tensor");
-  m.def("all_finite(Tensor x) -> bool");
-}
+TORCH_LIBRARY_FRAGMENT(cpmgen, m) { m.def("argmax_rows(Tensor x) -> Tensor"); }
 
-TORCH_LIBRARY_IMPL(cpmgen, CPU, m) {
-  m.impl("argmax_rows", argmax_rows);
-  m.impl("all_finite", all_finite);
-}
+TORCH_LIBRARY_IMPL(cpmgen, CPU, m) { m.impl("argmax_rows", argmax_rows); }
