@@ -199,7 +199,8 @@ class FusedStep(nn.Module):
     DecodeTransformer's StackStep, the embedding tables, the final layer norm and the output
     layer): bitwise the logits of the modules. It holds no parameters (the state dict stays the
     model's), only the modules it was made from, in a tuple (not registered), so that a deep copy
-    of the model makes one over the copied modules."""
+    of the model makes one over the copied modules. Made last, after loading: a model whose
+    transformer or output layer is swapped after it must set `fused_step` to None or a new one."""
 
     # each output layer type: its kind in kernels/block.cpp
     HEADS = {TiedOutput: "plain", PackedOutput: "packed", GemvOutput: "gemv", QuantizedOutput: "quantized"}
@@ -208,18 +209,18 @@ class FusedStep(nn.Module):
                  transformer: "DecodeTransformer", lm_head: nn.Module):
         super().__init__()
         self.sources = (word_embeddings, position_embeddings, transformer, lm_head)
-        table, norm, empty = word_embeddings.weight, transformer.final_layernorm, torch.empty(0)
+        table, norm = word_embeddings.weight, transformer.final_layernorm
         kind = self.HEADS[type(lm_head)]
-        linear = lm_head.linear if kind == "quantized" else None
-        weight = {"plain": table, "gemv": table, "packed": getattr(lm_head, "packed_weight", None),
-                  "quantized": linear.packed if linear is not None else None}[kind]
+        weight, gparams, scale, bits, group = table, torch.empty(0), torch.empty(0), 0, 0  # plain, gemv: the table
+        if kind == "packed":
+            weight = lm_head.packed_weight
+        elif kind == "quantized":
+            linear = lm_head.linear
+            weight, gparams, scale, bits, group = linear.packed, linear.gparams, linear.scale, linear.bits, linear.group
         self.step = kernels.model_step(
             table, position_embeddings.weight, transformer.step, norm_weight=norm.weight, norm_bias=norm.bias,
-            eps=norm.eps, head_kind=kind, head_weight=weight,
-            head_gparams=linear.gparams if linear is not None else empty,
-            head_scale=linear.scale if linear is not None else empty,
-            vocab=table.shape[0], bits=linear.bits if linear is not None else 0,
-            group=linear.group if linear is not None else 0)
+            eps=norm.eps, head_kind=kind, head_weight=weight, head_gparams=gparams, head_scale=scale,
+            vocab=table.shape[0], bits=bits, group=group)
         self.step_forward = self.step.forward  # looked up once: each lookup makes a new method object
 
     @classmethod
@@ -241,10 +242,11 @@ class FusedStep(nn.Module):
 
 
 def fuse_decode(model: CPMModel) -> int:
-    """Swap in KernelLayerNorm for every layer norm, DecodeAttention and KernelGeluMLP for every layer, DecodeBlock for every block whose
-    linears the op runs (not tensor-parallel ones, which all-reduce), DecodeTransformer where
-    that was every block, and the model's FusedStep where that and its output layer allow, where the ops run: a CPU model in fp32 or bf16 with the kernel library
-    built. Returns the number of layers changed."""
+    """Swap in KernelLayerNorm for every layer norm, DecodeAttention and KernelGeluMLP for every
+    layer, DecodeBlock for every block whose linears the op runs (not tensor-parallel ones, which
+    all-reduce), DecodeTransformer where that was every block, and the model's FusedStep where
+    that and its output layer allow, where the ops run: a CPU model in fp32 or bf16 with the
+    kernel library built. Returns the number of layers changed."""
     weight = model.word_embeddings.weight
     if weight.device.type != "cpu" or weight.dtype not in kernels.INPUT_DTYPES or not kernels.loaded():
         return 0
