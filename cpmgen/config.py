@@ -27,9 +27,13 @@ MIN_TEMPERATURE = 1e-3
 # Penalties beyond the logits' own range only produce -inf rows (no token left to sample).
 MAX_PENALTY = 100.0
 DTYPE_ALIASES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}  # torch's spelling is accepted too
-DTYPES = ("auto", "fp32", "bf16", "fp16")
+DTYPES = ("auto", "fp32", "bf16", "fp16")  # --dtype and --kv-cache-dtype
 QUANTIZE = ("none", "int8", "int4")
-KV_CACHE_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def check_dtype(option: str, value: str) -> None:
+    if DTYPE_ALIASES.get(value, value) not in DTYPES:
+        raise UserError(f"{option} {value}: choose auto, fp32, bf16 or fp16 (or float32, bfloat16, float16)")
 
 
 @dataclass(frozen=True)
@@ -134,13 +138,10 @@ class RuntimeSection:
     def validate(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
             raise UserError(f"--device {self.device}: choose auto, cpu or cuda")
-        if DTYPE_ALIASES.get(self.dtype, self.dtype) not in DTYPES:
-            raise UserError(f"--dtype {self.dtype}: choose auto, fp32, bf16 or fp16 (or float32, bfloat16, float16)")
+        check_dtype("--dtype", self.dtype)
         if self.quantize not in QUANTIZE:
             raise UserError(f"--quantize {self.quantize}: choose {', '.join(QUANTIZE[:-1])} or {QUANTIZE[-1]}")
-        if DTYPE_ALIASES.get(self.kv_cache_dtype, self.kv_cache_dtype) not in KV_CACHE_DTYPES:
-            raise UserError(f"--kv-cache-dtype {self.kv_cache_dtype}: choose auto, fp32, bf16 or fp16 "
-                            "(or float32, bfloat16, float16)")
+        check_dtype("--kv-cache-dtype", self.kv_cache_dtype)
         if self.threads < 0:
             raise UserError(f"--threads {self.threads}: must be 0 (automatic) or a positive number")
         if self.mp is not None and self.mp < 1:

@@ -44,7 +44,7 @@ def resolve_kv_dtype(name: str, dtype: torch.dtype, quantized: bool, device: tor
     bits, the cache is a large share of what such a step reads, and a bf16 cache halves it."""
     if name == "auto":
         return torch.bfloat16 if quantized and dtype == torch.float32 else None
-    kv = TORCH_DTYPES[DTYPE_ALIASES.get(name, name)]
+    kv = resolve_dtype(name, device)
     if kv == torch.float16 and device.type == "cpu":
         raise UserError(f"--kv-cache-dtype {name}: the CPU's attention reads fp32 or bf16 caches; choose bf16")
     return None if kv == dtype else kv

@@ -70,19 +70,29 @@ Kind kind_named(const std::string& name) {
   return Kind::kGemv;
 }
 
-// residual[i] += add[i] for n values (fp32, or bf16 summed in fp32 and rounded once: the bits of
-// at::add, which the modules' residual adds run).
-void add_into(at::Tensor& residual, const at::Tensor& add) {
-  const int64_t n = residual.numel();
-  if (residual.scalar_type() == at::kFloat) {
-    float* r = residual.data_ptr<float>();
-    const float* a = add.data_ptr<float>();
-    for (int64_t i = 0; i < n; ++i) r[i] = r[i] + a[i];
+// Calls run(T{}) with T the element type of `t`: float or at::BFloat16.
+template <typename Run>
+void as_float_type(const at::Tensor& t, Run&& run) {
+  if (t.scalar_type() == at::kFloat) {
+    run(float{});
   } else {
-    at::BFloat16* r = residual.data_ptr<at::BFloat16>();
-    const at::BFloat16* a = add.data_ptr<at::BFloat16>();
-    for (int64_t i = 0; i < n; ++i) r[i] = static_cast<at::BFloat16>(cpmgen::widen(r[i]) + cpmgen::widen(a[i]));
+    run(at::BFloat16{});
   }
+}
+
+// out[i] = a[i] + b[i] for n values (fp32, or bf16 summed in fp32 and rounded once: the bits of
+// at::add, which the modules' residual adds and their sum of the two embeddings run).
+template <typename T>
+void add_values(const T* a, const T* b, T* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<T>(cpmgen::widen(a[i]) + cpmgen::widen(b[i]));
+}
+
+// residual += add, in place.
+void add_into(at::Tensor& residual, const at::Tensor& add) {
+  as_float_type(residual, [&](auto zero) {
+    using T = decltype(zero);
+    add_values(residual.data_ptr<T>(), add.data_ptr<T>(), residual.data_ptr<T>(), residual.numel());
+  });
 }
 
 // One linear: its kind and tensors (gparams and scale for quantized ones only).
@@ -117,7 +127,7 @@ struct Head {
 struct BlockStep;
 at::Tensor run_blocks(const std::vector<const BlockStep*>& blocks, const at::Tensor& x,
                       const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
-                      const at::Tensor& pos);
+                      const at::Tensor& pos, const Head* head = nullptr);
 
 struct BlockStep : torch::CustomClassHolder {
   Kind kind;
@@ -208,7 +218,7 @@ LinearPlan plan_linear(const Linear& linear, const char* name, int64_t in_featur
 // and the logits are returned; without, the blocks' output.
 at::Tensor run_in_one_region(const std::vector<const BlockStep*>& blocks, const at::Tensor& x_in,
                              const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
-                             const at::Tensor& pos, const Head* head = nullptr) {
+                             const at::Tensor& pos, const Head* head) {
   // Everything that checks (and so may throw) runs here, before the region.
   const BlockStep& shape = *blocks.front();
   const int64_t hidden = x_in.size(-1);
@@ -320,23 +330,22 @@ at::Tensor run_in_one_region(const std::vector<const BlockStep*>& blocks, const 
   return head ? logits : residual.view(x_in.sizes());
 }
 
-// Whether the blocks' one-token steps of `rows` rows run in one region (see run_in_one_region).
-bool blocks_in_one_region(const std::vector<const BlockStep*>& blocks, int64_t rows) {
-  bool one_region = true;
-  for (const BlockStep* block : blocks)
-    one_region = one_region && block->in_one_region(rows) && block->same_shape(*blocks.front());
-  return one_region;
-}
-
+// The blocks' one-token steps (then, with `head`, the final layer norm and the output layer: the
+// logits [rows, vocab]), in one parallel region where every linear is one that runs there.
 at::Tensor run_blocks(const std::vector<const BlockStep*>& blocks, const at::Tensor& x,
                       const std::vector<at::Tensor>& k_caches, const std::vector<at::Tensor>& v_caches,
-                      const at::Tensor& pos) {
+                      const at::Tensor& pos, const Head* head) {
   TORCH_CHECK(!blocks.empty() && k_caches.size() == blocks.size() && v_caches.size() == blocks.size(),
               "StackStep: one key and one value cache per block");
-  if (blocks_in_one_region(blocks, x.numel() / x.size(-1))) return run_in_one_region(blocks, x, k_caches, v_caches, pos);
+  const int64_t rows = x.numel() / x.size(-1);
+  bool one_region = !head || head->linear.in_one_region(rows);
+  for (const BlockStep* block : blocks)
+    one_region = one_region && block->in_one_region(rows) && block->same_shape(*blocks.front());
+  if (one_region) return run_in_one_region(blocks, x, k_caches, v_caches, pos, head);
   at::Tensor out = x;
   for (size_t i = 0; i < blocks.size(); ++i) out = blocks[i]->op_by_op(out, k_caches[i], v_caches[i], pos);
-  return out;
+  if (!head) return out;
+  return head->linear.run(cpmgen::layer_norm(out, head->norm_weight, head->norm_bias, head->eps)).view({rows, -1});
 }
 
 // The one-token step of a model's blocks, each BlockStep in turn, in one call: from Python, a
@@ -358,23 +367,16 @@ struct StackStep : torch::CustomClassHolder {
 };
 
 // x [batch, 1, hidden]: word[ids[b]] + position[positions[b]] for each row, in the tables' dtype
-// (bf16 summed in fp32 and rounded once: at::add's bits, as the model's sum of the two lookups).
+// (add_values: the bits of the model's sum of the two lookups).
 void embed_rows(const at::Tensor& word, const at::Tensor& position, const int64_t* ids, const int64_t* positions,
                 at::Tensor& x) {
-  const int64_t batch = x.size(0), hidden = word.size(1);
-  for (int64_t b = 0; b < batch; ++b) {
-    if (x.scalar_type() == at::kFloat) {
-      const float* w = word.data_ptr<float>() + ids[b] * hidden;
-      const float* p = position.data_ptr<float>() + positions[b] * hidden;
-      float* out = x.data_ptr<float>() + b * hidden;
-      for (int64_t i = 0; i < hidden; ++i) out[i] = w[i] + p[i];
-    } else {
-      const at::BFloat16* w = word.data_ptr<at::BFloat16>() + ids[b] * hidden;
-      const at::BFloat16* p = position.data_ptr<at::BFloat16>() + positions[b] * hidden;
-      at::BFloat16* out = x.data_ptr<at::BFloat16>() + b * hidden;
-      for (int64_t i = 0; i < hidden; ++i) out[i] = static_cast<at::BFloat16>(cpmgen::widen(w[i]) + cpmgen::widen(p[i]));
-    }
-  }
+  const int64_t hidden = word.size(1);
+  as_float_type(x, [&](auto zero) {
+    using T = decltype(zero);
+    for (int64_t b = 0; b < x.size(0); ++b)
+      add_values(word.data_ptr<T>() + ids[b] * hidden, position.data_ptr<T>() + positions[b] * hidden,
+                 x.data_ptr<T>() + b * hidden, hidden);
+  });
 }
 
 // A model's whole one-token step (see the top of the file): made once from its tables, its
@@ -413,13 +415,7 @@ struct ModelStep : torch::CustomClassHolder {
     }
     at::Tensor x = at::empty({batch, 1, word.size(1)}, word.options());  // as the blocks take it
     embed_rows(word, position, id, p, x);
-    if (head.linear.in_one_region(batch) && blocks_in_one_region(stack->steps, batch)) {
-      TORCH_CHECK(k_caches.size() == stack->steps.size() && v_caches.size() == stack->steps.size(),
-                  "StackStep: one key and one value cache per block");
-      return run_in_one_region(stack->steps, x, k_caches, v_caches, positions, &head);
-    }
-    const at::Tensor hidden = run_blocks(stack->steps, x, k_caches, v_caches, positions);
-    return head.linear.run(cpmgen::layer_norm(hidden, head.norm_weight, head.norm_bias, head.eps)).view({batch, -1});
+    return run_blocks(stack->steps, x, k_caches, v_caches, positions, &head);
   }
 };
 
