@@ -59,6 +59,36 @@ inline __attribute__((always_inline)) float dot(const float* a, const T* b, int6
   return cpmgen::lanes_sum<kWidth>(part);
 }
 
+// The scores of kWidth keys at once: each key's kWidth partial sums as dot makes them (the same
+// products added in the same order), the keys' additions interleaved so that the CPU works on
+// kWidth independent sums instead of waiting on one key's chain of additions, then each key's
+// total as lanes_sum<kWidth> makes it (lane l plus lane l + 4, then l + 2, then l + 1), for the
+// kWidth keys together on vectors paired up by shuffles: the bits of dot, key by key.
+// keys: kWidth rows of D values, D apart.
+static_assert(kWidth == 8, "key_scores8's shuffles add up eight partial sums");
+template <int D, typename T>
+inline __attribute__((always_inline)) Floats8 key_scores8(const float* q, const T* keys) {
+  Floats8 sums[kWidth];
+#pragma GCC unroll 8
+  for (int u = 0; u < kWidth; ++u) sums[u] = Floats8{};
+#pragma GCC unroll 16
+  for (int i = 0; i < D; i += kWidth) {
+    const Floats8 qi = load_floats(q + i);
+#pragma GCC unroll 8
+    for (int u = 0; u < kWidth; ++u) sums[u] = sums[u] + qi * load_floats(keys + u * D + i);
+  }
+  typedef int32_t Index8 __attribute__((vector_size(kWidth * sizeof(int32_t))));
+  const Index8 low4{0, 1, 2, 3, 8, 9, 10, 11}, high4{4, 5, 6, 7, 12, 13, 14, 15};
+  const Index8 low2{0, 1, 4, 5, 8, 9, 12, 13}, high2{2, 3, 6, 7, 10, 11, 14, 15};
+  const Index8 even{0, 2, 4, 6, 8, 10, 12, 14}, odd{1, 3, 5, 7, 9, 11, 13, 15};
+  Floats8 fours[4], twos[2];  // lanes: keys 2j and 2j + 1 side by side; then keys 4j..4j + 3
+  for (int j = 0; j < 4; ++j)
+    fours[j] = __builtin_shuffle(sums[2 * j], sums[2 * j + 1], low4) + __builtin_shuffle(sums[2 * j], sums[2 * j + 1], high4);
+  for (int j = 0; j < 2; ++j)
+    twos[j] = __builtin_shuffle(fours[2 * j], fours[2 * j + 1], low2) + __builtin_shuffle(fours[2 * j], fours[2 * j + 1], high2);
+  return __builtin_shuffle(twos[0], twos[1], even) + __builtin_shuffle(twos[0], twos[1], odd);
+}
+
 // A softmax's numerators and denominator: scores[0..n) become e^(score - the maximum), and their
 // sum (kWidth interleaved partial sums) is returned.
 inline __attribute__((always_inline)) float exps_and_total(float* scores, int64_t n) {
@@ -104,9 +134,24 @@ inline __attribute__((always_inline)) void attend_in(const float* q_in, const T*
     sums = sums_own;
   }
   const int64_t n = pos + 1;
-  // The cache's rows, like the weights, are read once a step: read ahead with the non-temporal hint.
+  // The cache's rows, like the weights, are read once a step: read ahead with the non-temporal
+  // hint. The loops ask for their rows kStreamAhead bytes ahead of where they read, so the first
+  // kStreamAhead bytes of the keys and of the values are asked for here, before the first row.
   const int64_t row_bytes = d * static_cast<int64_t>(sizeof(T));
-  for (int64_t s = 0; s < n; ++s) {
+  for (int64_t b = 0; b < std::min(n * row_bytes, cpmgen::kStreamAhead); b += 64) {
+    cpmgen::prefetch_streamed(reinterpret_cast<const char*>(keys) + b);
+    cpmgen::prefetch_streamed(reinterpret_cast<const char*>(values) + b);
+  }
+  int64_t s = 0;
+  if constexpr (fixed && D % kWidth == 0) {
+    for (; s + kWidth <= n; s += kWidth) {
+      for (int64_t b = 0; b < kWidth * row_bytes; b += 64)
+        cpmgen::prefetch_ahead(reinterpret_cast<const char*>(keys + s * D) + b);
+      const Floats8 scores = key_scores8<D>(q, keys + s * D) * scale;
+      __builtin_memcpy(weights + s, &scores, sizeof(scores));
+    }
+  }
+  for (; s < n; ++s) {
     for (int64_t b = 0; b < row_bytes; b += 64) cpmgen::prefetch_ahead(reinterpret_cast<const char*>(keys + s * d) + b);
     weights[s] = dot(q, keys + s * d, d) * scale;
   }

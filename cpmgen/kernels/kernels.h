@@ -125,8 +125,9 @@ inline void split_units(int64_t count, int64_t grain, Run&& run) {
 // data between calls) use again. A prefetch never faults, so reading ahead past the end of a
 // weight or a cache row is harmless.
 constexpr int64_t kStreamAhead = 4096;
+inline __attribute__((always_inline)) void prefetch_streamed(const void* p) { __builtin_prefetch(p, 0, 0); }
 inline __attribute__((always_inline)) void prefetch_ahead(const void* p) {
-  __builtin_prefetch(static_cast<const char*>(p) + kStreamAhead, 0, 0);
+  prefetch_streamed(static_cast<const char*>(p) + kStreamAhead);
 }
 
 // Switches `chosen` to the entry of `supported` (each with a `name`) called `name` and returns the
