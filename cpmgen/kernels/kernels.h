@@ -125,6 +125,7 @@ inline void split_units(int64_t count, int64_t grain, Run&& run) {
 // data between calls) use again. A prefetch never faults, so reading ahead past the end of a
 // weight or a cache row is harmless.
 constexpr int64_t kStreamAhead = 4096;
+// The line holding p, with that hint (for a read's first kStreamAhead bytes, which no loop asks for ahead).
 inline __attribute__((always_inline)) void prefetch_streamed(const void* p) { __builtin_prefetch(p, 0, 0); }
 inline __attribute__((always_inline)) void prefetch_ahead(const void* p) {
   prefetch_streamed(static_cast<const char*>(p) + kStreamAhead);
