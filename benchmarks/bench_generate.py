@@ -12,8 +12,8 @@ Measures in one run, on the same weights, through the real loading and generatio
 3. HF transformers GPT2LMHeadModel.generate on the same weights (converted in-process), fp32
    and bf16, timed the same way (tokens after the first; best of --reps runs);
 4. the fast path through one whole window and over `--windows` windows of unlimited generation
-   at the default stride, the two run one after the other in `--window-rounds` rounds (their
-   ratio the median of the rounds' ratios); at a nearly full window, and in the steady state
+   at the default stride, the two side by side (a token of each in turn) in `--window-rounds`
+   rounds (their ratio the median of the rounds' ratios); at a nearly full window, and in the steady state
    for each of `--strides`;
 5. the slow path at a full window (the older scripts' rule: all 1023 tokens per new token);
 6. prefill (re-encode) throughput of a full window;
@@ -72,7 +72,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--new-tokens", type=int, help="in-window decode tokens (default 256, quick 64)")
     parser.add_argument("--windows", type=int, help="windows of unlimited generation (default 4, quick 1)")
     parser.add_argument("--window-rounds", type=int,
-                        help="rounds of one whole window then --windows windows, the median ratio kept (default 3, quick 1)")
+                        help="rounds of --windows windows beside whole windows, a token of each in turn, the median ratio kept (default 2, quick 1)")
     parser.add_argument("--strides", help="comma-separated sweep strides (default 64,128,256,512; quick 128,256,512)")
     parser.add_argument("--sweep-tokens", type=int,
                         help="new tokens per sweep stride, rounded up to whole strides (default 1024, quick 256)")
@@ -88,7 +88,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     defaults = dict(new_tokens=(64, 256), windows=(1, 4), strides=("128,256,512", "64,128,256,512"),
                     sweep_tokens=(256, 1024), slow_tokens=(2, 3), prefill_reps=(1, 3), rounds=(2, 5), reps=(2, 3),
-                    window_rounds=(1, 3),
+                    window_rounds=(1, 2),
                     compile=(False, True))
     for name, (quick, full) in defaults.items():
         if getattr(args, name) is None:
@@ -105,24 +105,20 @@ def warm_up(model, size: int, stride: int) -> None:
 # ----------------------------------------------------------------------------- report
 
 
-def measure_windows(model, size: int, stride: int, vocab: int, args, step) -> tuple[dict, dict]:
+def measure_windows(model, size: int, stride: int, args, step) -> tuple[dict, dict]:
     """Unlimited generation against generation through one whole window (no slide): both cover
-    contexts from short to full, and what differs is the slides. The two run one after the other
-    in each of --window-rounds rounds (which goes first alternates): a round takes about a minute
-    and the machine's speed moves within minutes, so the ratio is the median of the rounds'
-    ratios, and each side's figures are those of that round."""
-    first_window = size - PROMPT_TOKENS - 1
-    runs = {
-        "in_window": lambda: timing.measure_in_window(model, size, stride, PROMPT_TOKENS, first_window, seed=1),
-        "unlimited": lambda: timing.measure_unlimited(model, size, stride, random_ids(PROMPT_TOKENS, vocab, 5),
-                                                      args.windows * size),
-    }
+    contexts from short to full, and what differs is the slides. They run side by side, one token
+    of each in turn (timing.measure_windows_side_by_side), in each of --window-rounds rounds: run
+    one after the other, a minute apart, the two met different machines as often as not here
+    (round ratios 0.65-1.04 within one run). The ratio is the median of the rounds' ratios, and
+    each side's figures are those of that round."""
     rounds = []
     for r in range(args.window_rounds):
-        step(f"fp32: round {r + 1}/{args.window_rounds}: one whole window ({first_window} tokens after a "
-             f"{PROMPT_TOKENS}-token prompt) and {args.windows} windows ({args.windows * size} tokens) at stride {stride}")
-        order = list(runs) if r % 2 == 0 else list(runs)[::-1]
-        rounds.append({name: runs[name]() for name in order})
+        step(f"fp32: round {r + 1}/{args.window_rounds}: {args.windows} windows ({args.windows * size} tokens) at "
+             f"stride {stride} beside whole windows from {PROMPT_TOKENS}-token prompts, a token of each in turn")
+        in_window, unlimited = timing.measure_windows_side_by_side(model, size, stride, PROMPT_TOKENS,
+                                                                    args.windows * size, seed=5 + 10 * r)
+        rounds.append({"in_window": in_window, "unlimited": unlimited})
     ratios = [f["unlimited"]["tokens_per_s"] / f["in_window"]["tokens_per_s"] for f in rounds]
     median = rounds[ratios.index(statistics.median_low(ratios))]
     in_window, unlimited = median["in_window"], median["unlimited"]
@@ -417,7 +413,7 @@ def main(argv=None) -> int:
     result["config"].update(window=size, default_stride=default_stride)
     step("fp32: warm-up")
     warm_up(model, size, default_stride)
-    result["in_window"], result["unlimited"] = measure_windows(model, size, default_stride, vocab, args, step)
+    result["in_window"], result["unlimited"] = measure_windows(model, size, default_stride, args, step)
     long_tokens = min(args.new_tokens, 128)
     step(f"fp32: in-window decode at a nearly full window, {long_tokens} tokens")
     result["in_window_long_context"] = timing.measure_in_window(model, size, default_stride, size - long_tokens - 1,

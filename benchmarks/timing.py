@@ -80,6 +80,53 @@ def measure_unlimited(model: CPMModel, size: int, stride: int, prompt: list[int]
     return {"prompt_tokens": len(prompt), **slide_figures(result, size, stride, new_tokens, seconds)}
 
 
+def measure_windows_side_by_side(model: CPMModel, size: int, stride: int, prompt_tokens: int, new_tokens: int,
+                                 seed: int) -> tuple[dict, dict]:
+    """Unlimited generation over `new_tokens` from a short prompt and whole windows (no slide)
+    beside it, one token of each in turn, so that both meet the machine in the same state (its
+    speed moves within seconds here): the in-window generation starts again from a new prompt
+    each time its window is full, until the unlimited one is done. Returns (in_window,
+    unlimited) as measure_in_window and measure_unlimited give them, each timed by its own steps
+    only: the in-window side over its whole windows (a last one the unlimited side ended early is
+    left out: its contexts are the short ones), from each one's first token on (its prompt's
+    prefill apart); the unlimited side as a whole, its re-encodes measured apart."""
+    window_tokens = size - prompt_tokens - 1  # decode steps of a whole window after its first token
+    stats = Stats()
+    unlimited = generate(model, random_ids(prompt_tokens, model.args.vocab_size, seed), Window(size, stride), GREEDY,
+                         None, stats=stats)
+    unlimited_s, prompt_prefill_s = 0.0, None
+    in_window, taken, run_s = None, 0, 0.0
+    whole, prefills_s = [], []  # (decode steps, seconds) of each whole window; each first token's seconds
+    for _ in range(new_tokens):
+        start = time.perf_counter()
+        next(unlimited)
+        unlimited_s += time.perf_counter() - start
+        if prompt_prefill_s is None:
+            prompt_prefill_s = stats.prefill_seconds
+        if in_window is None or taken == window_tokens + 1:
+            if in_window is not None:
+                whole.append((taken - 1, run_s))
+            prompt = random_ids(prompt_tokens, model.args.vocab_size, seed + 1 + len(whole))
+            in_window, taken, run_s = generate(model, prompt, Window(size, stride), GREEDY, None), 0, 0.0
+        start = time.perf_counter()
+        next(in_window)
+        seconds = time.perf_counter() - start
+        taken += 1
+        if taken == 1:
+            prefills_s.append(seconds)
+        else:
+            run_s += seconds
+    if taken == window_tokens + 1 or not whole:
+        whole.append((taken - 1, run_s))
+    decoded, in_window_s = sum(n for n, _ in whole), sum(t for _, t in whole)
+    result = {"stats": stats, "reencode_s": stats.prefill_seconds - prompt_prefill_s, "prompt_prefill_s": prompt_prefill_s}
+    return ({"prompt_tokens": prompt_tokens, "decode_tokens": decoded, "windows": len(whole),
+             "context_tokens": [prompt_tokens, prompt_tokens + window_tokens],
+             "prompt_prefill_s": round(statistics.median(prefills_s), 4), "decode_s": round(in_window_s, 4),
+             "tokens_per_s": rate(decoded, in_window_s)},
+            {"prompt_tokens": prompt_tokens, **slide_figures(result, size, stride, new_tokens, unlimited_s)})
+
+
 def measure_steady(model: CPMModel, size: int, stride: int, new_tokens: int) -> dict:
     """Fast path in the steady state: the prompt fills the window, so the first token is followed
     by a slide, and every `stride` tokens after it by another. Timed after the first token:
