@@ -175,11 +175,13 @@ def variant_row(folder: Path, name: str, dtype: str, extra: dict, prompt: list[i
 
 def measure_variants(folder: Path, prompt: list[int], args, step) -> dict:
     """The variants side by side: all loaded, then --rounds rounds, each decoding every variant once
-    (greedy, --new-tokens after the prompt) in an order rotated round by round, between two samples
-    of the read bound. A shared machine's bandwidth moves within minutes (here between about 30
-    and 70 GB/s), so variants timed minutes apart would compare two machines; within a round they
-    run seconds apart. Per variant: the median rate and every round's, the round of the median's
-    figures, and its full-window prefill; per pair of variants, the median of the rounds' ratios."""
+    (greedy, --new-tokens after the prompt) between two samples of the read bound, 16 tokens of
+    each in turn (timing.cpmgen_rates_side_by_side; the order rotated round by round). A shared
+    machine's bandwidth moves within seconds to minutes (here between about 30 and 80 GB/s), so
+    variants timed apart would compare two machines: decoded one after the other, seconds apart,
+    the rounds' int4/bf16 ratios spread 1.7-3.1 within one run. Per variant: the median rate and
+    every round's, the round of the median's figures, and its full-window prefill; per pair of
+    variants, the median of the rounds' ratios."""
     rows, models = [], {}
     for name, dtype, extra in VARIANTS:
         step(f"cpmgen {name}: load")
@@ -190,9 +192,10 @@ def measure_variants(folder: Path, prompt: list[int], args, step) -> dict:
     rounds = []  # per round: {variant: rate figures}
     for r in range(args.rounds):
         order = rows[r % len(rows):] + rows[:r % len(rows)]
-        step(f"round {r + 1}/{args.rounds}: decode {args.new_tokens} tokens with each variant, from {order[0]['variant']}")
-        rounds.append({row["variant"]: timing.cpmgen_generate_rate(models[row["variant"]], prompt, args.new_tokens, 1)
-                       for row in order})
+        step(f"round {r + 1}/{args.rounds}: decode {args.new_tokens} tokens with each variant, 16 of each in turn, "
+             f"from {order[0]['variant']}")
+        rounds.append(timing.cpmgen_rates_side_by_side({row["variant"]: models[row["variant"]] for row in order},
+                                                       prompt, args.new_tokens))
         bounds.append(bandwidth.read_bound_gbs())
     for row in rows:
         name = row["variant"]

@@ -203,6 +203,37 @@ def cpmgen_timestamps(model: CPMModel, prompt_ids: list[int], new_tokens: int, d
     return times
 
 
+def cpmgen_rates_side_by_side(models: dict[str, CPMModel], prompt_ids: list[int], new_tokens: int,
+                              slice_tokens: int = 16) -> dict[str, dict]:
+    """cpmgen's fast path (WINDOW, greedy) with every model of `models` at once, `slice_tokens`
+    tokens of each in turn (in the dict's order) until each has `new_tokens`, after a short
+    untimed run of each: each model's steps are spread over the whole run, so that the models
+    meet the machine in the same states (its speed moves within seconds here) and their rates
+    compare the models rather than the moments. Per model, rate_figures' form of its one run,
+    timed by its own steps only (its first token, the prompt's prefill, apart)."""
+    for model in models.values():
+        cpmgen_timestamps(model, prompt_ids, 4)
+    runs = {name: generate(model, prompt_ids, WINDOW, GREEDY, new_tokens) for name, model in models.items()}
+    first_s, decode_s = {}, dict.fromkeys(models, 0.0)
+    for name, run in runs.items():
+        start = time.perf_counter()
+        next(run)
+        first_s[name] = time.perf_counter() - start
+    for taken in range(1, new_tokens, slice_tokens):
+        for name, run in runs.items():
+            start = time.perf_counter()
+            for _ in range(min(slice_tokens, new_tokens - taken)):
+                next(run)
+            decode_s[name] += time.perf_counter() - start
+    decode_tokens = new_tokens - 1
+    return {name: {"impl": "cpmgen", "dtype": str(model.word_embeddings.weight.dtype).removeprefix("torch."),
+                   "threads": torch.get_num_threads(), "prompt_tokens": len(prompt_ids),
+                   "decode_tokens": decode_tokens, "first_token_s": round(first_s[name], 4),
+                   "decode_s": round(decode_s[name], 4), "tokens_per_s": rate(decode_tokens, decode_s[name]),
+                   "slice_tokens": slice_tokens}
+            for name, model in models.items()}
+
+
 def cpmgen_generate_rate(model: CPMModel, prompt_ids: list[int], new_tokens: int, reps: int = 3,
                          decode=decode_step) -> dict:
     """rate_figures of cpmgen's fast path (WINDOW, greedy; steps by `decode`), the fastest of
