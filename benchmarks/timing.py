@@ -203,6 +203,11 @@ def cpmgen_timestamps(model: CPMModel, prompt_ids: list[int], new_tokens: int, d
     return times
 
 
+def engine_fields(model: CPMModel) -> dict:
+    """The fields that name what ran in a rate's figures: cpmgen and its weights' dtype."""
+    return {"impl": "cpmgen", "dtype": str(model.word_embeddings.weight.dtype).removeprefix("torch.")}
+
+
 def cpmgen_rates_side_by_side(models: dict[str, CPMModel], prompt_ids: list[int], new_tokens: int,
                               slice_tokens: int = 16) -> dict[str, dict]:
     """cpmgen's fast path (WINDOW, greedy) with every model of `models` at once, `slice_tokens`
@@ -226,8 +231,7 @@ def cpmgen_rates_side_by_side(models: dict[str, CPMModel], prompt_ids: list[int]
                 next(run)
             decode_s[name] += time.perf_counter() - start
     decode_tokens = new_tokens - 1
-    return {name: {"impl": "cpmgen", "dtype": str(model.word_embeddings.weight.dtype).removeprefix("torch."),
-                   "threads": torch.get_num_threads(), "prompt_tokens": len(prompt_ids),
+    return {name: {**engine_fields(model), "threads": torch.get_num_threads(), "prompt_tokens": len(prompt_ids),
                    "decode_tokens": decode_tokens, "first_token_s": round(first_s[name], 4),
                    "decode_s": round(decode_s[name], 4), "tokens_per_s": rate(decode_tokens, decode_s[name]),
                    "slice_tokens": slice_tokens}
@@ -239,6 +243,5 @@ def cpmgen_generate_rate(model: CPMModel, prompt_ids: list[int], new_tokens: int
     """rate_figures of cpmgen's fast path (WINDOW, greedy; steps by `decode`), the fastest of
     `reps` runs after a short untimed one, in the form hf_baseline.hf_generate_rate gives HF's."""
     cpmgen_timestamps(model, prompt_ids, 4, decode)
-    return {"impl": "cpmgen", "dtype": str(model.word_embeddings.weight.dtype).removeprefix("torch."),
-            **rate_figures([cpmgen_timestamps(model, prompt_ids, new_tokens, decode) for _ in range(reps)],
-                           len(prompt_ids))}
+    runs = [cpmgen_timestamps(model, prompt_ids, new_tokens, decode) for _ in range(reps)]
+    return {**engine_fields(model), **rate_figures(runs, len(prompt_ids))}

@@ -45,13 +45,9 @@ import torch
 import torch.nn as nn
 
 from cpmgen import kernels
-from cpmgen.model import MLP, Attention, Block, CPMModel, TiedOutput, Transformer
+from cpmgen.model import MLP, Attention, Block, CPMModel, TiedOutput, Transformer, one_token_step
 from cpmgen.prepack import GemvLinear, GemvOutput, PackedLinear, PackedOutput
 from cpmgen.quantize import QuantizedLinear, QuantizedOutput
-
-
-def one_token_step(x: torch.Tensor, kv_cache) -> bool:
-    return x.shape[1] == 1 and kv_cache is not None and not torch.compiler.is_compiling()
 
 
 class DecodeAttention(Attention):

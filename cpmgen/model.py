@@ -176,6 +176,12 @@ class Transformer(nn.Module):
         return x
 
 
+def one_token_step(x: torch.Tensor, kv_cache) -> bool:
+    """A step of one new token per sequence with a cache, not while compiling: what the fused
+    forms (fused_decode.py) run as one call; a compiled step runs the modules' own code."""
+    return x.shape[1] == 1 and kv_cache is not None and not torch.compiler.is_compiling()
+
+
 class CPMModel(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -221,8 +227,7 @@ class CPMModel(nn.Module):
         they are written at slots input_pos and attend to the cached slots 0..position.
         Returns logits [batch, T, vocab] (or [batch, 1, vocab] with last_only)."""
         input_pos, mask, kv_len = self.attention_plan(ids, input_pos, kv_cache)
-        if (self.fused_step is not None and ids.shape[1] == 1 and kv_cache is not None
-                and not torch.compiler.is_compiling()):
+        if self.fused_step is not None and one_token_step(ids, kv_cache):
             return self.fused_step(ids, input_pos, kv_cache)
         x = self.transformer(self.word_embeddings(ids) + self.position_embeddings(input_pos), input_pos, mask, kv_cache,
                              kv_len)
