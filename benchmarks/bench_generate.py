@@ -1,4 +1,4 @@
-"""Generation benchmark: CPM-Small-sized random weights on the CPU, greedy, batch 1, side by side.
+"""Generation benchmark: CPM-Small-sized random weights on the CPU, greedy (and sampled), batch 1, side by side.
 
 Measures in one run, on the same weights, through the real loading and generation code:
 
@@ -8,7 +8,9 @@ Measures in one run, on the same weights, through the real loading and generatio
    decoded in `--rounds` interleaved rounds (median; ratios between variants as the median of
    the rounds' ratios): fp32 and bf16 in the CLI's default form (prepack.py's choice for the
    CPU), fp32 on plain `F.linear` (MKL GEMV), int8 and int4 weights (`--quantize int8|int4`),
-   int8 with bf16 activations; then fp32 under `--compile`, its compile time counted;
+   int8 with bf16 activations, and fp32 and int4 sampling as the CLI does by default (temperature
+   0.9, top-p 0.9: what a sampled token costs beside the step); then fp32 under `--compile`, its
+   compile time counted;
 3. HF transformers GPT2LMHeadModel.generate on the same weights (converted in-process), fp32
    and bf16, timed the same way (tokens after the first; best of --reps runs);
 4. the fast path through one whole window and over `--windows` windows of unlimited generation
@@ -56,6 +58,7 @@ import peak_memory
 import timing
 from cpmgen.config import PRESETS, WindowSection
 from cpmgen.generate import generate
+from cpmgen.sampling import SamplingParams
 from cpmgen.window import Window
 from workload import GREEDY, PROMPT_TOKENS, WINDOW, ensure_checkpoint, load_cpmgen, loaded_cpmgen, random_ids
 
@@ -158,6 +161,9 @@ VARIANTS = [
     ("int4", "fp32", {"runtime.quantize": "int4"}),
 ]
 COMPILED = ("fp32-compile", "fp32", {"runtime.compile": True})
+# Variants that sample as the CLI does by default (temperature 0.9, top-p 0.9), each on the model of
+# the greedy variant it names: the cost of sampling a token beside the step that computes its logits.
+SAMPLED = {"fp32-sampled": "fp32", "int4-sampled": "int4"}
 
 
 def variant_row(folder: Path, name: str, dtype: str, extra: dict, prompt: list[int], args) -> tuple[dict, object]:
@@ -188,6 +194,11 @@ def measure_variants(folder: Path, prompt: list[int], args, step) -> dict:
         row, loaded = variant_row(folder, name, dtype, extra, prompt, args)
         models[name] = loaded.model
         rows.append(row)
+    for name, greedy in SAMPLED.items():
+        models[name] = models[greedy]
+        row = next(r for r in rows if r["variant"] == greedy)
+        rows.append({**row, "variant": name, "load_s": 0.0, "sampling": "temperature 0.9, top-p 0.9 (the defaults)"})
+    sampled = dict.fromkeys(SAMPLED, SamplingParams())
     bounds = [bandwidth.read_bound_gbs()]
     rounds = []  # per round: {variant: rate figures}
     for r in range(args.rounds):
@@ -195,7 +206,7 @@ def measure_variants(folder: Path, prompt: list[int], args, step) -> dict:
         step(f"round {r + 1}/{args.rounds}: decode {args.new_tokens} tokens with each variant, 16 of each in turn, "
              f"from {order[0]['variant']}")
         rounds.append(timing.cpmgen_rates_side_by_side({row["variant"]: models[row["variant"]] for row in order},
-                                                       prompt, args.new_tokens))
+                                                       prompt, args.new_tokens, params=sampled))
         bounds.append(bandwidth.read_bound_gbs())
     for row in rows:
         name = row["variant"]
@@ -209,11 +220,12 @@ def measure_variants(folder: Path, prompt: list[int], args, step) -> dict:
             round(rate / bandwidth.decode_bound((bounds[r] + bounds[r + 1]) / 2, row["weight_bytes_per_token"]), 3)
             for r, rate in enumerate(rates)]
         row["effective_gbs"] = round(row["tokens_per_s"] * row["weight_bytes_per_token"] / 1e9, 2)
-        step(f"cpmgen {name}: prefill")
-        row["prefill"] = timing.measure_prefill(models[name], 1023, 1 if args.quick else 2)
+        if name not in SAMPLED:
+            step(f"cpmgen {name}: prefill")
+            row["prefill"] = timing.measure_prefill(models[name], 1023, 1 if args.quick else 2)
     del models
     pairs = [("bf16", "fp32"), ("int8", "fp32"), ("int8", "bf16"), ("int8-bf16", "bf16"), ("int4", "bf16"),
-             ("int4", "int8"), ("fp32", "fp32-plain")]
+             ("int4", "int8"), ("fp32", "fp32-plain"), ("fp32-sampled", "fp32"), ("int4-sampled", "int4")]
     ratios = {f"{a}_over_{b}": round(statistics.median(f[a]["tokens_per_s"] / f[b]["tokens_per_s"] for f in rounds), 3)
               for a, b in pairs}
     return {"rows": rows, "bound_samples_gbs": bounds, "paired_ratios": ratios}

@@ -15,6 +15,7 @@ import torch
 
 from cpmgen.generate import Stats, generate, prefill
 from cpmgen.model import CPMModel, decode_step
+from cpmgen.sampling import SamplingParams
 from cpmgen.window import Window
 from workload import GREEDY, WINDOW, random_ids, synchronize
 
@@ -209,8 +210,9 @@ def engine_fields(model: CPMModel) -> dict:
 
 
 def cpmgen_rates_side_by_side(models: dict[str, CPMModel], prompt_ids: list[int], new_tokens: int,
-                              slice_tokens: int = 16) -> dict[str, dict]:
-    """cpmgen's fast path (WINDOW, greedy) with every model of `models` at once, `slice_tokens`
+                              slice_tokens: int = 16, params: dict[str, SamplingParams] | None = None) -> dict[str, dict]:
+    """cpmgen's fast path (WINDOW; greedy, or a name's `params` with a generator seeded 0) with
+    every model of `models` at once (a model may come under two names), `slice_tokens`
     tokens of each in turn (in the dict's order) until each has `new_tokens`, after a short
     untimed run of each: each model's steps are spread over the whole run, so that the models
     meet the machine in the same states (its speed moves within seconds here) and their rates
@@ -218,7 +220,10 @@ def cpmgen_rates_side_by_side(models: dict[str, CPMModel], prompt_ids: list[int]
     timed by its own steps only (its first token, the prompt's prefill, apart)."""
     for model in models.values():
         cpmgen_timestamps(model, prompt_ids, 4)
-    runs = {name: generate(model, prompt_ids, WINDOW, GREEDY, new_tokens) for name, model in models.items()}
+    params = params or {}
+    runs = {name: generate(model, prompt_ids, WINDOW, params.get(name, GREEDY), new_tokens,
+                           generator=torch.Generator().manual_seed(0))
+            for name, model in models.items()}
     first_s, decode_s = {}, dict.fromkeys(models, 0.0)
     for name, run in runs.items():
         start = time.perf_counter()
@@ -232,6 +237,7 @@ def cpmgen_rates_side_by_side(models: dict[str, CPMModel], prompt_ids: list[int]
             decode_s[name] += time.perf_counter() - start
     decode_tokens = new_tokens - 1
     return {name: {**engine_fields(model), "threads": torch.get_num_threads(), "prompt_tokens": len(prompt_ids),
+                   "greedy": params.get(name, GREEDY).is_greedy,
                    "decode_tokens": decode_tokens, "first_token_s": round(first_s[name], 4),
                    "decode_s": round(decode_s[name], 4), "tokens_per_s": rate(decode_tokens, decode_s[name]),
                    "slice_tokens": slice_tokens}

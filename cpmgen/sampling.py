@@ -3,12 +3,15 @@
 
 Sampling draws through an explicit torch.Generator with a fixed amount of randomness per
 step (one exponential variate per vocab entry), so two paths that compute the same logits
-draw the same tokens.
+draw the same tokens. On the CPU the library's ops (cpmgen/kernels/sampling.cpp) run the slow
+parts, the top-p sort and the race, to the same tokens and the same generator state as torch's.
 """
 
 from __future__ import annotations
 
+import functools
 import math
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -63,19 +66,67 @@ def apply_count_penalties(logits: torch.Tensor, contexts: Sequence[Sequence[int]
     return logits - torch.where(counts > 0, frequency * counts + presence, 0.0)
 
 
+def library_op(name: str, *rows: torch.Tensor):
+    """The library's op `name` where every one of `rows` is a CPU fp32 [batch, n] tensor it takes,
+    else None (torch's operations then do the same)."""
+    if all(r.device.type == "cpu" and r.dtype == torch.float32 and r.dim() == 2 and r.shape[1] > 0 for r in rows):
+        return kernels.op(name)
+    return None
+
+
 def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
-    """Set to -inf what top-k, then top-p (the smallest set whose probability exceeds p), excludes."""
+    """Set to -inf what top-k, then top-p (the smallest set whose probability exceeds p), excludes.
+    Among equal logits the lower token id comes first (a stable sort), so that the set is the same
+    on every device and torch version."""
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True, dim=-1)
+        # The library sorts the values alone (by their bits: the permutation is what makes torch's
+        # sort slow over a vocabulary) and masks without the permutation, to the same result.
+        descending_values, top_p_keep = library_op("descending_values", logits), library_op("top_p_keep", logits)
+        if descending_values is not None and top_p_keep is not None:
+            sorted_logits = descending_values(logits)
+            return top_p_keep(logits, sorted_logits, torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1), top_p)
+        sorted_logits, order = torch.sort(logits, descending=True, dim=-1, stable=True)
         cumulative = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
-        remove = cumulative > top_p
-        remove[..., 1:] = remove[..., :-1].clone()  # keep the token that crosses p
-        remove[..., 0] = False
+        # Kept: the first token, and each one after a running total still at or below p (so the
+        # token that crosses p is kept); the totals only grow, so those are the first ones.
+        kept = 1 + (cumulative[..., :-1] <= top_p).sum(dim=-1)
+        remove = torch.arange(logits.shape[-1], device=logits.device) >= kept[..., None]
         logits = logits.masked_fill(remove.scatter(-1, order, remove), float("-inf"))
     return logits
+
+
+@functools.cache
+def library_race_is_torchs() -> bool:
+    """Whether the library's race_argmax draws what torch's exponential_ draws on this torch (it
+    runs the CPU generator's engine itself): checked once, on a few rows and seeds, the tokens and
+    the generator's state afterwards."""
+    race_argmax = kernels.op("race_argmax")
+    if race_argmax is None:
+        return False
+    data = torch.Generator().manual_seed(0)
+    for seed in range(4):
+        probs = torch.softmax(torch.randn(3, 997, generator=data) * 4, dim=-1)
+        probs[:, ::3] = 0.0
+        ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+        expected = argmax(probs / torch.empty_like(probs).exponential_(1.0, generator=theirs))
+        if not torch.equal(race_argmax(probs, ours), expected) or not torch.equal(ours.get_state(), theirs.get_state()):
+            warnings.warn("this torch's exponential_ draws differently from cpmgen's sampling kernel; sampling "
+                          "runs on torch's operations, more slowly", stacklevel=2)
+            return False
+    return True
+
+
+def race_argmax(probs: torch.Tensor, generator: Optional[torch.Generator]) -> torch.Tensor:
+    """argmax(p / E) with E ~ Exp(1) for every entry draws from p (the exponential-race form of
+    sampling). The library computes E only where it can matter (a zero probability's quotient is
+    0), with the generator drawing for every entry all the same, so it ends where torch's does."""
+    op = library_op("race_argmax", probs)
+    if op is not None and (generator is None or generator.device.type == "cpu") and library_race_is_torchs():
+        return op(probs, generator)
+    return argmax(probs / torch.empty_like(probs).exponential_(1.0, generator=generator))
 
 
 def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator],
@@ -87,7 +138,4 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
     if params.is_greedy:
         return argmax(logits)
     logits = top_k_top_p_filter(logits / params.temperature, params.top_k, params.top_p)
-    probs = torch.softmax(logits, dim=-1)
-    # argmax(p / E) with E ~ Exp(1) draws from p (the exponential-race form of sampling).
-    race = torch.empty_like(probs).exponential_(1.0, generator=generator)
-    return argmax(probs / race)
+    return race_argmax(torch.softmax(logits, dim=-1), generator)

@@ -10,6 +10,10 @@
   those linears in one call (`block_step(...)`, an object holding the block's tensors), the blocks
   of a model (`stack_step`) and its whole one-token step (`model_step`); where they are missing,
   cpmgen/fused_decode.py leaves the model's plain PyTorch modules in place.
+- argmax.cpp, sampling.cpp: the greedy token (`op("argmax_rows")`), and a sampled token's top-p
+  sort, top-p mask and exponential race (`op("descending_values")`, `op("top_p_keep")`,
+  `op("race_argmax")`), each what torch's operations give; where they are missing,
+  cpmgen/sampling.py runs those, more slowly.
 
 `build()` compiles them with the system C++ compiler against the installed torch, with no
 -march: the library holds versions of its loops for AVX-512 VNNI, AVX2 and plain C++ and picks
@@ -30,7 +34,8 @@ from typing import Optional
 import torch
 
 SOURCES = [Path(__file__).with_name(name) for name in
-           ("qlinear.cpp", "gemv.cpp", "attention.cpp", "block.cpp", "argmax.cpp", "gelu.cpp", "layernorm.cpp")]
+           ("qlinear.cpp", "gemv.cpp", "attention.cpp", "block.cpp", "argmax.cpp", "gelu.cpp", "layernorm.cpp",
+            "sampling.cpp")]
 LIBRARY = Path(__file__).with_name("_kernels.so")
 INPUT_DTYPES = (torch.float32, torch.bfloat16)  # the activations qlinear, decode_attention and BlockStep take
 

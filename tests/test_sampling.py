@@ -1,0 +1,88 @@
+"""The library's sampling ops (cpmgen/kernels/sampling.cpp) against torch's operations: a sampled
+token must not depend on whether the library is built, and the generator must end where torch's
+would, so that every later token is the same too."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cpmgen import kernels, sampling
+from cpmgen.config import SamplingParams
+from cpmgen.sampling import race_argmax, sample, top_k_top_p_filter
+
+
+@pytest.fixture
+def torch_only(monkeypatch):
+    """Runs the sampling functions on torch's operations alone, as where the library is not built."""
+    def without(f):
+        def call(*args, **kwargs):
+            with monkeypatch.context() as m:
+                m.setattr(sampling, "library_op", lambda name, *rows: None)
+                return f(*args, **kwargs)
+        return call
+    return without
+
+
+def logits_rows(seed: int, rows: int, n: int) -> torch.Tensor:
+    """Logits with what a vocabulary's row can hold: spread values, many equal ones (bf16 logits
+    widened), -inf (after top-k), +0 and -0."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, n, generator=g) * (1 + seed % 4)
+    if seed % 2:
+        x = x.to(torch.bfloat16).float()
+    if seed % 3 == 0:
+        x[:, ::5] = float("-inf")
+    if seed % 5 == 0:
+        x[:, ::11], x[:, 1::11] = -0.0, 0.0
+    return x
+
+
+def test_the_library_is_used():
+    assert kernels.op("descending_values") is not None and kernels.op("top_p_keep") is not None
+    assert sampling.library_race_is_torchs()
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_descending_values_are_torchs_sorted_values(seed):
+    x = logits_rows(seed, 1 + seed % 3, [30000, 1000, 7, 1][seed % 4])
+    assert torch.equal(kernels.op("descending_values")(x), torch.sort(x, descending=True, dim=-1).values)
+
+
+@pytest.mark.parametrize("top_k, top_p", [(0, 0.9), (0, 0.5), (40, 0.9), (0, 0.999999), (3, 0.1), (0, 1e-9)])
+@pytest.mark.parametrize("seed", range(8))
+def test_the_librarys_top_p_filter_is_torchs(seed, top_k, top_p, torch_only):
+    x = logits_rows(seed, 2, [30000, 1000, 7, 2][seed % 4])
+    assert torch.equal(top_k_top_p_filter(x, top_k, top_p), torch_only(top_k_top_p_filter)(x, top_k, top_p))
+
+
+@pytest.mark.parametrize("library", [True, False])
+def test_top_p_keeps_the_lower_ids_of_equal_logits(library, torch_only):
+    # sorted probabilities 0.4, 0.2, 0.2, 0.2: the running total crosses 0.5 at the second token,
+    # one of three equal ones: the one with the lowest id stays
+    logits = torch.log(torch.tensor([[0.2, 0.2, 0.4, 0.2]]))
+    f = top_k_top_p_filter if library else torch_only(top_k_top_p_filter)
+    assert torch.isinf(f(logits, top_p=0.5)).tolist() == [[False, True, False, True]]
+
+
+@pytest.mark.parametrize("seed", range(16))
+def test_the_librarys_race_draws_torchs_token_and_leaves_the_generator_where_torchs_does(seed, torch_only):
+    probs = torch.softmax(logits_rows(seed, 3, [30000, 997, 5, 1][seed % 4]), dim=-1)
+    if seed % 4 == 1:
+        probs[1, 500] = float("nan")  # argmax takes the first NaN, as torch's does
+    ours, theirs = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
+    assert torch.equal(race_argmax(probs, ours), torch_only(race_argmax)(probs, theirs))
+    assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+@pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(top_k=40, top_p=1.0),
+                                    SamplingParams(temperature=0.7, top_k=100, top_p=0.8),
+                                    SamplingParams(temperature=1.3, top_p=0.95, repetition_penalty=1.2)])
+def test_sampled_tokens_do_not_depend_on_the_library(params, torch_only):
+    ours, theirs = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    contexts = [[1, 2, 3], [4, 4, 5]]
+    for step in range(20):
+        logits = logits_rows(100 + step, 2, 30000)
+        logits[logits == float("-inf")] = -30.0  # a model's logits are finite
+        assert torch.equal(sample(logits, params, ours, contexts), torch_only(sample)(logits, params, theirs, contexts))
+    assert torch.equal(ours.get_state(), theirs.get_state())
