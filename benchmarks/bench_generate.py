@@ -400,7 +400,8 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     env = environment()
     folder = ensure_checkpoint(PRESET, log=console.print)
-    result = {"benchmark": "cpmgen generate", "model": PRESET, "device": "cpu", "sampling": "greedy", "batch": 1,
+    result = {"benchmark": "cpmgen generate", "model": PRESET, "device": "cpu", "batch": 1,
+              "sampling": "greedy; the -sampled variants temperature 0.9, top-p 0.9 (the defaults)",
               "env": env, "config": {"quick": args.quick, "new_tokens": args.new_tokens, "rounds": args.rounds, "reps": args.reps,
                                      "windows": args.windows, "window_rounds": args.window_rounds, "strides": args.strides,
                                      "sweep_tokens": args.sweep_tokens, "checkpoint": str(folder)}}
