@@ -18,7 +18,8 @@
 //   = torch.empty_like(probs).exponential_(1.0, generator=generator): the exponential variates of
 //   the CPU generator's exponential_ (at::exponential_distribution<double>, one per entry, row after
 //   row, rounded to float), each computed only where it can change the result (a zero
-//   probability's quotient is 0 for any variate but the one a zero uniform gives). The generator
+//   probability's quotient is 0 for any variate but the one a zero uniform gives; a quotient
+//   whose bound p / u is below the greatest one so far cannot be chosen). The generator
 //   still draws one value per entry, so it ends where torch's would. cpmgen/sampling.py checks
 //   once that this matches torch's exponential_ before relying on it.
 
@@ -32,6 +33,7 @@
 #include <cstring>
 #include <limits>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -53,27 +55,27 @@ inline float value_of(uint32_t key) {
   return f;
 }
 
-// Least significant digit first, 11 bits a pass: three passes over 32-bit keys (a pass whose
-// digit is the same for every key moves nothing and is skipped).
-void sort_keys(std::vector<uint32_t>& keys, std::vector<uint32_t>& spare) {
+// Least significant digit first, 11 bits a pass: three passes over n 32-bit keys (a pass whose
+// digit is the same for every key moves nothing and is skipped). Sorts keys[0..n) using spare[0..n);
+// returns where the sorted keys are (keys or spare).
+uint32_t* sort_keys(uint32_t* keys, uint32_t* spare, int64_t n) {
   constexpr int kBits = 11, kBuckets = 1 << kBits, kPasses = 3;
-  const int64_t n = static_cast<int64_t>(keys.size());
-  std::vector<int64_t> counts(static_cast<size_t>(kPasses * kBuckets), 0);
-  for (const uint32_t key : keys)
-    for (int p = 0; p < kPasses; ++p) ++counts[p * kBuckets + ((key >> (p * kBits)) & (kBuckets - 1))];
-  spare.resize(keys.size());
+  uint32_t counts[kPasses][kBuckets] = {};
+  for (int64_t i = 0; i < n; ++i)
+    for (int p = 0; p < kPasses; ++p) ++counts[p][(keys[i] >> (p * kBits)) & (kBuckets - 1)];
   for (int p = 0; p < kPasses; ++p) {
-    int64_t* count = counts.data() + p * kBuckets;
+    uint32_t* count = counts[p];
     if (count[(keys[0] >> (p * kBits)) & (kBuckets - 1)] == n) continue;
-    int64_t start = 0;
+    uint32_t start = 0;
     for (int b = 0; b < kBuckets; ++b) {
-      const int64_t c = count[b];
+      const uint32_t c = count[b];
       count[b] = start;
       start += c;
     }
-    for (const uint32_t key : keys) spare[count[(key >> (p * kBits)) & (kBuckets - 1)]++] = key;
-    keys.swap(spare);
+    for (int64_t i = 0; i < n; ++i) spare[count[(keys[i] >> (p * kBits)) & (kBuckets - 1)]++] = keys[i];
+    std::swap(keys, spare);
   }
+  return keys;
 }
 
 at::Tensor check_rows(const at::Tensor& x, const char* op) {
@@ -85,17 +87,20 @@ at::Tensor check_rows(const at::Tensor& x, const char* op) {
 at::Tensor descending_values(const at::Tensor& x_in) {
   const at::Tensor x = check_rows(x_in, "descending_values");
   const int64_t rows = x.size(0), n = x.size(1);
+  TORCH_CHECK(n < (int64_t{1} << 32), "descending_values: rows of fewer than 2^32 values");
   at::Tensor out = at::empty_like(x);
-  std::vector<uint32_t> keys(static_cast<size_t>(n)), spare;
+  // Buffers the calling thread keeps from one call to the next (a vocabulary's row each step).
+  thread_local std::vector<uint32_t> buffer;
+  buffer.resize(static_cast<size_t>(2 * n));
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x.data_ptr<float>() + r * n;
     for (int64_t i = 0; i < n; ++i) {
       TORCH_CHECK(!std::isnan(row[i]), "descending_values: row ", r, " holds a NaN");
-      keys[i] = descending_key(row[i]);
+      buffer[i] = descending_key(row[i]);
     }
-    sort_keys(keys, spare);
+    const uint32_t* sorted = sort_keys(buffer.data(), buffer.data() + n, n);
     float* o = out.data_ptr<float>() + r * n;
-    for (int64_t i = 0; i < n; ++i) o[i] = value_of(keys[i]);
+    for (int64_t i = 0; i < n; ++i) o[i] = value_of(sorted[i]);
   }
   return out;
 }
@@ -130,7 +135,7 @@ at::Tensor top_p_keep(const at::Tensor& x_in, const at::Tensor& sorted_in, const
   return out;
 }
 
-at::Tensor race_argmax(const at::Tensor& probs_in, const std::optional<at::Generator>& generator) {
+at::Tensor race_argmax(const at::Tensor& probs_in, const c10::optional<at::Generator>& generator) {
   const at::Tensor probs = check_rows(probs_in, "race_argmax");
   const int64_t rows = probs.size(0), n = probs.size(1);
   at::Tensor out = at::empty({rows}, probs.options().dtype(at::kLong));
@@ -151,9 +156,19 @@ at::Tensor race_argmax(const at::Tensor& probs_in, const std::optional<at::Gener
       const double u = at::transformation::uniform_real<double>((static_cast<uint64_t>(high) << 32) | low, 0.0, 1.0);
       if (nan) continue;  // the generator still draws for every entry
       // A zero probability over a positive variate (every variate but a zero uniform's) is 0.
-      const float q = p[i] == 0.f && u != 0.0
-                          ? 0.f
-                          : p[i] / static_cast<float>(at::transformation::exponential<double>(u, 1.0));
+      if (p[i] == 0.f && u != 0.0) {
+        if (i == 0) best = 0.f;  // the first quotient is the greatest so far
+        continue;
+      }
+      // The variate -log1p(-u) is at least u, so for p > 0 the quotient is at most p / u, up to
+      // the log's rounding and the two roundings to float (about 1e-7 of it, and far less than
+      // 1e-5 of a greatest quotient so far of at least 1e-30, whatever subnormal rounding adds):
+      // where p / u with a 1e-5 margin is below that greatest quotient, this one is below it too
+      // and cannot be chosen, and its log is not computed. Most of a wide top-p set is skipped so.
+      if (i > 0 && p[i] > 0.f && u != 0.0 && best >= 1e-30f &&
+          static_cast<double>(p[i]) * (1.0 + 1e-5) < static_cast<double>(best) * u)
+        continue;
+      const float q = p[i] / static_cast<float>(at::transformation::exponential<double>(u, 1.0));
       if (std::isnan(q)) {
         nan = true;
         best_index = i;
