@@ -27,8 +27,11 @@ def require_finite(logits: torch.Tensor) -> None:
     makes and reduces a mask as large as the vocabulary at every step."""
     low, high = torch.aminmax(logits)
     if not (math.isfinite(low.item()) and math.isfinite(high.item())):
-        raise UserError("the model computed NaN or Inf logits; its weights may hold NaN/Inf (run cpmgen "
-                        "inspect-ckpt --check-values on the model folder), or fp16 overflowed (try --dtype bf16 or fp32)")
+        raise UserError(NON_FINITE_LOGITS)
+
+
+NON_FINITE_LOGITS = ("the model computed NaN or Inf logits; its weights may hold NaN/Inf (run cpmgen inspect-ckpt "
+                     "--check-values on the model folder), or fp16 overflowed (try --dtype bf16 or fp32)")
 
 
 def argmax(rows: torch.Tensor) -> torch.Tensor:
@@ -132,6 +135,14 @@ def race_argmax(probs: torch.Tensor, generator: Optional[torch.Generator]) -> to
 def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[torch.Generator],
            contexts: Sequence[Sequence[int]]) -> torch.Tensor:
     """logits [batch, vocab] -> next token ids [batch]."""
+    if params.is_greedy and (params.repetition_penalty, params.frequency_penalty, params.presence_penalty) == (1, 0, 0):
+        # The check and the token in one pass over the logits (a visible part of a small step).
+        finite_argmax_rows = library_op("finite_argmax_rows", logits)
+        if finite_argmax_rows is not None:
+            tokens = finite_argmax_rows(logits)
+            if min(tokens.tolist()) < 0:
+                raise UserError(NON_FINITE_LOGITS)
+            return tokens
     require_finite(logits)
     logits = apply_repetition_penalty(logits.float(), contexts, params.repetition_penalty)
     logits = apply_count_penalties(logits, contexts, params.frequency_penalty, params.presence_penalty)

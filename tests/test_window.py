@@ -115,21 +115,26 @@ def test_the_librarys_argmax_picks_torchs_index_among_ties_nans_and_infinities(n
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 30000])
 def test_a_nan_or_an_infinity_anywhere_stops_sampling_with_the_cause(dtype, n):
-    """A NaN, +inf or -inf at any index stops the step with the cause; the largest finite values
-    do not."""
+    """A NaN, +inf or -inf at any index stops the step with the cause, in the check sampling runs
+    and in a greedy step's one pass (the library's finite_argmax_rows on fp32 logits); the largest
+    finite values do not, and the greedy token is then torch's argmax."""
     from cpmgen.sampling import require_finite
 
+    greedy = SamplingParams(greedy=True)
     x = torch.randn(3, n, generator=torch.Generator().manual_seed(n)).to(dtype)
     x[1, 0] = torch.finfo(dtype).max
     x[2, -1] = -torch.finfo(dtype).max
     for logits in (x, x.t().contiguous().t()):  # contiguous or not
         require_finite(logits)
+        assert torch.equal(sample(logits, greedy, None, [[]] * 3), logits.float().argmax(dim=-1))
         for bad in (float("nan"), float("inf"), float("-inf")):
             for index in {0, n // 2, n - 1, 3 * n - 1}:
                 spoiled = logits.clone()  # with the same strides
                 spoiled[index // n, index % n] = bad
                 with pytest.raises(UserError, match="the model computed NaN or Inf logits"):
                     require_finite(spoiled)
+                with pytest.raises(UserError, match="the model computed NaN or Inf logits"):
+                    sample(spoiled, greedy, None, [[]] * 3)
 
 
 @pytest.mark.parametrize("kwargs, message", [

@@ -6,10 +6,14 @@
 // first index holding it.
 //
 //   x [rows, n] fp32 (n >= 1) -> [rows] int64
+//
+// finite_argmax_rows: the same, or -1 for a row that holds a NaN or an infinity: a greedy step's
+// check of its logits (sampling.require_finite) and its token in one pass over them.
 
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -45,48 +49,76 @@ inline __attribute__((always_inline)) int64_t first_index(const float* p, int64_
   return 0;  // not reached: the value is in the row
 }
 
-CPMGEN_CLONES int64_t row_argmax(const float* p, int64_t n) {
+// The row's argmax; with kFinite, -1 instead where the row holds a NaN or an infinity (the
+// least value tracked beside the greatest, for a -inf).
+template <bool kFinite>
+inline __attribute__((always_inline)) int64_t row_argmax_in(const float* p, int64_t n) {
   const float low = -std::numeric_limits<float>::infinity();
   // four vectors of running maxima, so that four comparisons are in flight (a maximum does not
   // depend on the order the values are taken in)
-  Floats top[4];
+  Floats top[4], least[4];
   for (Floats& t : top) t = low - Floats{};  // every lane -inf
+  for (Floats& l : least) l = -low - Floats{};  // every lane +inf
   Mask nan = {};
   int64_t i = 0;
   for (; i + 4 * kLanes <= n; i += 4 * kLanes)
     for (int j = 0; j < 4; ++j) {
       const Floats v = load_floats(p + i + j * kLanes);
       top[j] = v > top[j] ? v : top[j];  // a NaN never replaces a lane's value
+      if constexpr (kFinite) least[j] = v < least[j] ? v : least[j];
       nan |= v != v;
     }
-  float best = low;
-  for (const Floats& t : top) {
-    float lanes[kLanes];
-    std::memcpy(lanes, &t, sizeof(lanes));
-    for (int l = 0; l < kLanes; ++l) best = lanes[l] > best ? lanes[l] : best;
+  float best = low, lowest = -low;
+  for (int j = 0; j < 4; ++j) {
+    float lanes[kLanes], least_lanes[kLanes];
+    std::memcpy(lanes, &top[j], sizeof(lanes));
+    std::memcpy(least_lanes, &least[j], sizeof(least_lanes));
+    for (int l = 0; l < kLanes; ++l) {
+      best = lanes[l] > best ? lanes[l] : best;
+      lowest = least_lanes[l] < lowest ? least_lanes[l] : lowest;
+    }
   }
   bool has_nan = any(nan);
   for (; i < n; ++i) {
     best = p[i] > best ? p[i] : best;
+    lowest = p[i] < lowest ? p[i] : lowest;
     has_nan = has_nan || p[i] != p[i];
   }
+  if constexpr (kFinite)
+    if (has_nan || std::isinf(best) || std::isinf(lowest)) return -1;
   return has_nan ? first_index<true>(p, n, best) : first_index<false>(p, n, best);
 }
 
-at::Tensor argmax_rows(const at::Tensor& x) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) > 0,
-              "argmax_rows: x must be fp32 [rows, n] with n >= 1");
+CPMGEN_CLONES int64_t row_argmax(const float* p, int64_t n) { return row_argmax_in<false>(p, n); }
+CPMGEN_CLONES int64_t row_argmax_finite(const float* p, int64_t n) { return row_argmax_in<true>(p, n); }
+
+template <int64_t (*kRow)(const float*, int64_t)>
+at::Tensor argmax_each_row(const at::Tensor& x, const char* op) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) > 0, op,
+              ": x must be fp32 [rows, n] with n >= 1");
   const at::Tensor c = x.contiguous();
   const int64_t rows = c.size(0), n = c.size(1);
   at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
   const float* p = c.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) o[r] = row_argmax(p + r * n, n);
+  for (int64_t r = 0; r < rows; ++r) o[r] = kRow(p + r * n, n);
   return out;
+}
+
+at::Tensor argmax_rows(const at::Tensor& x) { return argmax_each_row<row_argmax>(x, "argmax_rows"); }
+
+at::Tensor finite_argmax_rows(const at::Tensor& x) {
+  return argmax_each_row<row_argmax_finite>(x, "finite_argmax_rows");
 }
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(cpmgen, m) { m.def("argmax_rows(Tensor x) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(cpmgen, m) {
+  m.def("argmax_rows(Tensor x) -> Tensor");
+  m.def("finite_argmax_rows(Tensor x) -> Tensor");
+}
 
-TORCH_LIBRARY_IMPL(cpmgen, CPU, m) { m.impl("argmax_rows", argmax_rows); }
+TORCH_LIBRARY_IMPL(cpmgen, CPU, m) {
+  m.impl("argmax_rows", argmax_rows);
+  m.impl("finite_argmax_rows", finite_argmax_rows);
+}

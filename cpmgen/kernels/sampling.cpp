@@ -94,10 +94,13 @@ at::Tensor descending_values(const at::Tensor& x_in) {
   buffer.resize(static_cast<size_t>(2 * n));
   for (int64_t r = 0; r < rows; ++r) {
     const float* row = x.data_ptr<float>() + r * n;
+    uint32_t* keys = buffer.data();
+    bool nan = false;  // checked after the loop, which then has no branch and vectorizes
     for (int64_t i = 0; i < n; ++i) {
-      TORCH_CHECK(!std::isnan(row[i]), "descending_values: row ", r, " holds a NaN");
-      buffer[i] = descending_key(row[i]);
+      nan |= row[i] != row[i];
+      keys[i] = descending_key(row[i]);
     }
+    TORCH_CHECK(!nan, "descending_values: row ", r, " holds a NaN");
     const uint32_t* sorted = sort_keys(buffer.data(), buffer.data() + n, n);
     float* o = out.data_ptr<float>() + r * n;
     for (int64_t i = 0; i < n; ++i) o[i] = value_of(sorted[i]);
@@ -123,13 +126,17 @@ at::Tensor top_p_keep(const at::Tensor& x_in, const at::Tensor& sorted_in, const
     const float least = s[kept - 1];  // the least value kept
     int64_t first_equal = kept - 1;
     while (first_equal > 0 && s[first_equal - 1] == least) --first_equal;
-    int64_t equal_left = kept - first_equal;  // of the values equal to `least`, the first this many are kept
+    int64_t last_equal = kept - 1;
+    while (last_equal + 1 < n && s[last_equal + 1] == least) ++last_equal;
     const float* row = x.data_ptr<float>() + r * n;
     float* o = out.data_ptr<float>() + r * n;
-    for (int64_t i = 0; i < n; ++i) {
-      const float v = row[i];
-      const bool keep = v > least || (v == least && equal_left-- > 0);
-      o[i] = keep ? v : minus_inf;
+    for (int64_t i = 0; i < n; ++i) o[i] = row[i] >= least ? row[i] : minus_inf;
+    // Where the cut falls among values equal to `least`, only the first kept - first_equal of them
+    // (by index) stay.
+    if (last_equal >= kept) {
+      int64_t equal_left = kept - first_equal;
+      for (int64_t i = 0; i < n; ++i)
+        if (row[i] == least && equal_left-- <= 0) o[i] = minus_inf;
     }
   }
   return out;
