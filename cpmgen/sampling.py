@@ -21,6 +21,18 @@ from cpmgen.config import SamplingParams
 from cpmgen.errors import UserError
 
 
+NON_FINITE_LOGITS = ("the model computed NaN or Inf logits; its weights may hold NaN/Inf (run cpmgen inspect-ckpt "
+                     "--check-values on the model folder), or fp16 overflowed (try --dtype bf16 or fp32)")
+
+
+def library_op(name: str, *rows: torch.Tensor):
+    """The library's op `name` where every one of `rows` is a CPU fp32 [batch, n] tensor it takes,
+    else None (torch's operations then do the same)."""
+    if all(r.device.type == "cpu" and r.dtype == torch.float32 and r.dim() == 2 and r.shape[1] > 0 for r in rows):
+        return kernels.op(name)
+    return None
+
+
 def require_finite(logits: torch.Tensor) -> None:
     """Stop on NaN or Inf logits instead of sampling noise from them. The least and the greatest
     logit tell (a NaN anywhere makes both NaN) in one vectorized pass, where testing each logit
@@ -30,19 +42,14 @@ def require_finite(logits: torch.Tensor) -> None:
         raise UserError(NON_FINITE_LOGITS)
 
 
-NON_FINITE_LOGITS = ("the model computed NaN or Inf logits; its weights may hold NaN/Inf (run cpmgen inspect-ckpt "
-                     "--check-values on the model folder), or fp16 overflowed (try --dtype bf16 or fp32)")
-
-
 def argmax(rows: torch.Tensor) -> torch.Tensor:
     """rows [batch, n] -> the index of each row's greatest value [batch], as rows.argmax(dim=-1)
     gives it (the first of equal ones; the first NaN where there is one). CPU fp32 rows go to the
     library's vectorized loop: ATen's CPU argmax compares one value at a time, a visible part of
     a small model's step over a 30000-token vocabulary."""
-    if rows.device.type == "cpu" and rows.dtype == torch.float32 and rows.dim() == 2 and rows.shape[1] > 0:
-        argmax_rows = kernels.op("argmax_rows")
-        if argmax_rows is not None:
-            return argmax_rows(rows)
+    argmax_rows = library_op("argmax_rows", rows)
+    if argmax_rows is not None:
+        return argmax_rows(rows)
     return rows.argmax(dim=-1)
 
 
@@ -67,14 +74,6 @@ def apply_count_penalties(logits: torch.Tensor, contexts: Sequence[Sequence[int]
     counts = torch.stack([torch.bincount(torch.tensor(list(c), dtype=torch.long), minlength=logits.shape[-1])
                           for c in contexts]).to(logits.device, logits.dtype)
     return logits - torch.where(counts > 0, frequency * counts + presence, 0.0)
-
-
-def library_op(name: str, *rows: torch.Tensor):
-    """The library's op `name` where every one of `rows` is a CPU fp32 [batch, n] tensor it takes,
-    else None (torch's operations then do the same)."""
-    if all(r.device.type == "cpu" and r.dtype == torch.float32 and r.dim() == 2 and r.shape[1] > 0 for r in rows):
-        return kernels.op(name)
-    return None
 
 
 def top_k_top_p_filter(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:

@@ -75,13 +75,13 @@ inline __attribute__((always_inline)) int64_t row_argmax_in(const float* p, int6
     std::memcpy(least_lanes, &least[j], sizeof(least_lanes));
     for (int l = 0; l < kLanes; ++l) {
       best = lanes[l] > best ? lanes[l] : best;
-      lowest = least_lanes[l] < lowest ? least_lanes[l] : lowest;
+      if constexpr (kFinite) lowest = least_lanes[l] < lowest ? least_lanes[l] : lowest;
     }
   }
   bool has_nan = any(nan);
   for (; i < n; ++i) {
     best = p[i] > best ? p[i] : best;
-    lowest = p[i] < lowest ? p[i] : lowest;
+    if constexpr (kFinite) lowest = p[i] < lowest ? p[i] : lowest;
     has_nan = has_nan || p[i] != p[i];
   }
   if constexpr (kFinite)
