@@ -75,6 +75,28 @@ def test_the_librarys_race_draws_torchs_token_and_leaves_the_generator_where_tor
     assert torch.equal(ours.get_state(), theirs.get_state())
 
 
+@pytest.mark.parametrize("consumed", [0, 1, 3, 623, 624, 1247])
+@pytest.mark.parametrize("scale", [0.5, 8.0, 40.0])
+def test_the_librarys_race_is_torchs_from_any_point_of_the_generators_stream(consumed, scale, torch_only):
+    # The library draws the engine's words in bulk: from a generator part way through its state
+    # (an odd number of words taken: an entry's two words fall on either side of a twist), over
+    # flat and peaked rows (few entries computed) and rows with zero probabilities.
+    probs = torch.softmax(logits_rows(consumed, 2, 3001) * scale, dim=-1)
+    probs[1, : 3001 // 2] = 0.0
+    ours, theirs = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    for g in (ours, theirs):
+        torch.randint(0, 100, (consumed,), generator=g)  # one 32-bit word each
+    for _ in range(3):
+        assert torch.equal(race_argmax(probs, ours), torch_only(race_argmax)(probs, theirs))
+    assert torch.equal(ours.get_state(), theirs.get_state())
+
+
+@pytest.mark.parametrize("library", [True, False])
+def test_the_race_of_an_all_zero_row_takes_the_first_entry(library, torch_only):
+    f = race_argmax if library else torch_only(race_argmax)
+    assert f(torch.zeros(1, 50), torch.Generator().manual_seed(0)).tolist() == [0]
+
+
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(top_k=40, top_p=1.0),
                                     SamplingParams(temperature=0.7, top_k=100, top_p=0.8),
                                     SamplingParams(temperature=1.3, top_p=0.95, repetition_penalty=1.2)])

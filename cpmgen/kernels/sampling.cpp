@@ -19,15 +19,19 @@
 //   the CPU generator's exponential_ (at::exponential_distribution<double>, one per entry, row after
 //   row, rounded to float), each computed only where it can change the result (a zero
 //   probability's quotient is 0 for any variate but the one a zero uniform gives; a quotient
-//   whose bound p / u is below the greatest one so far cannot be chosen). The generator
-//   still draws one value per entry, so it ends where torch's would. cpmgen/sampling.py checks
-//   once that this matches torch's exponential_ before relying on it.
+//   whose upper bound p / u is below another's lower bound p (1 - u) / u cannot be chosen). The
+//   generator's engine still draws two values per entry (in bulk, as its own calls would), so it
+//   ends where torch's would. cpmgen/sampling.py checks once that this matches torch's
+//   exponential_ before relying on it.
 
 #include <ATen/ATen.h>
 #include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/DistributionsHelper.h>
 #include <torch/library.h>
 
+#include "kernels.h"
+
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -142,50 +146,138 @@ at::Tensor top_p_keep(const at::Tensor& x_in, const at::Tensor& sorted_in, const
   return out;
 }
 
+// The values at::mt19937's operator() would give next, `count` of them into `out`, and the
+// engine's state `pod` moved on as that many calls move it: the state's words tempered in bulk,
+// and the state twisted every 624 values (the engine's own next_state, in loops that vectorize).
+// One call into the engine per value, with its branch and index, had cost more than all the
+// arithmetic of the race that uses them.
+CPMGEN_WIDE_CLONES
+void twist_state(uint32_t* s) {
+  auto twist = [](uint32_t u, uint32_t v) {
+    return (((u & at::UMASK) | (v & at::LMASK)) >> 1) ^ ((v & 1u) ? at::MATRIX_A : 0u);
+  };
+  constexpr int kN = at::MERSENNE_STATE_N, kM = at::MERSENNE_STATE_M;
+  for (int i = 0; i < kN - kM; ++i) s[i] = s[i + kM] ^ twist(s[i], s[i + 1]);
+  for (int i = kN - kM; i < kN - 1; ++i) s[i] = s[i + kM - kN] ^ twist(s[i], s[i + 1]);
+  s[kN - 1] = s[kM - 1] ^ twist(s[kN - 1], s[0]);
+}
+
+CPMGEN_WIDE_CLONES
+void temper(const uint32_t* state, uint32_t* out, int64_t count) {
+  for (int64_t i = 0; i < count; ++i) {
+    uint32_t y = state[i];
+    y ^= y >> 11;
+    y ^= (y << 7) & 0x9d2c5680u;
+    y ^= (y << 15) & 0xefc60000u;
+    out[i] = y ^ (y >> 18);
+  }
+}
+
+void draw_words(at::mt19937_data_pod& pod, uint32_t* out, int64_t count) {
+  while (count > 0) {
+    // The engine gives state_[next_] for each of its next left_ - 1 calls; the call after them
+    // twists the state and gives its words from the first, leaving left_ = 624 after that one.
+    if (pod.left_ == 1) {
+      twist_state(pod.state_.data());
+      pod.left_ = at::MERSENNE_STATE_N + 1;
+      pod.next_ = 0;
+    }
+    const int64_t take = std::min<int64_t>(count, pod.left_ - 1);
+    temper(pod.state_.data() + pod.next_, out, take);
+    pod.next_ += static_cast<uint32_t>(take);
+    pod.left_ -= static_cast<int>(take);
+    out += take;
+    count -= take;
+  }
+}
+
+// The uniform values of n entries from their 2n words, each as at::uniform_real_distribution<double>
+// makes it from CPUGeneratorImpl::random64 (the first word the high half; 53 bits scaled by 2^-53,
+// the halves converted apart, exactly), into u; returns the greatest lower bound p (1 - u) / u of
+// the entries' quotients p / -log1p(-u) (-log1p(-u) <= u / (1 - u)), 0 where there is none (zero
+// uniforms, NaN probabilities left out).
+CPMGEN_WIDE_CLONES
+double uniforms_and_lower_bound(const float* p, const uint32_t* words, double* u, int64_t n) {
+  double best = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double high = static_cast<double>(words[2 * i] & 0x1fffffu), low = static_cast<double>(words[2 * i + 1]);
+    const double value = (high * 4294967296.0 + low) * (1.0 / 9007199254740992.0);
+    u[i] = value;
+    const double bound = static_cast<double>(p[i]) * (1.0 - value) / value;
+    best = value > 0.0 && bound > best ? bound : best;
+  }
+  return best;
+}
+
+// flags[i] = 1 where entry i may still hold the greatest quotient given one of at least `least`:
+// not where p * (1 + 1e-5) < least * u (its quotient's upper bound p / u with a margin for the
+// roundings, see race_argmax, is below `least`). NaN probabilities and zero uniforms stay.
+CPMGEN_WIDE_CLONES
+void flag_candidates(const float* p, const double* u, double least, uint8_t* flags, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) flags[i] = !(static_cast<double>(p[i]) * (1.0 + 1e-5) < least * u[i]);
+}
+
 at::Tensor race_argmax(const at::Tensor& probs_in, const c10::optional<at::Generator>& generator) {
   const at::Tensor probs = check_rows(probs_in, "race_argmax");
   const int64_t rows = probs.size(0), n = probs.size(1);
   at::Tensor out = at::empty({rows}, probs.options().dtype(at::kLong));
   auto* gen = at::get_generator_or_default<at::CPUGeneratorImpl>(generator, at::detail::getDefaultCPUGenerator());
   std::lock_guard<std::mutex> lock(gen->mutex_);
-  // The generator's engine, run here inline (a call into the generator for each value cost more
-  // than the rest of the loop) and handed back at the end. A double takes two of its 32-bit
-  // values, the first as the high half (CPUGeneratorImpl::random64).
+  // The generator's engine state, drawn from here and handed back at the end.
   at::mt19937 engine = gen->engine();
+  at::mt19937_data_pod pod = engine.data();
+  // Buffers the calling thread keeps from one call to the next (a vocabulary's row each step).
+  thread_local std::vector<uint32_t> words;
+  thread_local std::vector<double> uniforms;
+  thread_local std::vector<uint8_t> flags;
+  words.resize(static_cast<size_t>(2 * n));
+  uniforms.resize(static_cast<size_t>(n));
+  flags.resize(static_cast<size_t>(n) + 8);
   for (int64_t r = 0; r < rows; ++r) {
     const float* p = probs.data_ptr<float>() + r * n;
+    draw_words(pod, words.data(), 2 * n);  // the generator draws for every entry, whatever it holds
+    const double* u = uniforms.data();
+    // Every entry's quotient p / E, E = -log1p(-u) rounded to float and the quotient in float,
+    // is within about 2e-7 of its exact value, and the exact one lies between p (1 - u) / u and
+    // p / u. So with a greatest lower bound L of at least 1e-30 (far from subnormal quotients),
+    // an entry with p (1 + 1e-5) < L (1 - 1e-5) u is below the entry that gave L and cannot be
+    // chosen: its log is not computed. The rest, a handful where the probabilities fall off,
+    // are computed as torch computes them, in order.
+    const double lower = uniforms_and_lower_bound(p, words.data(), uniforms.data(), n);
+    const bool prune = std::isfinite(lower) && lower >= 1e-30;
+    if (prune) {
+      flag_candidates(p, u, lower * (1.0 - 1e-5), flags.data(), n);
+    } else {
+      std::fill(flags.begin(), flags.begin() + n, uint8_t{1});
+    }
+    std::fill(flags.begin() + n, flags.end(), uint8_t{0});
     // torch's argmax: the first greatest quotient, or the first NaN where there is one
     float best = 0.f;
-    int64_t best_index = 0;
-    bool nan = false;
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t high = engine(), low = engine();
-      const double u = at::transformation::uniform_real<double>((static_cast<uint64_t>(high) << 32) | low, 0.0, 1.0);
-      if (nan) continue;  // the generator still draws for every entry
-      // A zero probability over a positive variate (every variate but a zero uniform's) is 0.
-      if (p[i] == 0.f && u != 0.0) {
-        if (i == 0) best = 0.f;  // the first quotient is the greatest so far
-        continue;
-      }
-      // The variate -log1p(-u) is at least u, so for p > 0 the quotient is at most p / u, up to
-      // the log's rounding and the two roundings to float (about 1e-7 of it, and far less than
-      // 1e-5 of a greatest quotient so far of at least 1e-30, whatever subnormal rounding adds):
-      // where p / u with a 1e-5 margin is below that greatest quotient, this one is below it too
-      // and cannot be chosen, and its log is not computed. Most of a wide top-p set is skipped so.
-      if (i > 0 && p[i] > 0.f && u != 0.0 && best >= 1e-30f &&
-          static_cast<double>(p[i]) * (1.0 + 1e-5) < static_cast<double>(best) * u)
-        continue;
-      const float q = p[i] / static_cast<float>(at::transformation::exponential<double>(u, 1.0));
-      if (std::isnan(q)) {
-        nan = true;
-        best_index = i;
-      } else if (i == 0 || q > best) {
-        best = q;
-        best_index = i;
+    int64_t best_index = -1;
+    for (int64_t block = 0; block < n; block += 8) {
+      uint64_t any;
+      std::memcpy(&any, flags.data() + block, sizeof(any));
+      if (any == 0) continue;
+      for (int64_t i = block; i < std::min(n, block + 8); ++i) {
+        if (!flags[i]) continue;
+        // A zero probability over a positive variate (every variate but a zero uniform's) is 0.
+        const float q = p[i] == 0.f && u[i] != 0.0
+                            ? 0.f
+                            : p[i] / static_cast<float>(at::transformation::exponential<double>(u[i], 1.0));
+        if (std::isnan(q)) {
+          best_index = i;
+          block = n;  // the first NaN is the result
+          break;
+        }
+        if (best_index < 0 || q > best) {
+          best = q;
+          best_index = i;
+        }
       }
     }
     out.data_ptr<int64_t>()[r] = best_index;
   }
+  engine.set_data(pod);
   gen->set_engine(engine);
   return out;
 }
