@@ -65,6 +65,18 @@ def test_the_kernel_library_is_built():
     assert kernels.isa() == kernels.isas()[0]
 
 
+def test_the_kernels_build_as_cpp20_where_the_compiler_takes_it(tmp_path):
+    """torch 2.14's headers refuse anything before C++20 (what torch's own extension builder
+    passes); a compiler without it (before GCC 10) builds as C++17, against the older torch."""
+    assert kernels.language_standard() == "c++20"  # the GCC 12 of the machines here
+    old_compiler = tmp_path / "old-c++"
+    old_compiler.write_text('#!/bin/sh\ncase "$*" in *-std=c++20*) exit 1;; esac\nexit 0\n')
+    old_compiler.chmod(0o755)
+    assert kernels.language_standard(str(old_compiler)) == "c++17"
+    assert kernels.language_standard(str(tmp_path / "no-compiler")) == "c++17"
+    assert "-std=c++20" in kernels.compile_command()
+
+
 def test_the_weights_hold_every_int8_value_the_kernels_read():
     """The AVX2 loops move the activation's sign onto the weight: a weight of -128 would not
     survive that, so the quantizer keeps to -127..127 (padding is 0)."""

@@ -40,6 +40,18 @@ LIBRARY = Path(__file__).with_name("_kernels.so")
 INPUT_DTYPES = (torch.float32, torch.bfloat16)  # the activations qlinear, decode_attention and BlockStep take
 
 
+def language_standard(compiler: str = "c++") -> str:
+    """C++20 where the compiler takes it: what torch's own extension builder passes, and torch
+    2.14's headers refuse anything older. Else C++17 (compilers before GCC 10, which only the
+    older torch releases that allow it build with). Where there is no compiler, the build says so."""
+    try:
+        probe = subprocess.run([compiler, "-std=c++20", "-x", "c++", "-fsyntax-only", "-"], input="",
+                               capture_output=True, text=True)
+    except OSError:
+        return "c++17"
+    return "c++20" if probe.returncode == 0 else "c++17"
+
+
 def compile_command(output: Path = LIBRARY) -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
@@ -49,8 +61,8 @@ def compile_command(output: Path = LIBRARY) -> list[str]:
     # it changes no value (no reassociation, no contraction).
     # -Wno-psabi: the vector types argmax.cpp passes between its inline functions never cross the
     # library's boundary, so gcc's note on their calling convention is noise in the install log.
-    flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp", "-std=c++17", "-shared", "-fPIC",
-             f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", "-Wno-psabi"]
+    flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp", f"-std={language_standard()}", "-shared",
+             "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", "-Wno-psabi"]
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     libs = [f"-L{p}" for p in library_paths()] + [f"-Wl,-rpath,{p}" for p in library_paths()]
     return ["c++", *flags, *includes, *map(str, SOURCES), "-o", str(output), *libs, "-lc10", "-ltorch_cpu"]
