@@ -97,6 +97,18 @@ def test_the_race_of_an_all_zero_row_takes_the_first_entry(library, torch_only):
     assert f(torch.zeros(1, 50), torch.Generator().manual_seed(0)).tolist() == [0]
 
 
+def test_the_librarys_race_is_torchs_on_rows_no_softmax_gives(torch_only):
+    # negative, tiny (subnormal quotients), infinite and NaN values: argmax of the quotients all the same
+    g = torch.Generator().manual_seed(3)
+    rows = torch.stack([-torch.rand(3000, generator=g), torch.rand(3000, generator=g) * 1e-36,
+                        torch.rand(3000, generator=g) * 1e-44, torch.rand(3000, generator=g)])
+    rows[3, [7, 2000]] = float("inf")
+    rows[2, 2500] = float("nan")
+    ours, theirs = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(race_argmax(rows, ours), torch_only(race_argmax)(rows, theirs))
+    assert torch.equal(ours.get_state(), theirs.get_state())
+
+
 @pytest.mark.parametrize("params", [SamplingParams(), SamplingParams(top_k=40, top_p=1.0),
                                     SamplingParams(temperature=0.7, top_k=100, top_p=0.8),
                                     SamplingParams(temperature=1.3, top_p=0.95, repetition_penalty=1.2)])
