@@ -40,19 +40,20 @@ LIBRARY = Path(__file__).with_name("_kernels.so")
 INPUT_DTYPES = (torch.float32, torch.bfloat16)  # the activations qlinear, decode_attention and BlockStep take
 
 
-def language_standard(compiler: str = "c++") -> str:
-    """C++20 where the compiler takes it: what torch's own extension builder passes, and torch
-    2.14's headers refuse anything older. Else C++17 (compilers before GCC 10, which only the
-    older torch releases that allow it build with). Where there is no compiler, the build says so."""
+def language_standards(compiler: str = "c++") -> list[str]:
+    """The C++ standards to build as, in turn until one builds: C++20 where the compiler takes it
+    (what torch's own extension builder passes; torch 2.14's headers refuse anything older), then
+    C++17 (for older torch releases whose headers C++20 might not take, and compilers before GCC
+    10). Where there is no compiler, the build says so."""
     try:
         probe = subprocess.run([compiler, "-std=c++20", "-x", "c++", "-fsyntax-only", "-"], input="",
                                capture_output=True, text=True)
     except OSError:
-        return "c++17"
-    return "c++20" if probe.returncode == 0 else "c++17"
+        return ["c++17"]
+    return ["c++20", "c++17"] if probe.returncode == 0 else ["c++17"]
 
 
-def compile_command(output: Path = LIBRARY) -> list[str]:
+def compile_command(output: Path = LIBRARY, standard: str = "c++20") -> list[str]:
     from torch.utils.cpp_extension import include_paths, library_paths
 
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
@@ -61,7 +62,7 @@ def compile_command(output: Path = LIBRARY) -> list[str]:
     # it changes no value (no reassociation, no contraction).
     # -Wno-psabi: the vector types argmax.cpp passes between its inline functions never cross the
     # library's boundary, so gcc's note on their calling convention is noise in the install log.
-    flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp", f"-std={language_standard()}", "-shared",
+    flags = ["-O3", "-ffp-contract=off", "-fno-trapping-math", "-fopenmp", f"-std={standard}", "-shared",
              "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w", "-Wno-psabi"]
     includes = [f"-I{p}" for p in include_paths()] + [f"-I{sysconfig.get_paths()['include']}"]
     libs = [f"-L{p}" for p in library_paths()] + [f"-Wl,-rpath,{p}" for p in library_paths()]
@@ -69,18 +70,22 @@ def compile_command(output: Path = LIBRARY) -> list[str]:
 
 
 def build() -> int:
-    """Compile the library next to its source; on failure say so and leave none behind."""
+    """Compile the library next to its source, as each of language_standards() in turn until one
+    builds; where none does, say so and leave none behind."""
     tmp = LIBRARY.with_suffix(".so.partial")
-    try:
-        subprocess.run(compile_command(tmp), check=True)
-    except (OSError, subprocess.CalledProcessError) as e:
-        tmp.unlink(missing_ok=True)
-        LIBRARY.unlink(missing_ok=True)
-        print(f"cpmgen: the CPU kernels did not build ({e}); --quantize and CPU decode steps will run on "
-              "slower torch operations", file=sys.stderr)
-        return 0  # an optional speed-up: the install goes on
-    tmp.replace(LIBRARY)
-    return 0
+    for standard in language_standards():
+        try:
+            subprocess.run(compile_command(tmp, standard), check=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            tmp.unlink(missing_ok=True)
+            error = e
+            continue
+        tmp.replace(LIBRARY)
+        return 0
+    LIBRARY.unlink(missing_ok=True)
+    print(f"cpmgen: the CPU kernels did not build ({error}); --quantize and CPU decode steps will run on "
+          "slower torch operations", file=sys.stderr)
+    return 0  # an optional speed-up: the install goes on
 
 
 @functools.cache
