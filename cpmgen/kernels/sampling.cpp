@@ -196,18 +196,21 @@ void draw_words(at::mt19937_data_pod& pod, uint32_t* out, int64_t count) {
 // makes it from CPUGeneratorImpl::random64 (the first word the high half; 53 bits scaled by 2^-53,
 // the halves converted apart, exactly), into u; returns the greatest lower bound p (1 - u) / u of
 // the entries' quotients p / -log1p(-u) (-log1p(-u) <= u / (1 - u)), 0 where there is none (zero
-// uniforms, NaN probabilities left out).
+// uniforms, NaN probabilities left out). The greatest is taken over the bounds' bits as integers,
+// which order as non-negative doubles do (negative ones fall below the 0 it starts from): the
+// compiler vectorizes an integer maximum, not a floating-point one, whose NaNs it must keep.
 CPMGEN_WIDE_CLONES
 double uniforms_and_lower_bound(const float* p, const uint32_t* words, double* u, int64_t n) {
-  double best = 0.0;
+  int64_t best = 0;  // the bits of 0.0
   for (int64_t i = 0; i < n; ++i) {
     const double high = static_cast<double>(words[2 * i] & 0x1fffffu), low = static_cast<double>(words[2 * i + 1]);
     const double value = (high * 4294967296.0 + low) * (1.0 / 9007199254740992.0);
     u[i] = value;
     const double bound = static_cast<double>(p[i]) * (1.0 - value) / value;
-    best = value > 0.0 && bound > best ? bound : best;
+    const int64_t bits = __builtin_bit_cast(int64_t, value > 0.0 && bound == bound ? bound : 0.0);
+    best = bits > best ? bits : best;
   }
-  return best;
+  return __builtin_bit_cast(double, best);
 }
 
 // flags[i] = 1 where entry i may still hold the greatest quotient given one of at least `least`:
