@@ -25,10 +25,14 @@ NON_FINITE_LOGITS = ("the model computed NaN or Inf logits; its weights may hold
                      "--check-values on the model folder), or fp16 overflowed (try --dtype bf16 or fp32)")
 
 
-def library_op(name: str, *rows: torch.Tensor):
-    """The library's op `name` where every one of `rows` is a CPU fp32 [batch, n] tensor it takes,
-    else None (torch's operations then do the same)."""
-    if all(r.device.type == "cpu" and r.dtype == torch.float32 and r.dim() == 2 and r.shape[1] > 0 for r in rows):
+# The library's argmax ops also take a bf16 model's logits as they are (widened exactly as compared).
+ARGMAX_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def library_op(name: str, *rows: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)):
+    """The library's op `name` where every one of `rows` is a CPU [batch, n] tensor of `dtypes`
+    it takes, else None (torch's operations then do the same)."""
+    if all(r.device.type == "cpu" and r.dtype in dtypes and r.dim() == 2 and r.shape[1] > 0 for r in rows):
         return kernels.op(name)
     return None
 
@@ -44,10 +48,10 @@ def require_finite(logits: torch.Tensor) -> None:
 
 def argmax(rows: torch.Tensor) -> torch.Tensor:
     """rows [batch, n] -> the index of each row's greatest value [batch], as rows.argmax(dim=-1)
-    gives it (the first of equal ones; the first NaN where there is one). CPU fp32 rows go to the
-    library's vectorized loop: ATen's CPU argmax compares one value at a time, a visible part of
-    a small model's step over a 30000-token vocabulary."""
-    argmax_rows = library_op("argmax_rows", rows)
+    gives it (the first of equal ones; the first NaN where there is one). CPU fp32 and bf16 rows
+    go to the library's vectorized loop: ATen's CPU argmax compares one value at a time, a visible
+    part of a small model's step over a 30000-token vocabulary."""
+    argmax_rows = library_op("argmax_rows", rows, dtypes=ARGMAX_DTYPES)
     if argmax_rows is not None:
         return argmax_rows(rows)
     return rows.argmax(dim=-1)
@@ -135,8 +139,9 @@ def sample(logits: torch.Tensor, params: SamplingParams, generator: Optional[tor
            contexts: Sequence[Sequence[int]]) -> torch.Tensor:
     """logits [batch, vocab] -> next token ids [batch]."""
     if params.is_greedy and (params.repetition_penalty, params.frequency_penalty, params.presence_penalty) == (1, 0, 0):
-        # The check and the token in one pass over the logits (a visible part of a small step).
-        finite_argmax_rows = library_op("finite_argmax_rows", logits)
+        # The check and the token in one pass over the logits (a visible part of a small step),
+        # a bf16 model's as they are: converting them to fp32 first cost more than the pass.
+        finite_argmax_rows = library_op("finite_argmax_rows", logits, dtypes=ARGMAX_DTYPES)
         if finite_argmax_rows is not None:
             tokens = finite_argmax_rows(logits)
             if min(tokens.tolist()) < 0:

@@ -95,12 +95,14 @@ def test_greedy_is_argmax():
     assert sample(logits, SamplingParams(greedy=True), None, [[], []]).tolist() == [1, 0]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [1, 7, 32, 33, 100, 30000])
-def test_the_librarys_argmax_picks_torchs_index_among_ties_nans_and_infinities(n):
+def test_the_librarys_argmax_picks_torchs_index_among_ties_nans_and_infinities(n, dtype):
     """Greedy and sampled tokens must not depend on whether the library is built: its loop picks
-    what torch.argmax picks (the first of equal greatest values, the first NaN where there is one)."""
+    what torch.argmax picks (the first of equal greatest values, the first NaN where there is one),
+    on fp32 rows and on a bf16 model's logits as they are."""
     assert kernels.op("argmax_rows") is not None
-    x = torch.randn(7, n, generator=torch.Generator().manual_seed(n))
+    x = torch.randn(7, n, generator=torch.Generator().manual_seed(n)).to(dtype)
     x[1] = x[1].round()  # ties
     x[2, n // 2], x[2, -1] = float("nan"), float("nan")
     x[3] = float("-inf")
@@ -108,7 +110,11 @@ def test_the_librarys_argmax_picks_torchs_index_among_ties_nans_and_infinities(n
     x[5] = x[5].clamp(max=-0.5)  # many equal maxima
     x[6, -1] = x[6].max() + 1  # the last one
     assert torch.equal(argmax(x), x.argmax(dim=-1))
-    columns = torch.randn(n, 3, generator=torch.Generator().manual_seed(n + 1))
+    assert torch.equal(kernels.op("argmax_rows")(x), x.float().argmax(dim=-1))  # the library's own loop
+    finite = kernels.op("finite_argmax_rows")(x)
+    assert torch.equal(finite[[0, 1, 5, 6]], x[[0, 1, 5, 6]].float().argmax(dim=-1))
+    assert finite[[2, 3, 4]].tolist() == [-1, -1, -1]  # a NaN, -inf, +inf
+    columns = torch.randn(n, 3, generator=torch.Generator().manual_seed(n + 1)).to(dtype)
     assert torch.equal(argmax(columns.t()), columns.t().argmax(dim=-1))  # not contiguous
 
 
@@ -116,7 +122,7 @@ def test_the_librarys_argmax_picks_torchs_index_among_ties_nans_and_infinities(n
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 30000])
 def test_a_nan_or_an_infinity_anywhere_stops_sampling_with_the_cause(dtype, n):
     """A NaN, +inf or -inf at any index stops the step with the cause, in the check sampling runs
-    and in a greedy step's one pass (the library's finite_argmax_rows on fp32 logits); the largest
+    and in a greedy step's one pass (the library's finite_argmax_rows on fp32 or bf16 logits); the largest
     finite values do not, and the greedy token is then torch's argmax."""
     from cpmgen.sampling import require_finite
 

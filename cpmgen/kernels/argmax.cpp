@@ -5,7 +5,10 @@
 // passes the compiler vectorizes: the greatest value (and whether there is a NaN), then the
 // first index holding it.
 //
-//   x [rows, n] fp32 (n >= 1) -> [rows] int64
+//   x [rows, n] fp32 or bf16 (n >= 1) -> [rows] int64
+//
+// A bf16 row (a bf16 model's logits) is compared as its values widened to fp32, which is exact
+// and keeps their order: the index torch gives for the row, and for the row converted to fp32.
 //
 // finite_argmax_rows: the same, or -1 for a row that holds a NaN or an infinity: a greedy step's
 // check of its logits (sampling.require_finite) and its token in one pass over them.
@@ -26,6 +29,7 @@ constexpr int kLanes = cpmgen::kVectorFloats;  // values compared side by side: 
 using Floats = cpmgen::Floats8;
 using Mask = cpmgen::Mask8;
 using cpmgen::load_floats;
+using cpmgen::widen;
 
 inline __attribute__((always_inline)) bool any(Mask m) {
   int32_t lanes[kLanes];
@@ -36,23 +40,25 @@ inline __attribute__((always_inline)) bool any(Mask m) {
 }
 
 // The first index whose value is `value` (kNan: the first NaN), a block of kLanes at a time.
-template <bool kNan>
-inline __attribute__((always_inline)) int64_t first_index(const float* p, int64_t n, float value) {
+template <bool kNan, typename T>
+inline __attribute__((always_inline)) int64_t first_index(const T* p, int64_t n, float value) {
   auto is = [value](Floats v) -> Mask { return kNan ? v != v : v == value; };
   int64_t start = 0;
   for (; start + 4 * kLanes <= n; start += 4 * kLanes)
     if (any(is(load_floats(p + start)) | is(load_floats(p + start + kLanes)) | is(load_floats(p + start + 2 * kLanes)) |
             is(load_floats(p + start + 3 * kLanes))))
       break;
-  for (int64_t j = start; j < n; ++j)
-    if (kNan ? p[j] != p[j] : p[j] == value) return j;
+  for (int64_t j = start; j < n; ++j) {
+    const float v = widen(p[j]);
+    if (kNan ? v != v : v == value) return j;
+  }
   return 0;  // not reached: the value is in the row
 }
 
 // The row's argmax; with kFinite, -1 instead where the row holds a NaN or an infinity (the
 // least value tracked beside the greatest, for a -inf).
-template <bool kFinite>
-inline __attribute__((always_inline)) int64_t row_argmax_in(const float* p, int64_t n) {
+template <bool kFinite, typename T>
+inline __attribute__((always_inline)) int64_t row_argmax_in(const T* p, int64_t n) {
   const float low = -std::numeric_limits<float>::infinity();
   // four vectors of running maxima, so that four comparisons are in flight (a maximum does not
   // depend on the order the values are taken in)
@@ -80,9 +86,10 @@ inline __attribute__((always_inline)) int64_t row_argmax_in(const float* p, int6
   }
   bool has_nan = any(nan);
   for (; i < n; ++i) {
-    best = p[i] > best ? p[i] : best;
-    if constexpr (kFinite) lowest = p[i] < lowest ? p[i] : lowest;
-    has_nan = has_nan || p[i] != p[i];
+    const float v = widen(p[i]);
+    best = v > best ? v : best;
+    if constexpr (kFinite) lowest = v < lowest ? v : lowest;
+    has_nan = has_nan || v != v;
   }
   if constexpr (kFinite)
     if (has_nan || std::isinf(best) || std::isinf(lowest)) return -1;
@@ -90,26 +97,34 @@ inline __attribute__((always_inline)) int64_t row_argmax_in(const float* p, int6
 }
 
 CPMGEN_CLONES int64_t row_argmax(const float* p, int64_t n) { return row_argmax_in<false>(p, n); }
+CPMGEN_CLONES int64_t row_argmax(const at::BFloat16* p, int64_t n) { return row_argmax_in<false>(p, n); }
 CPMGEN_CLONES int64_t row_argmax_finite(const float* p, int64_t n) { return row_argmax_in<true>(p, n); }
+CPMGEN_CLONES int64_t row_argmax_finite(const at::BFloat16* p, int64_t n) { return row_argmax_in<true>(p, n); }
 
-template <int64_t (*kRow)(const float*, int64_t)>
+template <bool kFinite, typename T>
+void argmax_of_rows(const T* p, int64_t rows, int64_t n, int64_t* out) {
+  for (int64_t r = 0; r < rows; ++r) out[r] = kFinite ? row_argmax_finite(p + r * n, n) : row_argmax(p + r * n, n);
+}
+
+template <bool kFinite>
 at::Tensor argmax_each_row(const at::Tensor& x, const char* op) {
-  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.size(1) > 0, op,
-              ": x must be fp32 [rows, n] with n >= 1");
+  TORCH_CHECK(x.dim() == 2 && (x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16) && x.size(1) > 0,
+              op, ": x must be fp32 or bf16 [rows, n] with n >= 1");
   const at::Tensor c = x.contiguous();
   const int64_t rows = c.size(0), n = c.size(1);
   at::Tensor out = at::empty({rows}, x.options().dtype(at::kLong));
   int64_t* o = out.data_ptr<int64_t>();
-  const float* p = c.data_ptr<float>();
-  for (int64_t r = 0; r < rows; ++r) o[r] = kRow(p + r * n, n);
+  if (c.scalar_type() == at::kFloat) {
+    argmax_of_rows<kFinite>(c.data_ptr<float>(), rows, n, o);
+  } else {
+    argmax_of_rows<kFinite>(c.data_ptr<at::BFloat16>(), rows, n, o);
+  }
   return out;
 }
 
-at::Tensor argmax_rows(const at::Tensor& x) { return argmax_each_row<row_argmax>(x, "argmax_rows"); }
+at::Tensor argmax_rows(const at::Tensor& x) { return argmax_each_row<false>(x, "argmax_rows"); }
 
-at::Tensor finite_argmax_rows(const at::Tensor& x) {
-  return argmax_each_row<row_argmax_finite>(x, "finite_argmax_rows");
-}
+at::Tensor finite_argmax_rows(const at::Tensor& x) { return argmax_each_row<true>(x, "finite_argmax_rows"); }
 
 }  // namespace
 
