@@ -1,6 +1,6 @@
 """The bandwidth bound of batch-1 decode: memory bandwidth measured STREAM-style with torch on
 the CPU, the bytes a model holds and the weight bytes one decode step reads, and the tokens/s
-those imply.
+those imply; and the matrix-product rate that bounds a window's re-encode.
 
 Batch-1 decode reads every weight once per token and writes almost nothing, so its rate is at
 most the read bandwidth over the weight bytes per token; the benchmarks report each way of
@@ -108,6 +108,20 @@ def read_bound_gbs(reps: int = 3) -> float:
     """The read bound alone (the better page size; see memory_bandwidth), quick enough to sample
     between measurements on a machine whose bandwidth changes during a run."""
     return max(value for value in read_gbs(reps=reps) if value is not None)
+
+
+def matmul_gflops(rows: int, in_features: int, out_features: int, reps: int = 5) -> float:
+    """The CPU's fp32 matrix-product rate in GFLOP/s (1e9 multiply-adds x 2 a second), best of
+    `reps`, on a product of a re-encode's shape ([rows, in] x [out, in]^T), with the process's
+    torch threads: the faster of F.linear (MKL, which takes its AVX2 code on AMD CPUs) and oneDNN
+    on a weight prepacked for that many rows. The compute counterpart of the read bound: what a
+    window's re-encode, a matrix product over its kept tokens, could run at."""
+    x, weight = torch.full((rows, in_features), 0.5), torch.full((out_features, in_features), 0.5)
+    seconds = _best_seconds(reps, F.linear, x, weight)
+    if torch.backends.mkldnn.is_available():
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        seconds = min(seconds, _best_seconds(reps, torch.ops.mkldnn._linear_pointwise, x, packed, None, "none", [], ""))
+    return round(2 * rows * in_features * out_features / seconds / 1e9, 1)
 
 
 def decode_bound(bandwidth_gbs: float, weight_bytes: int) -> float:

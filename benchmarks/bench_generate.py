@@ -10,7 +10,8 @@ Measures in one run, on the same weights, through the real loading and generatio
    CPU), fp32 on plain `F.linear` (MKL GEMV), int8 and int4 weights (`--quantize int8|int4`),
    int8 with bf16 activations, and fp32 and int4 sampling as the CLI does by default (temperature
    0.9, top-p 0.9: what a sampled token costs beside the step); then fp32 under `--compile`, its
-   compile time counted;
+   compile time counted; then at CPM-Large's shape (random weights, 32 x 2560) bf16, int8 and
+   int4 side by side the same way (`--large-rounds`; the targets are checked at both shapes);
 3. HF transformers GPT2LMHeadModel.generate on the same weights (converted in-process), fp32
    and bf16, timed the same way (tokens after the first; best of --reps runs);
 4. the fast path through one whole window and over `--windows` windows of unlimited generation
@@ -18,7 +19,9 @@ Measures in one run, on the same weights, through the real loading and generatio
    rounds (their ratio the median of the rounds' ratios); at a nearly full window, and in the steady state
    for each of `--strides`;
 5. the slow path at a full window (the older scripts' rule: all 1023 tokens per new token);
-6. prefill (re-encode) throughput of a full window;
+6. prefill (re-encode) throughput of a full window, its GFLOP/s beside the CPU's fp32 matrix-product
+   rate, and from those the ceilings of the unlimited run's ratio (re-encodes free; re-encodes at
+   that rate);
 7. peak RSS of a fresh process that loads and generates, against weights + KV cache;
 
 and prints one JSON object on stdout, with the issue's targets checked under `targets`
@@ -30,7 +33,7 @@ $CPMGEN_BENCH_CACHE, else $XDG_CACHE_HOME/cpmgen-bench, else ~/.cache/cpmgen-ben
 (bandwidth and bound), timing.py (cpmgen's loop; re-encode time from its own Stats),
 hf_baseline.py (HF transformers), peak_memory.py (peak RSS in a child process).
 
-    .venv/bin/python benchmarks/bench_generate.py            # full run (about 8-11 minutes on 2 cores)
+    .venv/bin/python benchmarks/bench_generate.py            # full run (about 11-14 minutes on 2 cores)
     .venv/bin/python benchmarks/bench_generate.py --quick    # smaller counts, no compile: about 3 minutes
 """
 
@@ -87,11 +90,14 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="timed decode runs of HF and of --compile, the fastest kept (default 3, quick 2)")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction,
                         help="also time fp32 under --compile, compile time included (default: on, quick off)")
+    parser.add_argument("--large-rounds", type=int,
+                        help="interleaved decode rounds at CPM-Large's shape, bf16, int8, int4 (default 3, quick 0: none)")
+    parser.add_argument("--large-tokens", type=int, help="decode tokens a round at CPM-Large's shape (default 33)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads first (default: leave as is)")
     args = parser.parse_args(argv)
     defaults = dict(new_tokens=(64, 256), windows=(1, 4), strides=("128,256,512", "64,128,256,512"),
                     sweep_tokens=(256, 1024), slow_tokens=(2, 3), prefill_reps=(1, 3), rounds=(2, 5), reps=(2, 3),
-                    window_rounds=(1, 2),
+                    window_rounds=(1, 2), large_rounds=(0, 3), large_tokens=(33, 33),
                     compile=(False, True))
     for name, (quick, full) in defaults.items():
         if getattr(args, name) is None:
@@ -132,6 +138,38 @@ def measure_windows(model, size: int, stride: int, args, step) -> tuple[dict, di
     return in_window, unlimited
 
 
+def encode_flop(args, tokens: int) -> float:
+    """Floating-point operations (2 per multiply-add) of encoding `tokens` tokens at positions
+    0..tokens-1 with the next token's logits only (a prefill, a re-encode): every token through
+    every block's linears, causal attention (half the query-key pairs, for the scores and for
+    the weighted sum of values), and the output layer for the last token."""
+    h = args.hidden_size
+    linears = 3 * h * h + h * h + 2 * h * args.ffn_size
+    return 2.0 * args.num_layers * (tokens * linears + tokens * tokens * h) + 2.0 * h * args.vocab_size
+
+
+def add_ceilings(result: dict, args, matmul_gflops: float) -> None:
+    """What the unlimited run's ratio to whole windows could be at most, from this run's own
+    figures: with re-encodes that cost nothing (its decode steps alone, which read the longer
+    contexts' larger KV cache), and with re-encodes at the matrix-product rate measured here
+    (their arithmetic, which the fp32 path can neither skip nor round, at that rate)."""
+    unlimited, in_window = result["unlimited"], result["in_window"]["tokens_per_s"]
+    decode_s = unlimited["seconds"] - unlimited["reencode_s"]
+    reencode_gflop = unlimited["slides"] * encode_flop(args, unlimited["kept_after_slide"]) / 1e9
+    prefill = result["prefill"]
+    result["compute"] = {
+        "matmul_gflops": matmul_gflops,
+        "prefill_gflops": round(encode_flop(args, prefill["tokens"]) / 1e9 / prefill["median_s"], 1),
+        "reencode_gflop": round(reencode_gflop, 1),
+        "reencode_gflops": round(reencode_gflop / unlimited["reencode_s"], 1) if unlimited["reencode_s"] else None,
+    }
+    unlimited["ceilings_over_in_window"] = {
+        "reencodes_free": round(unlimited["new_tokens"] / decode_s / in_window, 3),
+        "reencodes_at_matmul_rate": round(unlimited["new_tokens"] / (decode_s + reencode_gflop / matmul_gflops)
+                                          / in_window, 3),
+    }
+
+
 def add_ratios(result: dict) -> None:
     in_window = result["in_window"]["tokens_per_s"]
     prefill_tps = result["prefill"]["tokens_per_s"]
@@ -142,6 +180,7 @@ def add_ratios(result: dict) -> None:
     result["ratios"] = {
         "fast_over_slow": round(in_window / result["slow_full_window"]["tokens_per_s"], 2),
         "unlimited_over_in_window": result["unlimited"]["over_in_window"],
+        "unlimited_ceilings_over_in_window": result["unlimited"]["ceilings_over_in_window"],
         "in_window_long_over_whole": round(result["in_window_long_context"]["tokens_per_s"] / in_window, 3),
         "reencode_share_by_stride": {str(r["stride"]): r["reencode_share"] for r in result["stride_sweep"]},
         "steady_over_in_window_by_stride": {str(r["stride"]): r["over_in_window"] for r in result["stride_sweep"]},
@@ -164,49 +203,70 @@ COMPILED = ("fp32-compile", "fp32", {"runtime.compile": True})
 # Variants that sample as the CLI does by default (temperature 0.9, top-p 0.9), each on the model of
 # the greedy variant it names: the cost of sampling a token beside the step that computes its logits.
 SAMPLED = {"fp32-sampled": "fp32", "int4-sampled": "int4"}
+# Variant over variant, each pair's ratio the median of the rounds' ratios.
+PAIRS = [("bf16", "fp32"), ("int8", "fp32"), ("int8", "bf16"), ("int8-bf16", "bf16"), ("int4", "bf16"),
+         ("int4", "int8"), ("fp32", "fp32-plain"), ("fp32-sampled", "fp32"), ("int4-sampled", "int4")]
+
+# The same measurement at CPM-Large's shape (32 x 2560, 2.6B parameters; random weights kept in
+# fp16 on disk), the model whose bytes per token the performance targets are about: its output
+# layer is 3% of its weights, where CPM-Small's is 27% (int8 in int4's form, so at CPM-Small's
+# shape int4 reads only 3.0x fewer bytes than bf16). fp32 is left out: 10.4 GB beside the others
+# would not fit a 24 GB machine, and its bound is bf16's halved.
+LARGE = "cpm-large"
+LARGE_VARIANTS = [
+    ("bf16", "bf16", {}),
+    ("int8", "fp32", {"runtime.quantize": "int8"}),
+    ("int4", "fp32", {"runtime.quantize": "int4"}),
+]
+LARGE_PAIRS = [("int8", "bf16"), ("int4", "bf16"), ("int4", "int8")]
 
 
-def variant_row(folder: Path, name: str, dtype: str, extra: dict, prompt: list[int], args) -> tuple[dict, object]:
+def variant_row(folder: Path, preset: str, name: str, dtype: str, extra: dict, prompt: list[int],
+                new_tokens: int) -> tuple[dict, object]:
     """One way of running the model, loaded: its row (load time, bytes a token reads) and the
     Loaded (the model and its one-token step)."""
     start = time.perf_counter()
-    loaded = loaded_cpmgen(str(folder), PRESET, dtype, extra)
+    loaded = loaded_cpmgen(str(folder), preset, dtype, extra)
     model = loaded.model
     row = {"variant": name, "dtype": dtype, "settings": extra, "load_s": round(time.perf_counter() - start, 2),
            "model_bytes": bandwidth.model_bytes(model),
            "weight_bytes_per_token": bandwidth.weight_bytes_per_token(model),
-           "kv_bytes_per_token": bandwidth.kv_bytes_per_token(model, len(prompt), args.new_tokens)}
+           "kv_bytes_per_token": bandwidth.kv_bytes_per_token(model, len(prompt), new_tokens)}
     return row, loaded
 
 
-def measure_variants(folder: Path, prompt: list[int], args, step) -> dict:
-    """The variants side by side: all loaded, then --rounds rounds, each decoding every variant once
-    (greedy, --new-tokens after the prompt) between two samples of the read bound, 16 tokens of
-    each in turn (timing.cpmgen_rates_side_by_side; the order rotated round by round). A shared
+def measure_variants(folder: Path, preset: str, variants: list, sampled_variants: dict, pairs: list,
+                     prompt: list[int], rounds_count: int, new_tokens: int, slice_tokens: int, prefill_reps: int,
+                     step) -> dict:
+    """`variants` of `preset` side by side: all loaded, then `rounds_count` rounds, each decoding
+    every variant once (greedy, or sampled for `sampled_variants`: {name: the greedy variant whose
+    model it samples from}; `new_tokens` after the prompt) between two samples of the read bound,
+    `slice_tokens` tokens of each in turn (timing.cpmgen_rates_side_by_side; the order rotated
+    round by round). A shared
     machine's bandwidth moves within seconds to minutes (here between about 30 and 80 GB/s), so
     variants timed apart would compare two machines: decoded one after the other, seconds apart,
     the rounds' int4/bf16 ratios spread 1.7-3.1 within one run. Per variant: the median rate and
-    every round's, the round of the median's figures, and its full-window prefill; per pair of
-    variants, the median of the rounds' ratios."""
+    every round's, the round of the median's figures, and (with `prefill_reps`) its full-window
+    prefill; per pair of `pairs`, the median of the rounds' ratios."""
     rows, models = [], {}
-    for name, dtype, extra in VARIANTS:
-        step(f"cpmgen {name}: load")
-        row, loaded = variant_row(folder, name, dtype, extra, prompt, args)
+    for name, dtype, extra in variants:
+        step(f"cpmgen {preset} {name}: load")
+        row, loaded = variant_row(folder, preset, name, dtype, extra, prompt, new_tokens)
         models[name] = loaded.model
         rows.append(row)
-    for name, greedy in SAMPLED.items():
+    for name, greedy in sampled_variants.items():
         models[name] = models[greedy]
         row = next(r for r in rows if r["variant"] == greedy)
         rows.append({**row, "variant": name, "load_s": 0.0, "sampling": "temperature 0.9, top-p 0.9 (the defaults)"})
-    sampled = dict.fromkeys(SAMPLED, SamplingParams())
+    sampled = dict.fromkeys(sampled_variants, SamplingParams())
     bounds = [bandwidth.read_bound_gbs()]
     rounds = []  # per round: {variant: rate figures}
-    for r in range(args.rounds):
+    for r in range(rounds_count):
         order = rows[r % len(rows):] + rows[:r % len(rows)]
-        step(f"round {r + 1}/{args.rounds}: decode {args.new_tokens} tokens with each variant, 16 of each in turn, "
-             f"from {order[0]['variant']}")
+        step(f"{preset} round {r + 1}/{rounds_count}: decode {new_tokens} tokens with each variant, {slice_tokens} of "
+             f"each in turn, from {order[0]['variant']}")
         rounds.append(timing.cpmgen_rates_side_by_side({row["variant"]: models[row["variant"]] for row in order},
-                                                       prompt, args.new_tokens, params=sampled))
+                                                       prompt, new_tokens, slice_tokens, params=sampled))
         bounds.append(bandwidth.read_bound_gbs())
     for row in rows:
         name = row["variant"]
@@ -220,12 +280,10 @@ def measure_variants(folder: Path, prompt: list[int], args, step) -> dict:
             round(rate / bandwidth.decode_bound((bounds[r] + bounds[r + 1]) / 2, row["weight_bytes_per_token"]), 3)
             for r, rate in enumerate(rates)]
         row["effective_gbs"] = round(row["tokens_per_s"] * row["weight_bytes_per_token"] / 1e9, 2)
-        if name not in SAMPLED:
-            step(f"cpmgen {name}: prefill")
-            row["prefill"] = timing.measure_prefill(models[name], 1023, 1 if args.quick else 2)
+        if name not in sampled_variants and prefill_reps:
+            step(f"cpmgen {preset} {name}: prefill")
+            row["prefill"] = timing.measure_prefill(models[name], 1023, prefill_reps)
     del models
-    pairs = [("bf16", "fp32"), ("int8", "fp32"), ("int8", "bf16"), ("int8-bf16", "bf16"), ("int4", "bf16"),
-             ("int4", "int8"), ("fp32", "fp32-plain"), ("fp32-sampled", "fp32"), ("int4-sampled", "int4")]
     ratios = {f"{a}_over_{b}": round(statistics.median(f[a]["tokens_per_s"] / f[b]["tokens_per_s"] for f in rounds), 3)
               for a, b in pairs}
     return {"rows": rows, "bound_samples_gbs": bounds, "paired_ratios": ratios}
@@ -236,7 +294,7 @@ def measure_compiled(folder: Path, prompt: list[int], args) -> dict:
     compile time as compile_s, then decode tokens/s (best of --reps) between two bound samples
     (the tokens it takes to win the compile time back are filled in by add_targets)."""
     name, dtype, extra = COMPILED
-    row, loaded = variant_row(folder, name, dtype, extra, prompt, args)
+    row, loaded = variant_row(folder, PRESET, name, dtype, extra, prompt, args.new_tokens)
     model = loaded.model
     start = time.perf_counter()
     for _ in generate(model, prompt, WINDOW, GREEDY, 3, decode=loaded.decode):
@@ -273,21 +331,32 @@ def measure_hf(folder: Path, prompt: list[int], args) -> list[dict]:
     return rows
 
 
-def add_bound_shares(result: dict, samples: list[float]) -> None:
-    """Each variant's share of the read bound: against the median of every sample of the run (the
-    bound moves while a shared machine runs, and one sample can be far from the rest), the same
-    counting the KV cache a step also reads, and the median over its rounds of each round's rate
-    against the bound sampled around that round."""
+def add_bound_shares(rows: list[dict], samples: list[float]) -> float:
+    """Each variant's share of the read bound: against the median of `samples` (the bound moves
+    while a shared machine runs, and one sample can be far from the rest), the same counting the
+    KV cache a step also reads, and the median over its rounds of each round's rate against the
+    bound sampled around that round. Returns the median."""
     bound_gbs = round(statistics.median(samples), 2)
-    result["bandwidth"]["bound_samples_gbs"] = samples
-    result["bandwidth"]["bound_median_gbs"] = bound_gbs
-    for row in result["variants"]:
+    for row in rows:
         row["bound_tokens_per_s"] = bandwidth.decode_bound(bound_gbs, row["weight_bytes_per_token"])
         row["of_bound"] = round(row["tokens_per_s"] / row["bound_tokens_per_s"], 3)
         # the same share counting the KV cache a step also reads (what its attention streams)
         with_kv = row["weight_bytes_per_token"] + row["kv_bytes_per_token"]
         row["of_bound_with_kv"] = round(row["tokens_per_s"] / bandwidth.decode_bound(bound_gbs, with_kv), 3)
         row["of_bound_around"] = round(statistics.median(row["round_shares_around"]), 3)
+    return bound_gbs
+
+
+def measure_large(prompt: list[int], args, step) -> dict:
+    """LARGE_VARIANTS side by side at CPM-Large's shape (its checkpoint written once, 5 GB), as
+    measure_variants measures CPM-Small's, with bound samples of their own."""
+    folder = ensure_checkpoint(LARGE, dtype=torch.float16, log=console.print)
+    measured = measure_variants(folder, LARGE, LARGE_VARIANTS, {}, LARGE_PAIRS, prompt, args.large_rounds,
+                                args.large_tokens, 8, 0, step)
+    bound_gbs = add_bound_shares(measured["rows"], measured["bound_samples_gbs"])
+    return {"model": LARGE, "checkpoint": str(folder), "rounds": args.large_rounds, "new_tokens": args.large_tokens,
+            "variants": measured["rows"], "paired_ratios": measured["paired_ratios"],
+            "bound_samples_gbs": measured["bound_samples_gbs"], "bound_median_gbs": bound_gbs}
 
 
 def add_targets(result: dict) -> None:
@@ -313,6 +382,16 @@ def add_targets(result: dict) -> None:
         "int4_of_bandwidth_bound": (rates["int4"]["of_bound"], 0.7),
         "peak_rss_over_weights_kv_mb": (max(r["peak_minus_weights_kv_mb"] for r in result["peak_rss"]), 300),
     }
+    if "large" in result:  # the same targets at CPM-Large's shape
+        large = {row["variant"]: row for row in result["large"]["variants"]}
+        large_paired = result["large"]["paired_ratios"]
+        targets.update({
+            "large_bf16_of_bandwidth_bound": (large["bf16"]["of_bound"], 0.85),
+            "large_int8_over_bf16": (large_paired["int8_over_bf16"], 1.8),
+            "large_int8_of_bandwidth_bound": (large["int8"]["of_bound"], 0.8),
+            "large_int4_over_bf16": (large_paired["int4_over_bf16"], 3.0),
+            "large_int4_of_bandwidth_bound": (large["int4"]["of_bound"], 0.7),
+        })
     result["targets"] = {
         name: {"measured": round(value, 3), "target": target,
                "met": None if target is None else (value <= target if name.endswith("_mb") else value >= target)}
@@ -341,6 +420,18 @@ def print_tables(result: dict) -> None:
     console.print(table)
     console.print("variant over variant, median of the rounds' ratios: " +
                   ", ".join(f"{name} {value}" for name, value in result["paired_ratios"].items()))
+    if "large" in result:
+        large = result["large"]
+        table = Table(title=f"decode, {LARGE}, batch 1, {threads} torch threads, bound at {large['bound_median_gbs']} "
+                            f"GB/s read (median of {min(large['bound_samples_gbs'])}-{max(large['bound_samples_gbs'])})")
+        for column in ("variant", "weights MB/token", "tokens/s", "of bound", "of bound around", "load s"):
+            table.add_column(column, justify="left" if column == "variant" else "right")
+        for row in large["variants"]:
+            table.add_row(row["variant"], f"{row['weight_bytes_per_token'] / 1e6:.0f}", str(row["tokens_per_s"]),
+                          str(row["of_bound"]), str(row["of_bound_around"]), str(row["load_s"]))
+        console.print(table)
+        console.print(f"{LARGE}, variant over variant, median of the rounds' ratios: " +
+                      ", ".join(f"{name} {value}" for name, value in large["paired_ratios"].items()))
 
     in_window = result["in_window"]["tokens_per_s"]
     table = Table(title="fp32 (default kernels): windows, strides, slow path")
@@ -367,6 +458,11 @@ def print_tables(result: dict) -> None:
     table.add_row("prefill (re-encode) of a full window", "-", str(p["tokens"]), "-", str(p["median_s"]),
                   str(p["tokens_per_s"]), "-", "-")
     console.print(table)
+    c, ceilings = result["compute"], u["ceilings_over_in_window"]
+    console.print(f"{result['config']['windows']} windows over whole windows, at most: {ceilings['reencodes_free']} with "
+                  f"re-encodes free, {ceilings['reencodes_at_matmul_rate']} with re-encodes at the matrix-product "
+                  f"rate ({c['matmul_gflops']} GFLOP/s; the re-encodes ran at {c['reencode_gflops']}, a full window's "
+                  f"prefill at {c['prefill_gflops']})")
 
     table = Table(title="peak RSS of a process that loads and generates (MB)")
     for column in ("variant", "peak", "after import torch", "weights", "KV cache", "peak - weights - KV"):
@@ -404,7 +500,8 @@ def main(argv=None) -> int:
               "sampling": "greedy; the -sampled variants temperature 0.9, top-p 0.9 (the defaults)",
               "env": env, "config": {"quick": args.quick, "new_tokens": args.new_tokens, "rounds": args.rounds, "reps": args.reps,
                                      "windows": args.windows, "window_rounds": args.window_rounds, "strides": args.strides,
-                                     "sweep_tokens": args.sweep_tokens, "checkpoint": str(folder)}}
+                                     "sweep_tokens": args.sweep_tokens, "large_rounds": args.large_rounds,
+                                     "checkpoint": str(folder)}}
 
     def step(name: str) -> None:
         console.print(f"[{time.perf_counter() - started:6.1f}s] {name}")
@@ -413,13 +510,17 @@ def main(argv=None) -> int:
     result["bandwidth"] = bandwidth.memory_bandwidth()
     vocab = PRESETS[PRESET].vocab_size
     prompt = random_ids(PROMPT_TOKENS, vocab, 1)
-    variants = measure_variants(folder, prompt, args, step)
+    variants = measure_variants(folder, PRESET, VARIANTS, SAMPLED, PAIRS, prompt, args.rounds, args.new_tokens, 16,
+                                1 if args.quick else 2, step)
     result["variants"], result["paired_ratios"] = variants["rows"], variants["paired_ratios"]
     samples = [result["bandwidth"]["bound_gbs"]] + variants["bound_samples_gbs"]
     if args.compile:
         step(f"cpmgen {COMPILED[0]}: compile, decode {args.new_tokens} tokens x {args.reps}, prefill")
         result["variants"].append(measure_compiled(folder, prompt, args))
-    add_bound_shares(result, samples)
+    result["bandwidth"]["bound_samples_gbs"] = samples
+    result["bandwidth"]["bound_median_gbs"] = add_bound_shares(result["variants"], samples)
+    if args.large_rounds:
+        result["large"] = measure_large(prompt, args, step)
     step("HF transformers generate, fp32 and bf16")
     result["hf"] = measure_hf(folder, prompt, args)
 
@@ -434,8 +535,10 @@ def main(argv=None) -> int:
     step(f"fp32: in-window decode at a nearly full window, {long_tokens} tokens")
     result["in_window_long_context"] = timing.measure_in_window(model, size, default_stride, size - long_tokens - 1,
                                                                 long_tokens, seed=4)
-    step(f"fp32: prefill of {size} tokens x {args.prefill_reps}")
+    step(f"fp32: prefill of {size} tokens x {args.prefill_reps}, the matrix-product rate")
     result["prefill"] = timing.measure_prefill(model, size, args.prefill_reps)
+    add_ceilings(result, model.args, bandwidth.matmul_gflops(size + 1 - default_stride, model.args.hidden_size,
+                                                             model.args.ffn_size))
     step(f"fp32: slow path at a full window, {args.slow_tokens} tokens")
     result["slow_full_window"] = timing.measure_slow(model, size, args.slow_tokens)
     result["stride_sweep"] = []
