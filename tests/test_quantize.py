@@ -146,12 +146,14 @@ def test_int4_round_trip():
 
 
 @pytest.mark.parametrize("rows", [1, 3, 5, 37], ids=["decode", "batch", "batch-5", "prefill"])
-@pytest.mark.parametrize("features", [(64, 192), (256, 64), (40, 24)], ids=["qkv", "4h_to_h", "odd-width"])
+@pytest.mark.parametrize("features", [(64, 192), (256, 64), (40, 24), (64, 72)],
+                         ids=["qkv", "4h_to_h", "odd-width", "odd-blocks"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("isa", kernels.isas())
 def test_kernel_equals_the_reference_bitwise(isa, kind, dtype, features, rows):
-    """Every version of the loops this CPU runs (AVX-512 VNNI, AVX2, plain C++) gives the reference's bits."""
+    """Every version of the loops this CPU runs (AVX-512 VNNI, AVX2, plain C++) gives the reference's bits,
+    with the output blocks two at a time (a prefill's rows; "odd-blocks": 5 blocks of 16) or one."""
     in_features, out_features = features
     generator = torch.Generator().manual_seed(rows)
     layer = QuantizedLinear.from_weight(0.02 * torch.randn(out_features, in_features, generator=generator),
@@ -167,14 +169,16 @@ def test_kernel_equals_the_reference_bitwise(isa, kind, dtype, features, rows):
 
 @pytest.mark.parametrize("group", [8, 24, 64])
 @pytest.mark.parametrize("isa", kernels.isas())
-def test_int4_groups_of_any_multiple_of_8_inputs_give_the_reference_bits(isa, group, monkeypatch):
+@pytest.mark.parametrize("rows", [5, 9], ids=["few-rows", "blocks-in-pairs"])
+def test_int4_groups_of_any_multiple_of_8_inputs_give_the_reference_bits(isa, group, rows, monkeypatch):
     """The kernel reads a group's 64-byte vectors two at a time: groups of an odd number of them
-    (8 and 24 inputs) and of more than two (64) give the reference's bits too."""
+    (8 and 24 inputs) and of more than two (64) give the reference's bits too, and so do the loops
+    over two blocks at once that many rows run."""
     monkeypatch.setattr(cpmgen.quantize, "GROUP", group)
     generator = torch.Generator().manual_seed(group)
     layer = QuantizedLinear.from_weight(0.02 * torch.randn(40, 3 * 64, generator=generator), None, 4)
     assert layer.group == group and layer.gparams.numel() == 48 * (3 * 64 // group) * 2
-    x = torch.randn(5, 3 * 64, generator=generator)
+    x = torch.randn(rows, 3 * 64, generator=generator)
     with kernels.use_isa(isa):
         out = layer(x)
     assert torch.equal(out, reference_linear(x, layer.int_weight(), layer.scale, layer.bias))

@@ -28,6 +28,7 @@
 //               (8 * 2 * 15 * 127 < 32768) before widening.
 //   generic:    plain C++ loops.
 // cpmgen::qlinear_use(name) switches to another one the CPU runs (tests and benchmarks compare them).
+// avx512vnni also has loops over two weight blocks at once for many input rows (a prefill).
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -344,6 +345,85 @@ struct Int4Vnni {
 
 CPMGEN_KERNELS(kVnni, "avx512vnni", CPMGEN_VNNI, Int8Vnni, Int4Vnni)
 
+// Many input rows (a window's prefill): the sums of two weight blocks at once, acc[block][r][lane]
+// (block 0 at acc, block 1 at acc + kRows * kLanes), so that each broadcast activation feeds a
+// vpdpbusd of each block: half the broadcasts and activation reads for the same products, which
+// is what the loops above run short of once the weights come from cache (a prefill's rows after
+// the first few). The same integer sums, so the same values. int4 adds the low and the high
+// nibbles' products into one sum per block and row: with a sum for each, they no longer all fit
+// in registers and the loop ran slower.
+template <int R>
+struct Int8VnniPair {
+  CPMGEN_VNNI static void run(const uint8_t* w0, const uint8_t* w1, const int8_t* xq, const int32_t* sums, int64_t k,
+                              int64_t m0, int32_t* acc) {
+    __m512i s[2][R];
+    for (int r = 0; r < R; ++r) s[0][r] = s[1][r] = _mm512_setzero_si512();
+    for (int64_t j = 0; j < k / 4; ++j) {
+      const __m512i a = _mm512_loadu_si512(w0 + j * 64), b = _mm512_loadu_si512(w1 + j * 64);
+      for (int r = 0; r < R; ++r) {
+        const __m512i x = _mm512_set1_epi32(reinterpret_cast<const int32_t*>(xq + (m0 + r) * k)[j]);
+        s[0][r] = _mm512_dpbusd_epi32(s[0][r], a, x);
+        s[1][r] = _mm512_dpbusd_epi32(s[1][r], b, x);
+      }
+    }
+    for (int b = 0; b < 2; ++b)
+      for (int r = 0; r < R; ++r)
+        _mm512_storeu_si512(acc + (b * kRows + r) * kLanes,
+                            _mm512_sub_epi32(s[b][r], _mm512_set1_epi32(128 * sums[m0 + r])));
+  }
+};
+
+template <int R>
+struct Int4VnniPair {
+  CPMGEN_VNNI static void run(const uint8_t* w0, const uint8_t* w1, const uint8_t* gparams0, const uint8_t* gparams1,
+                              const int8_t* xq, const int32_t* sums, int64_t k, int64_t group, int64_t m0,
+                              int32_t* acc) {
+    const int64_t groups = k / group, steps = group / 8;
+    const __m512i low = _mm512_set1_epi8(0x0F);
+    __m512i total[2][R];
+    for (int r = 0; r < R; ++r) total[0][r] = total[1][r] = _mm512_setzero_si512();
+    for (int64_t g = 0; g < groups; ++g) {
+      __m512i sum[2][R];  // per block and row: the two blocks' vpdpbusd do not wait on each other
+      for (int r = 0; r < R; ++r) sum[0][r] = sum[1][r] = _mm512_setzero_si512();
+      for (int64_t j = g * steps; j < (g + 1) * steps; ++j) {
+        const __m512i a = _mm512_loadu_si512(w0 + j * 64), b = _mm512_loadu_si512(w1 + j * 64);
+        const __m512i a_lo = _mm512_and_si512(a, low), a_hi = _mm512_and_si512(_mm512_srli_epi16(a, 4), low);
+        const __m512i b_lo = _mm512_and_si512(b, low), b_hi = _mm512_and_si512(_mm512_srli_epi16(b, 4), low);
+        for (int r = 0; r < R; ++r) {
+          const int32_t* x32 = reinterpret_cast<const int32_t*>(xq + (m0 + r) * k);
+          const __m512i x_lo = _mm512_set1_epi32(x32[2 * j]), x_hi = _mm512_set1_epi32(x32[2 * j + 1]);
+          sum[0][r] = _mm512_dpbusd_epi32(sum[0][r], a_lo, x_lo);
+          sum[1][r] = _mm512_dpbusd_epi32(sum[1][r], b_lo, x_lo);
+          sum[0][r] = _mm512_dpbusd_epi32(sum[0][r], a_hi, x_hi);
+          sum[1][r] = _mm512_dpbusd_epi32(sum[1][r], b_hi, x_hi);
+        }
+      }
+      const uint8_t* p[2] = {gparams0 + g * 2 * kLanes, gparams1 + g * 2 * kLanes};
+      for (int b = 0; b < 2; ++b) {
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p[b])));
+        const __m512i z = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p[b] + kLanes)));
+        for (int r = 0; r < R; ++r) {
+          const __m512i part = _mm512_sub_epi32(sum[b][r],
+                                                _mm512_mullo_epi32(z, _mm512_set1_epi32(sums[(m0 + r) * groups + g])));
+          total[b][r] = _mm512_add_epi32(total[b][r], _mm512_mullo_epi32(part, q));
+        }
+      }
+    }
+    for (int b = 0; b < 2; ++b)
+      for (int r = 0; r < R; ++r) _mm512_storeu_si512(acc + (b * kRows + r) * kLanes, total[b][r]);
+  }
+};
+
+CPMGEN_VNNI void vnni_int8_pair(const uint8_t* w0, const uint8_t* w1, const int8_t* xq, const int32_t* sums, int64_t k,
+                                int64_t m0, int rows, int32_t* acc) {
+  by_rows<Int8VnniPair>(rows, w0, w1, xq, sums, k, m0, acc);
+}
+CPMGEN_VNNI void vnni_int4_pair(const uint8_t* w0, const uint8_t* w1, const uint8_t* gparams0, const uint8_t* gparams1,
+                                const int8_t* xq, const int32_t* sums, int64_t k, int64_t group, int64_t m0, int rows,
+                                int32_t* acc) {
+  by_rows<Int4VnniPair>(rows, w0, w1, gparams0, gparams1, xq, sums, k, group, m0, acc);
+}
+
 #endif  // CPMGEN_X86
 
 // The versions this CPU runs, best first.
@@ -365,6 +445,18 @@ std::atomic<const Kernels*>& chosen() {
 }
 
 const Kernels& kernels() { return *chosen().load(); }
+
+// Input rows from which qlinear_blocks takes the output blocks two at a time, where the chosen
+// version has loops for that (avx512vnni): at a decode step's few rows the weights stream from
+// memory once either way.
+constexpr int64_t kPairMinRows = 2 * kRows;
+bool pairs_run(int64_t rows) {
+#if CPMGEN_X86
+  return rows >= kPairMinRows && &kernels() == &kVnni;
+#else
+  return false;
+#endif
+}
 
 // Switches to the version called `name` and returns the name of the one it replaces.
 std::string use(const std::string& name) { return cpmgen::switch_loops(chosen(), supported(), name, "qlinear_use"); }
@@ -450,20 +542,43 @@ void qlinear_blocks(const QuantizedWeight& w, const QuantizedInput& a, at::Tenso
   const bool fp32 = y.scalar_type() == at::kFloat;
   float* y_f32 = fp32 ? y.data_ptr<float>() : nullptr;
   at::BFloat16* y_bf16 = fp32 ? nullptr : y.data_ptr<at::BFloat16>();
-  for (int64_t blk = begin; blk < end; ++blk) {
+  const int64_t group_bytes = (k / g) * 2 * kLanes;  // int4: a block's gparams
+  // y's rows m0.. of block blk from its `rows` rows of sums
+  auto finish = [&](const int32_t* block_acc, int rows, int64_t blk, int64_t m0) {
+    if (fp32) {
+      epilogue(block_acc, rows, a.scale.data(), w.scale, w.bias, blk * kLanes, w.n, y_f32, m0);
+    } else {
+      epilogue(block_acc, rows, a.scale.data(), w.scale, w.bias, blk * kLanes, w.n, y_bf16, m0);
+    }
+  };
+#if CPMGEN_X86
+  if (pairs_run(m)) {
+    int32_t acc2[2 * kRows * kLanes];
+    for (; begin + 1 < end; begin += 2) {
+      const uint8_t* w0 = w.packed + begin * w.block_bytes;
+      for (int64_t m0 = 0; m0 < m; m0 += kRows) {
+        const int rows = static_cast<int>(std::min<int64_t>(kRows, m - m0));
+        if (w.bits == 8) {
+          vnni_int8_pair(w0, w0 + w.block_bytes, a.q.data(), a.sums.data(), k, m0, rows, acc2);
+        } else {
+          const uint8_t* g0 = w.gparams + begin * group_bytes;
+          vnni_int4_pair(w0, w0 + w.block_bytes, g0, g0 + group_bytes, a.q.data(), a.sums.data(), k, g, m0, rows, acc2);
+        }
+        for (int b = 0; b < 2; ++b) finish(acc2 + b * kRows * kLanes, rows, begin + b, m0);
+      }
+    }
+  }
+#endif
+  for (int64_t blk = begin; blk < end; ++blk) {  // one at a time (the last of an odd count, or few rows)
     const uint8_t* wb = w.packed + blk * w.block_bytes;
     for (int64_t m0 = 0; m0 < m; m0 += kRows) {
       const int rows = static_cast<int>(std::min<int64_t>(kRows, m - m0));
       if (w.bits == 8) {
         kern.int8(wb, a.q.data(), a.sums.data(), k, m0, rows, acc);
       } else {
-        kern.int4(wb, w.gparams + blk * (k / g) * 2 * kLanes, a.q.data(), a.sums.data(), k, g, m0, rows, acc);
+        kern.int4(wb, w.gparams + blk * group_bytes, a.q.data(), a.sums.data(), k, g, m0, rows, acc);
       }
-      if (fp32) {
-        epilogue(acc, rows, a.scale.data(), w.scale, w.bias, blk * kLanes, w.n, y_f32, m0);
-      } else {
-        epilogue(acc, rows, a.scale.data(), w.scale, w.bias, blk * kLanes, w.n, y_bf16, m0);
-      }
+      finish(acc, rows, blk, m0);
     }
   }
 }
