@@ -209,9 +209,9 @@ PAIRS = [("bf16", "fp32"), ("int8", "fp32"), ("int8", "bf16"), ("int8-bf16", "bf
 
 # The same measurement at CPM-Large's shape (32 x 2560, 2.6B parameters; random weights kept in
 # fp16 on disk), the model whose bytes per token the performance targets are about: its output
-# layer is 3% of its weights, where CPM-Small's is 27% (int8 in int4's form, so at CPM-Small's
-# shape int4 reads only 3.0x fewer bytes than bf16). fp32 is left out: 10.4 GB beside the others
-# would not fit a 24 GB machine, and its bound is bf16's halved.
+# layer is 3% of its weights, where CPM-Small's, int8 in int4's form, is a third of int4's bytes
+# (so at CPM-Small's shape int4 reads only 3.0x fewer bytes than bf16). fp32 is left out: 10.4 GB
+# beside the others would not fit a 24 GB machine, and its bound is bf16's halved.
 LARGE = "cpm-large"
 LARGE_VARIANTS = [
     ("bf16", "bf16", {}),

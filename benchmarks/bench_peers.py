@@ -22,7 +22,7 @@ one is timing a broken model: random weights give nearly tied logits, so quantiz
 agree less than they would on a trained model, while a broken conversion agrees at chance
 (about 0).
 
-    .venv/bin/python benchmarks/bench_peers.py [--rounds 3] [--tokens 32]  (make bench-peers)
+    .venv/bin/python benchmarks/bench_peers.py [--rounds 5] [--tokens 32]  (make bench-peers)
     .venv/bin/python benchmarks/bench_peers.py --quick --engines llama.cpp  # a check, 1 round of 8 tokens
 
 Prints one JSON object on stdout and a table on stderr; a full run also writes it to
@@ -297,14 +297,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true",
                         help="a check that every system runs and agrees: 1 round of 8 tokens, no results file")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds, the median reported (default 3, quick 1)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds, the median reported (default 5, quick 1)")
     parser.add_argument("--tokens", type=int, help="tokens decoded per measurement (default 32, quick 8)")
     parser.add_argument("--engines", default=",".join(PEERS),
                         help=f"comma-separated peers to run beside cpmgen (default {','.join(PEERS)})")
     parser.add_argument("--output", help="write the JSON here too (default: benchmarks/results/peers.json; "
                                          "quick: nowhere)")
     args = parser.parse_args(argv)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.rounds = args.rounds or (1 if args.quick else 5)
     args.tokens = args.tokens or (8 if args.quick else 32)
     args.engines = [e.strip() for e in args.engines.split(",") if e.strip()]
     unknown = set(args.engines) - set(PEERS)
