@@ -140,12 +140,15 @@ def measure_windows(model, size: int, stride: int, args, step) -> tuple[dict, di
 
 def encode_flop(args, tokens: int) -> float:
     """Floating-point operations (2 per multiply-add) of encoding `tokens` tokens at positions
-    0..tokens-1 with the next token's logits only (a prefill, a re-encode): every token through
-    every block's linears, causal attention (half the query-key pairs, for the scores and for
-    the weighted sum of values), and the output layer for the last token."""
+    0..tokens-1 with the next token's logits only (a prefill, a re-encode), as the model runs it:
+    every token through every block but the last (the linears, and causal attention: half the
+    query-key pairs, for the scores and for the weighted sum of values); in the last block every
+    token's keys and values and the rest for the last token alone; the output layer for it."""
     h = args.hidden_size
-    linears = 3 * h * h + h * h + 2 * h * args.ffn_size
-    return 2.0 * args.num_layers * (tokens * linears + tokens * tokens * h) + 2.0 * h * args.vocab_size
+    qkv, rest = 3 * h * h, h * h + 2 * h * args.ffn_size
+    block = tokens * (qkv + rest) + tokens * tokens * h
+    last_block = tokens * qkv + rest + 2 * tokens * h
+    return 2.0 * ((args.num_layers - 1) * block + last_block + h * args.vocab_size)
 
 
 def add_ceilings(result: dict, args, matmul_gflops: float) -> None:

@@ -59,9 +59,9 @@ class DecodeAttention(Attention):
         self.num_heads, self.head_dim, self.kv_dtype = attention.num_heads, attention.head_dim, attention.kv_dtype
         self.query_key_value, self.dense = attention.query_key_value, attention.dense
 
-    def forward(self, x, input_pos, mask, kv_cache, layer, kv_len):
+    def forward(self, x, input_pos, mask, kv_cache, layer, kv_len, last_only=False):
         if not one_token_step(x, kv_cache):
-            return super().forward(x, input_pos, mask, kv_cache, layer, kv_len)
+            return super().forward(x, input_pos, mask, kv_cache, layer, kv_len, last_only)
         attend = kernels.op("decode_attention")
         # input_pos of a one-token step: [1] (one position for all rows) or [batch, 1], as the op takes it
         out = attend(self.query_key_value(x), kv_cache.k[layer], kv_cache.v[layer], input_pos, self.num_heads)
@@ -158,9 +158,9 @@ class DecodeBlock(Block):
                 and all(type(norm) is KernelLayerNorm and norm.eps == norms[0].eps
                         for norm in norms))
 
-    def forward(self, x, input_pos, mask, kv_cache, layer, kv_len):
+    def forward(self, x, input_pos, mask, kv_cache, layer, kv_len, last_only=False):
         if not one_token_step(x, kv_cache):
-            return super().forward(x, input_pos, mask, kv_cache, layer, kv_len)
+            return super().forward(x, input_pos, mask, kv_cache, layer, kv_len, last_only)
         return self.step_forward(x, kv_cache.k[layer], kv_cache.v[layer], input_pos)
 
 
@@ -184,9 +184,9 @@ class DecodeTransformer(Transformer):
         memo[id(self)] = copied = DecodeTransformer(transformer)
         return copied
 
-    def forward(self, x, input_pos, mask, kv_cache, kv_len):
+    def forward(self, x, input_pos, mask, kv_cache, kv_len, last_only=False):
         if not one_token_step(x, kv_cache):
-            return super().forward(x, input_pos, mask, kv_cache, kv_len)
+            return super().forward(x, input_pos, mask, kv_cache, kv_len, last_only)
         return self.step_forward(x, kv_cache.k, kv_cache.v, input_pos)
 
 

@@ -98,7 +98,10 @@ class Attention(nn.Module):
         self.query_key_value = nn.Linear(args.hidden_size, 3 * args.hidden_size)
         self.dense = nn.Linear(args.hidden_size, args.hidden_size)
 
-    def forward(self, x, input_pos, mask, kv_cache: Optional[KVCache], layer: int, kv_len: int):
+    def forward(self, x, input_pos, mask, kv_cache: Optional[KVCache], layer: int, kv_len: int,
+                last_only: bool = False):
+        """With `last_only`, every token's keys and values but only the last token's output
+        [batch, 1, hidden] (a window's last layer, when only the next token's logits are wanted)."""
         batch, seq, _ = x.shape
         # Fused rows are [q; k; v], each num_heads * head_dim wide (per rank under tensor parallel).
         q, k, v = self.query_key_value(x).split(self.num_heads * self.head_dim, dim=-1)
@@ -107,9 +110,11 @@ class Attention(nn.Module):
             k, v = k.to(self.kv_dtype), v.to(self.kv_dtype)
         if kv_cache is not None:
             k, v = kv_cache.update(layer, input_pos, k, v, kv_len)
+        if last_only:
+            q, mask = q[:, :, -1:], None if mask is None else mask[:, :, -1:]
         dtype = attention_dtype(x)
         out = self.attend(q.to(dtype), k.to(dtype), v.to(dtype), mask)
-        return self.dense(out.transpose(1, 2).reshape(batch, seq, self.num_heads * self.head_dim).to(x.dtype))
+        return self.dense(out.transpose(1, 2).reshape(batch, q.shape[2], self.num_heads * self.head_dim).to(x.dtype))
 
     def attend(self, q, k, v, mask):
         """softmax(q k^T / sqrt(head_dim)) v for each head: q [batch, heads, T, head_dim], k and v
@@ -148,8 +153,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layernorm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, input_pos, mask, kv_cache, layer, kv_len):
-        h = x + self.attention(self.input_layernorm(x), input_pos, mask, kv_cache, layer, kv_len)
+    def forward(self, x, input_pos, mask, kv_cache, layer, kv_len, last_only: bool = False):
+        """With `last_only`, the last token's output only (its keys and values for every token)."""
+        attended = self.attention(self.input_layernorm(x), input_pos, mask, kv_cache, layer, kv_len, last_only)
+        h = (x[:, -1:] if last_only else x) + attended
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
@@ -168,11 +175,15 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(args) for _ in range(args.num_layers))
         self.final_layernorm = nn.LayerNorm(args.hidden_size, eps=args.layernorm_eps)
 
-    def forward(self, x, input_pos, mask, kv_cache: Optional[KVCache], kv_len: int) -> torch.Tensor:
+    def forward(self, x, input_pos, mask, kv_cache: Optional[KVCache], kv_len: int,
+                last_only: bool = False) -> torch.Tensor:
         """The blocks in turn (the final layer norm is CPMModel.forward's, after it keeps the
-        positions it returns)."""
+        positions it returns). With `last_only` the last block computes the last token's output
+        alone: the others' outputs would only feed their own logits, and the next block's keys
+        and values, of which there is none."""
+        last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, input_pos, mask, kv_cache, i, kv_len)
+            x = layer(x, input_pos, mask, kv_cache, i, kv_len, last_only and i == last)
         return x
 
 
@@ -230,9 +241,7 @@ class CPMModel(nn.Module):
         if self.fused_step is not None and one_token_step(ids, kv_cache):
             return self.fused_step(ids, input_pos, kv_cache)
         x = self.transformer(self.word_embeddings(ids) + self.position_embeddings(input_pos), input_pos, mask, kv_cache,
-                             kv_len)
-        if last_only:
-            x = x[:, -1:]
+                             kv_len, last_only)
         return self.lm_head(self.transformer.final_layernorm(x), self.word_embeddings.weight)
 
     def attention_plan(self, ids: torch.Tensor, input_pos: torch.Tensor, kv_cache: Optional[KVCache]):

@@ -151,6 +151,30 @@ def test_recompute_matches_last_logits(novel_model):
         torch.testing.assert_close(recompute(novel_model, ids), full)
 
 
+def test_a_window_encoded_for_its_next_token_runs_the_last_block_for_that_token_alone(novel_model):
+    """A prefill or a recompute wants the next token's logits only: the last block computes every
+    token's keys and values (bitwise those of the whole forward) but attends, projects and runs
+    its MLP for the last token alone; the blocks before run every token."""
+    ids = list(range(5, 25))
+    layers = novel_model.transformer.layers
+    rows = {}
+    hooks = [layer.mlp.register_forward_hook(lambda module, args, out, i=i: rows.__setitem__(i, args[0].shape[1]))
+             for i, layer in enumerate(layers)]
+    try:
+        with torch.inference_mode():
+            whole_cache, last_cache = novel_model.new_kv_cache(1, MAX_POS), novel_model.new_kv_cache(1, MAX_POS)
+            whole = novel_model(torch.tensor([ids]), torch.arange(len(ids)), whole_cache)[0, -1]
+            assert set(rows.values()) == {len(ids)}
+            last = novel_model(torch.tensor([ids]), torch.arange(len(ids)), last_cache, last_only=True)[0, -1]
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert rows == {**{i: len(ids) for i in range(len(layers) - 1)}, len(layers) - 1: 1}
+    for kept, expected in zip(last_cache.k + last_cache.v, whole_cache.k + whole_cache.v):
+        assert torch.equal(kept, expected)
+    torch.testing.assert_close(last, whole)
+
+
 @pytest.mark.slow
 def test_compiled_decode_step_gives_the_same_tokens():
     """--compile (loading.compile_decode): a static-shape step over every cache slot, same tokens."""
