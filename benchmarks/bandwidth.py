@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cpmgen import hugepages, kernels
+from cpmgen import hugepages, kernels, prepack
 from cpmgen.model import CPMModel
 
 
@@ -76,11 +76,10 @@ def memory_bandwidth(threads: int | None = None, nbytes: int = 1 << 30, reps: in
             if kernels.loaded():
                 gemv = kernels.op("gemv_linear")
                 linear[f"{name}_cpmgen_gemv"] = _gbs(size, _best_seconds(reps, gemv, x, weight, None))
-            if dtype == torch.float32 or torch.ops.mkldnn._is_mkldnn_bf16_supported():
-                packed = torch.ops.mkldnn._reorder_linear_weight(weight, 1)
+            if prepack.supported(torch.device("cpu"), dtype):
+                packed = prepack.pack_weight(weight)
                 del weight
-                linear[f"{name}_onednn_packed"] = _gbs(size, _best_seconds(
-                    reps, torch.ops.mkldnn._linear_pointwise, x, packed, None, "none", [], ""))
+                linear[f"{name}_onednn_packed"] = _gbs(size, _best_seconds(reps, prepack.packed_linear, x, packed, None))
                 del packed
             else:
                 del weight
@@ -118,9 +117,9 @@ def matmul_gflops(rows: int, in_features: int, out_features: int, reps: int = 5)
     window's re-encode, a matrix product over its kept tokens, could run at."""
     x, weight = torch.full((rows, in_features), 0.5), torch.full((out_features, in_features), 0.5)
     seconds = _best_seconds(reps, F.linear, x, weight)
-    if torch.backends.mkldnn.is_available():
+    if prepack.supported(torch.device("cpu"), torch.float32):
         packed = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
-        seconds = min(seconds, _best_seconds(reps, torch.ops.mkldnn._linear_pointwise, x, packed, None, "none", [], ""))
+        seconds = min(seconds, _best_seconds(reps, prepack.packed_linear, x, packed, None))
     return round(2 * rows * in_features * out_features / seconds / 1e9, 1)
 
 

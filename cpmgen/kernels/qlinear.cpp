@@ -59,7 +59,9 @@ constexpr int kLanes = 16;  // output rows per block
 constexpr int kRows = 4;    // input rows that share one pass over a weight block
 
 // One ISA's inner loops: the sums acc[r][lane] of `rows` (1..kRows) input rows from m0 with the 16
-// output rows of one weight block, and the quantization of one input row.
+// output rows of one weight block, and the quantization of one input row; where the ISA has them
+// (else null), the same sums for two weight blocks at once, acc[block][r][lane] (block 1 at
+// acc + kRows * kLanes), which qlinear_blocks runs for many input rows.
 struct Kernels {
   const char* name;
   void (*int8)(const uint8_t* w, const int8_t* xq, const int32_t* sums, int64_t k, int64_t m0, int rows, int32_t* acc);
@@ -68,6 +70,11 @@ struct Kernels {
   void (*quantize_f32)(const float* x, int64_t k_in, int64_t k, int64_t group, int8_t* q, float* scale, int32_t* sums);
   void (*quantize_bf16)(const at::BFloat16* x, int64_t k_in, int64_t k, int64_t group, int8_t* q, float* scale,
                         int32_t* sums);
+  void (*int8_pair)(const uint8_t* w0, const uint8_t* w1, const int8_t* xq, const int32_t* sums, int64_t k, int64_t m0,
+                    int rows, int32_t* acc);
+  void (*int4_pair)(const uint8_t* w0, const uint8_t* w1, const uint8_t* gparams0, const uint8_t* gparams1,
+                    const int8_t* xq, const int32_t* sums, int64_t k, int64_t group, int64_t m0, int rows,
+                    int32_t* acc);
 };
 
 // Inlined into each ISA's wrapper, so the compiler vectorizes it for that ISA; every version
@@ -108,8 +115,9 @@ inline __attribute__((always_inline)) void by_rows(int rows, Args... args) {
 }
 
 // One version's entry points: its inner loops by row count and the input quantization,
-// compiled for TARGET (empty: the baseline of the build).
-#define CPMGEN_KERNELS(VAR, NAME, TARGET, INT8, INT4)                                                         \
+// compiled for TARGET (empty: the baseline of the build); PAIR8 and PAIR4 its two-block loops
+// (nullptr where it has none).
+#define CPMGEN_KERNELS(VAR, NAME, TARGET, INT8, INT4, PAIR8, PAIR4)                                           \
   TARGET void VAR##_int8(const uint8_t* w, const int8_t* xq, const int32_t* sums, int64_t k, int64_t m0,       \
                          int rows, int32_t* acc) {                                                             \
     by_rows<INT8>(rows, w, xq, sums, k, m0, acc);                                                              \
@@ -126,7 +134,7 @@ inline __attribute__((always_inline)) void by_rows(int rows, Args... args) {
                                   float* scale, int32_t* sums) {                                               \
     quantize_row(x, k_in, k, group, q, scale, sums);                                                           \
   }                                                                                                            \
-  constexpr Kernels VAR{NAME, VAR##_int8, VAR##_int4, VAR##_quantize_f32, VAR##_quantize_bf16};
+  constexpr Kernels VAR{NAME, VAR##_int8, VAR##_int4, VAR##_quantize_f32, VAR##_quantize_bf16, PAIR8, PAIR4};
 
 // ---- generic ----
 
@@ -170,7 +178,7 @@ struct Int4Generic {
   }
 };
 
-CPMGEN_KERNELS(kGeneric, "generic", , Int8Generic, Int4Generic)
+CPMGEN_KERNELS(kGeneric, "generic", , Int8Generic, Int4Generic, nullptr, nullptr)
 
 #if CPMGEN_X86
 
@@ -255,7 +263,7 @@ struct Int4Avx2 {
   }
 };
 
-CPMGEN_KERNELS(kAvx2, "avx2", CPMGEN_AVX2, Int8Avx2, Int4Avx2)
+CPMGEN_KERNELS(kAvx2, "avx2", CPMGEN_AVX2, Int8Avx2, Int4Avx2, nullptr, nullptr)
 
 // ---- avx512vnni ----
 
@@ -343,10 +351,8 @@ struct Int4Vnni {
   }
 };
 
-CPMGEN_KERNELS(kVnni, "avx512vnni", CPMGEN_VNNI, Int8Vnni, Int4Vnni)
-
-// Many input rows (a window's prefill): the sums of two weight blocks at once, acc[block][r][lane]
-// (block 0 at acc, block 1 at acc + kRows * kLanes), so that each broadcast activation feeds a
+// Many input rows (a window's prefill): the sums of two weight blocks at once (Kernels' int8_pair
+// and int4_pair), so that each broadcast activation feeds a
 // vpdpbusd of each block: half the broadcasts and activation reads for the same products, which
 // is what the loops above run short of once the weights come from cache (a prefill's rows after
 // the first few). The same integer sums, so the same values. int4 adds the low and the high
@@ -424,6 +430,8 @@ CPMGEN_VNNI void vnni_int4_pair(const uint8_t* w0, const uint8_t* w1, const uint
   by_rows<Int4VnniPair>(rows, w0, w1, gparams0, gparams1, xq, sums, k, group, m0, acc);
 }
 
+CPMGEN_KERNELS(kVnni, "avx512vnni", CPMGEN_VNNI, Int8Vnni, Int4Vnni, vnni_int8_pair, vnni_int4_pair)
+
 #endif  // CPMGEN_X86
 
 // The versions this CPU runs, best first.
@@ -447,16 +455,9 @@ std::atomic<const Kernels*>& chosen() {
 const Kernels& kernels() { return *chosen().load(); }
 
 // Input rows from which qlinear_blocks takes the output blocks two at a time, where the chosen
-// version has loops for that (avx512vnni): at a decode step's few rows the weights stream from
-// memory once either way.
+// version has loops for that: at a decode step's few rows the weights stream from memory once
+// either way.
 constexpr int64_t kPairMinRows = 2 * kRows;
-bool pairs_run(int64_t rows) {
-#if CPMGEN_X86
-  return rows >= kPairMinRows && &kernels() == &kVnni;
-#else
-  return false;
-#endif
-}
 
 // Switches to the version called `name` and returns the name of the one it replaces.
 std::string use(const std::string& name) { return cpmgen::switch_loops(chosen(), supported(), name, "qlinear_use"); }
@@ -551,24 +552,22 @@ void qlinear_blocks(const QuantizedWeight& w, const QuantizedInput& a, at::Tenso
       epilogue(block_acc, rows, a.scale.data(), w.scale, w.bias, blk * kLanes, w.n, y_bf16, m0);
     }
   };
-#if CPMGEN_X86
-  if (pairs_run(m)) {
+  if (m >= kPairMinRows && kern.int8_pair) {
     int32_t acc2[2 * kRows * kLanes];
     for (; begin + 1 < end; begin += 2) {
       const uint8_t* w0 = w.packed + begin * w.block_bytes;
       for (int64_t m0 = 0; m0 < m; m0 += kRows) {
         const int rows = static_cast<int>(std::min<int64_t>(kRows, m - m0));
         if (w.bits == 8) {
-          vnni_int8_pair(w0, w0 + w.block_bytes, a.q.data(), a.sums.data(), k, m0, rows, acc2);
+          kern.int8_pair(w0, w0 + w.block_bytes, a.q.data(), a.sums.data(), k, m0, rows, acc2);
         } else {
           const uint8_t* g0 = w.gparams + begin * group_bytes;
-          vnni_int4_pair(w0, w0 + w.block_bytes, g0, g0 + group_bytes, a.q.data(), a.sums.data(), k, g, m0, rows, acc2);
+          kern.int4_pair(w0, w0 + w.block_bytes, g0, g0 + group_bytes, a.q.data(), a.sums.data(), k, g, m0, rows, acc2);
         }
         for (int b = 0; b < 2; ++b) finish(acc2 + b * kRows * kLanes, rows, begin + b, m0);
       }
     }
   }
-#endif
   for (int64_t blk = begin; blk < end; ++blk) {  // one at a time (the last of an odd count, or few rows)
     const uint8_t* wb = w.packed + blk * w.block_bytes;
     for (int64_t m0 = 0; m0 < m; m0 += kRows) {
